@@ -1,0 +1,302 @@
+"""Byte accounting: the exact peak of live tensor bytes on CPU, the allocator peak on GPU, and a
+breakdown by component.
+
+On CPU there is no allocator statistic, so `LiveBytesTracker` follows every tensor storage itself:
+a TorchDispatchMode sees the outputs of every aten op (forward, backward, optimizer, recompute),
+registers each new storage once with its byte size, and attaches a weakref finalizer to the
+storage's Python object. torch preserves that object for as long as the C++ storage lives (views
+and autograd's saved tensors keep it alive), so the finalizer fires exactly when the memory is
+released. Live bytes are the sum over registered storages; the peak is taken at each allocation.
+Storages that already exist when tracking starts (parameters, optimizer state) are found through
+the garbage collector and counted as the baseline, with finalizers too, so freeing an old gradient
+during the step is seen.
+
+What it cannot see: scratch buffers that a single kernel allocates and frees internally (they are
+never an op output), and memory not owned by torch storages. On GPU use `torch.cuda` statistics,
+which do include those (`measure_peak` picks the right one).
+
+Allocations are attributed to the innermost `component(...)` tag active when they happen; the
+memory policies tag UNet calls, VAE decode and reward forward, so the tracker can say which
+component's activations were live at the peak.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+_local = threading.local()
+
+
+def _tag_stack() -> list[str]:
+    stack = getattr(_local, "tags", None)
+    if stack is None:
+        stack = _local.tags = []
+    return stack
+
+
+@contextlib.contextmanager
+def component(name: str):
+    """Attribute allocations made inside this block to `name` (innermost tag wins)."""
+    stack = _tag_stack()
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_component(default: str = "other") -> str:
+    stack = _tag_stack()
+    return stack[-1] if stack else default
+
+
+_active_trackers: list["LiveBytesTracker"] = []
+
+
+def active_tracker() -> "LiveBytesTracker | None":
+    """The innermost LiveBytesTracker currently tracking, if any."""
+    return _active_trackers[-1] if _active_trackers else None
+
+
+def live_bytes(device: torch.device | str | None = None) -> int | None:
+    """Bytes of live tensors right now: the CUDA allocator's count on GPU, the active tracker's on
+    CPU; None when neither is available (CPU with no tracker running)."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    tracker = active_tracker()
+    return tracker.live if tracker is not None else None
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    tag: str
+
+
+class LiveBytesTracker(TorchDispatchMode):
+    """Exact live-tensor-byte accounting at op granularity (see the module docstring).
+
+    Attributes after (or during) tracking:
+        live              bytes live now
+        peak              highest `live` seen
+        baseline          bytes live at entry (found through gc)
+        peak_by_tag       live bytes per component tag at the moment of the peak
+        events            number of storages registered
+    """
+
+    def __init__(self, include_existing: bool = True, devices: Iterable[str] | None = None):
+        super().__init__()
+        self.include_existing = include_existing
+        self.devices = set(devices) if devices is not None else None
+        self._entries: dict[int, _Entry] = {}
+        self._live_by_tag: dict[str, int] = {}
+        self.live = 0
+        self.peak = 0
+        self.baseline = 0
+        self.peak_by_tag: dict[str, int] = {}
+        self.events = 0
+        self._marks: list[list[int]] = []
+        self._lock = threading.RLock()
+
+    # -- registration -------------------------------------------------------------------------
+    def _counts(self, t: torch.Tensor) -> bool:
+        if self.devices is None:
+            return t.device.type != "meta" or _is_fake(t)
+        return t.device.type in self.devices
+
+    def _register(self, t: torch.Tensor, tag: str) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # e.g. sparse or functional wrappers
+            return
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                if nbytes != entry.nbytes:  # resize_ on a registered storage
+                    self._add(entry.tag, nbytes - entry.nbytes)
+                    entry.nbytes = nbytes
+                return
+            self._entries[key] = _Entry(nbytes, tag)
+            self.events += 1
+            self._add(tag, nbytes)
+        weakref.finalize(storage, self._release, key)
+
+    def _add(self, tag: str, nbytes: int) -> None:
+        self.live += nbytes
+        self._live_by_tag[tag] = self._live_by_tag.get(tag, 0) + nbytes
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_by_tag = dict(self._live_by_tag)
+        for mark in self._marks:
+            if self.live > mark[0]:
+                mark[0] = self.live
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return
+            self.live -= entry.nbytes
+            self._live_by_tag[entry.tag] -= entry.nbytes
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tag = current_component()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and self._counts(t):
+                self._register(t, tag)
+        return out
+
+    def __enter__(self):
+        if self.include_existing:
+            gc.collect()
+            with warnings.catch_warnings():  # isinstance() pokes deprecated module attributes
+                warnings.simplefilter("ignore")
+                for obj in gc.get_objects():
+                    if isinstance(obj, torch.Tensor) and self._counts(obj):
+                        self._register(obj, "existing")
+            self.baseline = self.live
+            self.peak = self.live
+            self.peak_by_tag = dict(self._live_by_tag)
+        _active_trackers.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _active_trackers.remove(self)
+        return super().__exit__(*exc)
+
+    # -- queries ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def window(self):
+        """Track the peak inside a block: yields a dict filled with start/peak/end live bytes."""
+        mark = [self.live]
+        result = {"start": self.live}
+        self._marks.append(mark)
+        try:
+            yield result
+        finally:
+            self._marks.remove(mark)
+            result["peak"] = mark[0]
+            result["end"] = self.live
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+        self.peak_by_tag = dict(self._live_by_tag)
+
+    def live_by_tag(self) -> dict[str, int]:
+        return {k: v for k, v in self._live_by_tag.items() if v}
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+# -- persistent state -----------------------------------------------------------------------------
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views share storage, count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    out = []
+    for state in getattr(optimizer, "state", {}).values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    return out
+
+
+def state_breakdown(modules: Iterable[torch.nn.Module], optimizer=None) -> dict[str, int]:
+    """params / grads / optimizer bytes of the given modules (distinct storages)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    params += [b for m in modules if m is not None for b in m.buffers()]
+    out = {
+        "params": unique_bytes(params),
+        "grads": unique_bytes(p.grad for p in params if isinstance(p, torch.nn.Parameter)),
+        "optimizer": unique_bytes(optimizer_state_tensors(optimizer)) if optimizer is not None else 0,
+    }
+    return out
+
+
+@dataclass
+class PeakMeasurement:
+    peak_bytes: int
+    baseline_bytes: int
+    seconds: float
+    method: str  # "tracker" or "cuda"
+    by_component: dict[str, int] = field(default_factory=dict)
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, PeakMeasurement]:
+    """Run `fn()` and measure the peak of live tensor bytes during it (CUDA allocator on GPU,
+    `LiveBytesTracker` on CPU). Returns (fn's result, measurement)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        return result, PeakMeasurement(torch.cuda.max_memory_allocated(device), baseline, seconds, "cuda")
+    tracker = LiveBytesTracker(devices={device.type})
+    t0 = time.perf_counter()
+    with tracker:
+        result = fn()
+    seconds = time.perf_counter() - t0
+    return result, PeakMeasurement(tracker.peak, tracker.baseline, seconds, "tracker", dict(tracker.peak_by_tag))
+
+
+# -- saved-for-backward bytes ---------------------------------------------------------------------
+class SavedTensorCounter:
+    """Counts the bytes autograd saves for backward inside the block: each storage once, storages
+    of `exclude` (parameters) never. Works on real, meta and fake tensors."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._exclude = {t.untyped_storage()._cdata for t in exclude}
+        self._seen: dict[int, int] = {}
+        self._keep: list[torch.Tensor] = []  # hold storages so their ids stay unique
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+
+    def _pack(self, t: torch.Tensor):
+        s = t.untyped_storage()
+        key = s._cdata
+        if key not in self._exclude and key not in self._seen:
+            self._seen[key] = s.nbytes()
+            self._keep.append(t)
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        self._keep.clear()
