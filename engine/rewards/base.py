@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class RewardSpecError(ValueError):
     """A `--reward` string that cannot be parsed or names an unknown reward."""
+
+
+class RewardWeightsError(RuntimeError):
+    """A reward checkpoint that is missing or is not the file the reward expects (one-line message)."""
 
 
 class Reward(nn.Module):
@@ -73,8 +79,10 @@ class WeightedSum(Reward):
         super().__init__()
         self.weights = [float(w) for w, _ in terms]
         self.terms = nn.ModuleList([r for _, r in terms])
-        lows = [w * (r.bounds[0] if w >= 0 else r.bounds[1]) for w, r in terms]
-        highs = [w * (r.bounds[1] if w >= 0 else r.bounds[0]) for w, r in terms]
+        # A term in rescaled mode already spans [0, 1]; the sum's bounds are in the terms' units.
+        spans = [(0.0, 1.0) if r.output == "rescaled" else r.bounds for _, r in terms]
+        lows = [w * (lo if w >= 0 else hi) for (w, _), (lo, hi) in zip(terms, spans)]
+        highs = [w * (hi if w >= 0 else lo) for (w, _), (lo, hi) in zip(terms, spans)]
         self.bounds = (sum(lows), sum(highs))
         self.name = ",".join(f"{r.name}={w:g}" for w, r in terms)
 
@@ -84,6 +92,76 @@ class WeightedSum(Reward):
     def forward(self, images, prompts):
         # Terms apply their own output mode; the sum is not rescaled again.
         return self.score(images, prompts)
+
+
+def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
+    """Keep only each layer's input for backward and recompute its activations there.
+
+    The reward backbones run in eval mode (dropout off), where transformers' own gradient
+    checkpointing is inactive, so the layers' forwards are wrapped here instead. Without grad
+    (evaluation) the wrapper is a plain call.
+    """
+    for layer in layers:
+        if getattr(layer, "_refl_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        layer.forward = forward
+        layer._refl_checkpointed = True
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def load_state_dict_file(path: str | Path, expected: str) -> dict:
+    """Load a checkpoint with safetensors or `torch.load(weights_only=True)`, never unpickling code.
+
+    `expected` names the file the reward wants (e.g. "ImageReward.pt"); it is in every error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RewardWeightsError(f"expected {expected} at {path}, but there is no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a wrong file
+        raise RewardWeightsError(f"{path} is not a loadable {expected} ({_one_line(err)})") from None
+
+
+def fetch_hub_file(repo_id: str, filename: str) -> Path:
+    """Download (or take from the local hub cache) one file of a hub repository."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as err:  # noqa: BLE001
+        raise RewardWeightsError(
+            f"could not get {filename} from hub repo {repo_id} ({_one_line(err)}); "
+            f"give a local path as --reward NAME:PATH"
+        ) from None
+
+
+def find_in_dir(path: str | Path, names: Sequence[str], expected: str) -> Path:
+    """`path` itself if it is a file, else the first of `names` inside the directory `path`."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise RewardWeightsError(f"expected {expected} in {path}, found none of: {', '.join(names)}")
+    raise RewardWeightsError(f"expected {expected} at {path}, but the path does not exist")
 
 
 @dataclass

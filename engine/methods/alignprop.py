@@ -1,0 +1,16 @@
+"""AlignProp (Prabhudesai et al. 2023): randomized truncation. K is drawn ONCE per sample from
+U{k_min..k_max} (default 1..N) and the gradient flows through that sample's last K steps. (A known
+defect of public code redraws the truncation at every denoising step; we do not.)"""
+from __future__ import annotations
+
+from ..sampling import Window
+from .base import Method, randint
+
+
+class AlignProp(Method):
+    name = "alignprop"
+
+    def window(self, num_steps, batch_size, generator):
+        k_max = self.cfg.alignprop_k_max or num_steps
+        ks = randint(self.cfg.alignprop_k_min, k_max, generator, size=batch_size)
+        return Window(starts=[num_steps - k for k in ks])

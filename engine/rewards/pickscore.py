@@ -1,0 +1,126 @@
+"""PickScore (Kirstain et al. 2023): CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences.
+
+score = logit_scale.exp() * cos(image_embeds, text_embeds) of a transformers CLIPModel, as the
+official inference code computes it (about 100 x cosine; SD1.5 images score around 21, tuned
+models 23-25). `ClipPreferenceReward` is the shared "CLIP dual encoder" reward; HPSv2 (hps.py)
+is the same computation on an OpenCLIP checkpoint mapped into CLIPModel.
+
+Files: the PickScore_v1 model directory (config.json + model.safetensors or pytorch_model.bin, the
+hub repo yuvalkirstain/PickScore_v1). That repo has no tokenizer; the official code takes the
+processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, and so does this module unless the directory
+holds tokenizer files of its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .base import Reward, RewardWeightsError, _one_line, checkpoint_layers, register_reward
+from .preprocess import ImagePreprocess, tokenize
+
+PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
+LAION_VIT_H14_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def clip_vision_backbone(vision_config, kind: str = "clip_vision") -> dict:
+    """The planner's description of a CLIP vision tower (the part the image gradient crosses)."""
+    c = vision_config
+    return {
+        "kind": kind,
+        "config": {
+            "hidden_size": c.hidden_size,
+            "num_layers": c.num_hidden_layers,
+            "num_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "patch": c.patch_size,
+            "image_size": c.image_size,
+        },
+        "activation_checkpointing": "per_layer",
+    }
+
+
+class ClipPreferenceReward(Reward):
+    """logit_scale.exp() * cos(image, prompt) with a frozen transformers CLIPModel.
+
+    The text side carries no gradient (it does not depend on the image), so it runs under
+    no_grad; the vision tower's layers are checkpointed.
+    """
+
+    def __init__(self, model, tokenizer, output: str = "raw", crop_rounding: str = "floor", text_attention_mask: bool = True):
+        super().__init__(output)
+        self.model = model
+        self.tokenizer = tokenizer
+        vision = model.config.vision_config
+        self.input_size = vision.image_size
+        self.preprocess = ImagePreprocess(size=vision.image_size, crop_rounding=crop_rounding)
+        self.max_length = model.config.text_config.max_position_embeddings
+        # PickScore's processor hands CLIP an attention mask; OpenCLIP (HPS) uses none. With a causal
+        # text tower and end-of-text pooling the two agree; the flag keeps each model's own call.
+        self.text_attention_mask = text_attention_mask
+        self.backbone = clip_vision_backbone(vision)
+        checkpoint_layers(model.vision_model.encoder.layers)
+        self.freeze()
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        weight = self.model.visual_projection.weight
+        pixels = self.preprocess(images.float()).to(weight.dtype)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        return self.model.visual_projection(pooled)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = tokenize(self.tokenizer, prompts, self.max_length, self.model.logit_scale.device)
+        mask = tokens.get("attention_mask") if self.text_attention_mask else None
+        pooled = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=mask).pooler_output
+        return self.model.text_projection(pooled)
+
+    def score(self, images, prompts):
+        img = F.normalize(self.image_embeds(images).float(), dim=-1)
+        txt = F.normalize(self.text_embeds(prompts).float(), dim=-1)
+        return self.model.logit_scale.exp().float() * (img * txt).sum(dim=-1)
+
+
+class PickScore(ClipPreferenceReward):
+    name = "pickscore"
+    # Observed range, not a hard limit (rescaled values may leave [0, 1]; nothing is clamped so the
+    # gradient never dies): SD1.5 samples ~20-21.5, reward-tuned SD1.5/SDXL 23.5-24.7 (ImageReFL Table 3).
+    bounds = (15.0, 25.0)
+
+
+def _from_pretrained(cls, source: str, expected: str):
+    try:
+        return cls.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001
+        raise RewardWeightsError(f"could not load {expected} from {source} ({_one_line(err)})") from None
+
+
+def load_clip_tokenizer(path: Path | None, fallback_hub_id: str):
+    from transformers import AutoTokenizer
+
+    if path is not None and path.is_dir() and any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return _from_pretrained(AutoTokenizer, str(path), f"the CLIP tokenizer in {path}")
+    return _from_pretrained(AutoTokenizer, fallback_hub_id, "the CLIP tokenizer")
+
+
+def load_pickscore(path: str | None = None, output: str = "raw") -> PickScore:
+    """`path`: the PickScore_v1 model directory; None = the hub id yuvalkirstain/PickScore_v1."""
+    from transformers import CLIPModel
+
+    expected = "the PickScore_v1 model directory (config.json + model.safetensors or pytorch_model.bin)"
+    if path is not None:
+        root = Path(path)
+        if not (root / "config.json").is_file():
+            raise RewardWeightsError(f"expected {expected} at {root}, found no config.json there")
+        source = str(root)
+    else:
+        root, source = None, PICKSCORE_HUB_ID
+    model = _from_pretrained(CLIPModel, source, expected).float()
+    tokenizer = load_clip_tokenizer(root, LAION_VIT_H14_HUB_ID)
+    return PickScore(model, tokenizer, output=output)
+
+
+register_reward("pickscore", "PickScore_v1: CLIP ViT-H/14, logit_scale x cosine (path: model directory)")(load_pickscore)
