@@ -121,10 +121,17 @@ def _load_vision_tower(source: str):
         vision_config.projection_dim = config.projection_dim
     else:
         vision_config = config
+    from transformers.utils import logging as hf_logging
+
+    # The text tower's weights in the directory are skipped on purpose; silence that report.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return CLIPVisionModelWithProjection.from_pretrained(source, config=vision_config).float()
     except Exception as err:  # noqa: BLE001
         raise RewardWeightsError(f"could not load {expected} from {source} ({_one_line(err)})") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_aesthetic(path: str | None = None, output: str = "raw") -> LaionAesthetic:
