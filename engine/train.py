@@ -1,0 +1,47 @@
+"""CLI entry: `python engine/train.py`, `python -m refl_engine.train`, `refl-train`, `torchrun ...`,
+`deepspeed engine/train.py ...`.
+
+Bad input (unknown method, K out of range, a missing model, an unreadable prompt file, conflicting
+flags) ends with one line naming the problem and the fix, and exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a path (python engine/train.py, deepspeed engine/train.py): this folder must not
+    # shadow top-level modules, and the package is imported by its installed name.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from refl_engine.config import ConfigError, parse_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+        from refl_engine.trainer import ReFLTrainer, TrainingError
+
+        trainer = ReFLTrainer(cfg)
+        summary = trainer.train()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
+    if summary:
+        before, after = summary["sample_reward_before"], summary["sample_reward_after"]
+        print(f"done: {summary['steps']} steps of {summary['method']}; sample {summary['reward']} "
+              f"{before if before is None else round(before, 4)} -> {after:.4f}; outputs in {cfg.output.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

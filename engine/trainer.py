@@ -1,0 +1,467 @@
+"""The training loop. Read `ReFLTrainer.train` top to bottom; `train_step` is one optimizer step.
+
+One step, as data (DESIGN.md): prompts -> cached text embeddings -> method.window -> x_T down the
+schedule (no-grad outside the window, the memory policy inside) -> x0 -> VAE decode -> reward ->
+method.loss (+ regularizers) -> backward -> clip -> optimizer step -> log, sample, checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, parse_memory, validate
+from .data import load_prompts
+from .memory.recompute import build_policy
+from .methods import Sampler, build_method
+from .models.conditioning import TextEncoderCache, make_eps_fn
+from .models.load import load_pipeline_components
+from .models.lora import add_lora, has_lora
+from .rewards.base import RewardSpecError, build_reward
+from .sampling import DDIMSchedule, Window, run_trajectory
+
+log = logging.getLogger("refl_engine")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class GPUMonitor:
+    """GPU memory and utilization through NVML when present; silent where there is none."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.nvml = pynvml
+        except Exception:  # pynvml.NVMLError or no library: normal without a GPU
+            self.handle = None
+
+    def read(self) -> dict:
+        if self.handle is None:
+            return {}
+        try:
+            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+            return {"gpu_util": util.gpu, "gpu_mem_used_bytes": mem.used}
+        except Exception:
+            return {}
+
+
+class ReFLTrainer:
+    """Fine-tunes a diffusion model on a differentiable reward with ReFL / DRaFT / AlignProp."""
+
+    def __init__(self, config: TrainConfig):
+        validate(config)
+        self.cfg = config
+        self.rank, self.world_size = _dist_info()
+        self.is_main = self.rank == 0
+        self.step = 0
+        self._setup_done = False
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> "ReFLTrainer":
+        if self._setup_done:
+            return self
+        cfg = self.cfg
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        mp = cfg.optim.mixed_precision
+        if self.device.type == "cpu" and mp != "no":
+            log.warning("--mixed_precision %s is for GPUs; this CPU run uses fp32", mp)
+            mp = "no"
+        self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+        weight_dtype = self.autocast_dtype or torch.float32
+
+        torch.manual_seed(cfg.optim.seed)
+        self.generator = torch.Generator().manual_seed(cfg.optim.seed + 1000003 * self.rank)
+
+        c = load_pipeline_components(cfg.model.model, cfg.model.revision)
+        self.components = c
+        for module in (c.vae, c.text_encoder, c.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False).eval().to(self.device, weight_dtype)
+        self.unet = c.unet
+        self.params = add_lora(self.unet, cfg.model.rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
+        if cfg.model.rank > 0:  # frozen base in the training dtype, adapters in fp32
+            self.unet.to(self.device, weight_dtype)
+            for p in self.params:
+                p.data = p.data.float()
+        else:
+            self.unet.to(self.device)
+        if cfg.model.kernels != "torch":
+            try:
+                from .models.patch import apply_kernels
+            except ImportError as e:
+                raise ConfigError(f"--kernels {cfg.model.kernels}: kernel integration unavailable ({e})") from None
+            try:
+                apply_kernels(self.unet, cfg.model.kernels)
+            except ValueError as e:
+                raise ConfigError(str(e).splitlines()[0]) from None
+
+        self.resolution = cfg.model.resolution or c.native_resolution
+        if self.resolution % (c.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)):
+            raise ConfigError(f"--resolution {self.resolution} must be a multiple of "
+                              f"{c.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)} for this model")
+        self.latent_size = self.resolution // c.vae_scale_factor
+        self.schedule = DDIMSchedule.from_scheduler(c.scheduler, cfg.method.num_inference_steps)
+        try:
+            self.reward = build_reward(cfg.method.reward, cfg.method.reward_output).to(self.device, weight_dtype)
+        except (RewardSpecError, FileNotFoundError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        self.method = build_method(cfg.method)
+        budget = parse_memory(cfg.memory.memory_budget) if cfg.memory.memory_budget else None
+        policy_kwargs = dict(checkpoint_decode=cfg.memory.checkpoint_decode,
+                             checkpoint_reward=cfg.memory.checkpoint_reward)
+        if cfg.memory.recompute == "auto":
+            policy_kwargs["budget_bytes"] = budget
+        try:
+            self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        self.text = TextEncoderCache(c, self.device, weight_dtype)
+        self.prompts = load_prompts(cfg.data.prompts)
+        sample_spec = cfg.data.sample_prompts
+        self.sample_prompts = (load_prompts(sample_spec) if sample_spec else self.prompts)[: cfg.data.num_sample_images]
+
+        self.optimizer = self._build_optimizer()
+        from diffusers.optimization import get_scheduler
+
+        self.lr_schedule = get_scheduler(cfg.optim.lr_scheduler, self.optimizer,
+                                         num_warmup_steps=cfg.optim.lr_warmup_steps,
+                                         num_training_steps=cfg.optim.max_train_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
+        self.out = Path(cfg.output.output_dir)
+        self.gpu = GPUMonitor(self.device)
+        self.history: list[dict] = []
+        self.nonfinite_in_a_row = 0
+        self._setup_done = True
+        return self
+
+    def _build_optimizer(self):
+        o = self.cfg.optim
+        kw = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
+                  eps=o.adam_epsilon)
+        if o.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ConfigError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes") from None
+            return bnb.optim.AdamW8bit(self.params, **kw)
+        return torch.optim.AdamW(self.params, **kw)
+
+    # ------------------------------------------------------------ pieces of a step
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]."""
+        vae = self.components.vae
+        z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+        return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def sample_prompts_batch(self, batch_size: int) -> list[str]:
+        idx = torch.randint(len(self.prompts), (batch_size,), generator=self.generator).tolist()
+        return [self.prompts[i] for i in idx]
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        shape = (batch_size, self.unet.config.in_channels, self.latent_size, self.latent_size)
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def sampler(self, prompts: list[str]) -> Sampler:
+        g = self.cfg.method.guidance_scale
+        cond = self.text.conditioning(prompts, cfg=g > 1.0)
+        return Sampler(make_eps_fn(self.unet, cond, g), self.schedule, self.policy, self.cfg.method.eta)
+
+    def micro_step(self, prompts: list[str]) -> dict:
+        """One forward + backward on one micro-batch; returns its numbers (loss already scaled
+        for accumulation). A non-finite loss is not backpropagated."""
+        accum = self.cfg.optim.gradient_accumulation_steps
+        x_T = self.initial_noise(len(prompts), self.generator)
+        with self._autocast():
+            rollout = self.method.rollout(self.sampler(prompts), x_T, self.generator)
+            rewards = []
+            for x0 in rollout.x0s:
+                images = self.policy.decode_call(self.decode, x0)
+                rewards.append(self.policy.reward_call(lambda im: self.reward(im, prompts).float(), images))
+            loss = self.method.loss(rewards)
+            terms = self.method.regularize({"trainer": self, "prompts": prompts, "rollout": rollout})
+            for value in terms.values():
+                loss = loss + value
+        reward = torch.stack([r.detach() for r in rewards]).mean(0)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(reward).all())
+        if finite:
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return dict(loss=float(loss.detach()), reward=reward.cpu(), finite=finite,
+                    window_size=rollout.window_size, window_starts=rollout.window.starts,
+                    **{f"reg_{k}": float(v.detach()) for k, v in terms.items()})
+
+    def _all_reduce_grads(self) -> None:
+        if self.world_size == 1:
+            return
+        for p in self.params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world_size
+
+    def train_step(self) -> dict:
+        """One optimizer step (with gradient accumulation); returns its metrics."""
+        self.setup()
+        o = self.cfg.optim
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.unet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        results = [self.micro_step(self.sample_prompts_batch(o.train_batch_size))
+                   for _ in range(o.gradient_accumulation_steps)]
+        finite = all(r["finite"] for r in results)
+        self._all_reduce_grads()
+        grad_norm = float("nan")
+        if finite:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm or float("inf")))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.lr_schedule.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN update
+            if self.scaler:
+                self.scaler.update()
+            self.nonfinite_in_a_row += 1
+        self.step += 1
+        rewards = torch.cat([r["reward"] for r in results])
+        metrics = dict(
+            step=self.step,
+            loss=sum(r["loss"] for r in results) / len(results),
+            reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std(unbiased=False)) if rewards.numel() > 1 else 0.0,
+            grad_norm=grad_norm,
+            lr=self.lr_schedule.get_last_lr()[0],
+            window_size=max(r["window_size"] for r in results),
+            skipped=not finite,
+            seconds=time.perf_counter() - t0,
+            **self.memory_metrics(),
+        )
+        for key in results[0]:
+            if key.startswith("reg_"):
+                metrics[key] = sum(r[key] for r in results) / len(results)
+        if not finite:
+            log.warning("step %d: non-finite loss, reward or gradient; update skipped (%d in a row)",
+                        self.step, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= o.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row (limit --max_nonfinite_steps "
+                    f"{o.max_nonfinite_steps}); lower --learning_rate or check the reward for NaN/inf")
+        return metrics
+
+    def memory_metrics(self) -> dict:
+        if self.device.type == "cuda":
+            return {"max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device), **self.gpu.read()}
+        return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    # ------------------------------------------------------------ samples, plots, checkpoints
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 1234) -> torch.Tensor:
+        """Images in [0, 1] for `prompts`, one fixed seed per prompt position (no gradient)."""
+        was_training = self.unet.training
+        self.unet.eval()
+        g = torch.Generator().manual_seed(seed)
+        x_T = self.initial_noise(len(prompts), g)
+        window = Window(starts=[len(self.schedule)] * len(prompts))
+        with self._autocast():
+            sampler = self.sampler(prompts)
+            x0 = run_trajectory(sampler.eps_fn, self.schedule, x_T, window, self.policy, sampler.eta, generator=g)
+            images = self.decode(x0)
+        self.unet.train(was_training)
+        return images.float().cpu()
+
+    def save_samples(self, tag: str) -> float:
+        from .viz import save_grid
+
+        images = self.generate(self.sample_prompts)
+        rewards = self.reward(images.to(self.device), self.sample_prompts).float().cpu()
+        save_grid(images, self.sample_prompts, rewards.tolist(), self.out / "samples" / f"{tag}.png",
+                  title=f"{tag}: mean {self.reward.name} {rewards.mean():.4f}")
+        return float(rewards.mean())
+
+    def state_for_checkpoint(self) -> dict:
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        optim = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+        if self.scaler:
+            optim["scaler"] = self.scaler.state_dict()
+        trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        return dict(trainable=trainable, optimizer=optim, rng=rng,
+                    state={"config": self.cfg.to_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row})
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        s = self.state_for_checkpoint()
+        path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, s["trainable"], s["optimizer"], s["rng"],
+                                    s["state"], keep_last=self.cfg.output.checkpoints_total_limit)
+        if has_lora(self.unet):
+            ckpt.export_lora(self.unet, path / "lora")
+        return path
+
+    def resume(self, spec: str) -> bool:
+        path = ckpt.resolve_checkpoint(spec, self.out / "checkpoints")
+        if path is None:
+            log.info("--resume_from_checkpoint latest: no checkpoint yet in %s; starting fresh", self.out)
+            return False
+        data = ckpt.load_checkpoint(path)
+        params = dict(self.unet.named_parameters())
+        missing = [n for n in data["trainable"] if n not in params]
+        if missing or len(data["trainable"]) != len([p for p in params.values() if p.requires_grad]):
+            raise ConfigError(f"checkpoint {path} does not match this model's trainable parameters "
+                              f"(e.g. {missing[:1]}); resume with the same --model and --rank")
+        with torch.no_grad():
+            for n, t in data["trainable"].items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.optimizer.load_state_dict(data["optimizer"]["optimizer"])
+        self.lr_schedule.load_state_dict(data["optimizer"]["lr_schedule"])
+        if self.scaler and "scaler" in data["optimizer"]:
+            self.scaler.load_state_dict(data["optimizer"]["scaler"])
+        self.generator.set_state(data["rng"]["generator"])
+        torch.set_rng_state(data["rng"]["torch"])
+        if "cuda" in data["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(data["rng"]["cuda"])
+        self.step = int(data["state"]["step"])
+        self.nonfinite_in_a_row = int(data["state"].get("nonfinite_in_a_row", 0))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        self.setup()
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.output.resume_from_checkpoint:
+            self.resume(cfg.output.resume_from_checkpoint)
+        metrics_path = out / "metrics.jsonl"
+        if self.is_main:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            self.history = _read_history(metrics_path, upto=self.step)
+            _write_history(metrics_path, self.history)  # drop rows past the resumed step
+        writer = _tensorboard(out) if cfg.output.report_to == "tensorboard" and self.is_main else None
+        reward_before = None
+        if self.is_main and self.step == 0:
+            reward_before = self.save_samples("step-000000")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.optim.max_train_steps, initial=self.step, desc=f"{cfg.method.method}",
+                   disable=not (self.is_main and cfg.output.progress), dynamic_ncols=True)
+        t_start = time.perf_counter()
+        while self.step < cfg.optim.max_train_steps:
+            metrics = self.train_step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", loss=f"{metrics['loss']:.4f}",
+                            s=f"{metrics['seconds']:.2f}")
+            if self.is_main:
+                self.history.append(metrics)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if writer:
+                    for k, v in metrics.items():
+                        if isinstance(v, (int, float)) and k != "step":
+                            writer.add_scalar(k, v, self.step)
+                every = cfg.output.checkpointing_steps
+                if every and self.step % every == 0 and self.step < cfg.optim.max_train_steps:
+                    self.save_checkpoint()
+                if cfg.output.sample_every and self.step % cfg.output.sample_every == 0:
+                    self.save_samples(f"step-{self.step:06d}")
+        bar.close()
+        summary = {}
+        if self.is_main:
+            self.save_checkpoint()
+            reward_after = self.save_samples(f"step-{self.step:06d}")
+            if reward_before is None:
+                reward_before = _reward_before(out)
+            from .viz import plot_reward_curve
+
+            plot_reward_curve(self.history, out / "reward_curve.png", self.reward.name)
+            secs = [m["seconds"] for m in self.history]
+            summary = dict(
+                method=cfg.method.method, K=cfg.method.K, model=self.components.path, reward=self.reward.name,
+                steps=self.step, num_inference_steps=cfg.method.num_inference_steps,
+                sample_reward_before=reward_before, sample_reward_after=reward_after,
+                train_reward_first=self.history[0]["reward_mean"] if self.history else None,
+                train_reward_last10=(sum(m["reward_mean"] for m in self.history[-10:]) / len(self.history[-10:])
+                                     if self.history else None),
+                median_seconds_per_step=sorted(secs)[len(secs) // 2] if secs else None,
+                skipped_steps=sum(1 for m in self.history if m.get("skipped")),
+                wall_seconds=time.perf_counter() - t_start,
+                outputs=dict(samples=str(out / "samples"), reward_curve=str(out / "reward_curve.png"),
+                             metrics=str(metrics_path), checkpoints=str(out / "checkpoints")),
+            )
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if writer:
+            writer.close()
+        return summary
+
+
+def _read_history(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _reward_before(out: Path):
+    summary = out / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text()).get("sample_reward_before")
+    grid = out / "samples" / "step-000000.json"
+    if grid.exists():
+        return json.loads(grid.read_text()).get("mean_reward")
+    return None
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--report_to tensorboard needs the tensorboard package; pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
