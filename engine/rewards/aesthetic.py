@@ -34,7 +34,7 @@ from .base import (
     register_reward,
 )
 from .pickscore import _from_pretrained, clip_vision_backbone
-from .preprocess import ImagePreprocess
+from .preprocess import ImagePreprocess, at_least_float32 as f32
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 MLP_HUB_ID = "camenduru/improved-aesthetic-predictor"
@@ -88,10 +88,10 @@ class LaionAesthetic(Reward):
 
     def score(self, images, prompts):
         weight = self.vision.visual_projection.weight
-        pixels = self.preprocess(images.float()).to(weight.dtype)
+        pixels = self.preprocess(f32(images)).to(weight.dtype)
         embeds = self.vision(pixel_values=pixels).image_embeds
-        embeds = F.normalize(embeds.float(), dim=-1).to(self.head.layers[0].weight.dtype)
-        return self.head(embeds).squeeze(-1).float()
+        embeds = F.normalize(f32(embeds), dim=-1).to(self.head.layers[0].weight.dtype)
+        return f32(self.head(embeds).squeeze(-1))
 
 
 def load_head(file: Path, in_features: int = 768) -> LinearStackHead:

@@ -163,9 +163,8 @@ def openclip_to_clipmodel_state_dict(state: dict, source: str = "the checkpoint"
 def hps_from_openclip_state_dict(state: dict, openclip_cfg: dict, tokenizer, output: str = "raw", source: str = "the checkpoint") -> HPSv2:
     from transformers import CLIPModel
 
-    config = openclip_config_to_clip_config(openclip_cfg, tokenizer)
-    model = CLIPModel(config)
     mapped = openclip_to_clipmodel_state_dict(state, source)
+    model = CLIPModel(openclip_config_to_clip_config(openclip_cfg, tokenizer))
     expected = model.state_dict()
     missing = [k for k in expected if k not in mapped]
     unexpected = [k for k in mapped if k not in expected]
@@ -184,16 +183,16 @@ def hps_from_openclip_state_dict(state: dict, openclip_cfg: dict, tokenizer, out
 
 def load_hps(path: str | None = None, output: str = "raw") -> HPSv2:
     expected = " or ".join(HPS_FILES)
-    root = None
     if path is None:
-        file = fetch_hub_file(HPS_HUB_ID, HPS_FILES[0])
+        file, root = fetch_hub_file(HPS_HUB_ID, HPS_FILES[0]), None
     else:
         file = find_in_dir(path, HPS_FILES, expected)
-        root = Path(path) if Path(path).is_dir() else None
+        root = file.parent  # where the optional tokenizer and open_clip_config.json sit
     checkpoint = load_state_dict_file(file, expected)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RewardWeightsError(f"{file} is not an HPSv2 checkpoint (expected a dict with an OpenCLIP 'state_dict')")
+    openclip_to_clipmodel_state_dict(state, str(file))  # a foreign file fails here, before any tokenizer lookup
     cfg_file = root / OPENCLIP_CONFIG_FILE if root is not None else None
     cfg = json.loads((cfg_file if cfg_file is not None and cfg_file.is_file() else VIT_H14_CONFIG).read_text())
     tokenizer = load_clip_tokenizer(root, LAION_VIT_H14_HUB_ID)

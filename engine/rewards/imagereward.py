@@ -46,7 +46,7 @@ from .base import (
     load_state_dict_file,
     register_reward,
 )
-from .preprocess import ImagePreprocess, tokenize
+from .preprocess import ImagePreprocess, at_least_float32 as f32, tokenize
 
 IMAGEREWARD_HUB_ID = "THUDM/ImageReward"
 IMAGEREWARD_FILE = "ImageReward.pt"
@@ -268,7 +268,7 @@ class ImageRewardModel(nn.Module):
     def forward(self, pixels, input_ids, attention_mask):
         image_tokens = self.blip.visual_encoder(pixels)
         text = self.blip.text_encoder(input_ids, attention_mask, image_tokens)
-        raw = self.mlp(text[:, 0]).squeeze(-1).float()
+        raw = f32(self.mlp(text[:, 0]).squeeze(-1))
         return (raw - REWARD_MEAN) / REWARD_STD
 
 
@@ -334,7 +334,7 @@ class ImageReward(Reward):
 
     def score(self, images, prompts):
         weight = self.model.blip.visual_encoder.pos_embed
-        pixels = self.preprocess(images.float()).to(weight.dtype)
+        pixels = self.preprocess(f32(images)).to(weight.dtype)
         tokens = tokenize(self.tokenizer, prompts, MAX_PROMPT_TOKENS, weight.device)
         return self.model(pixels, tokens["input_ids"], tokens["attention_mask"])
 

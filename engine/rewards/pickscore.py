@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward, RewardWeightsError, _one_line, checkpoint_layers, register_reward
-from .preprocess import ImagePreprocess, tokenize
+from .preprocess import ImagePreprocess, at_least_float32 as f32, tokenize
 
 PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
 LAION_VIT_H14_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -67,7 +67,7 @@ class ClipPreferenceReward(Reward):
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         weight = self.model.visual_projection.weight
-        pixels = self.preprocess(images.float()).to(weight.dtype)
+        pixels = self.preprocess(f32(images)).to(weight.dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return self.model.visual_projection(pooled)
 
@@ -79,9 +79,9 @@ class ClipPreferenceReward(Reward):
         return self.model.text_projection(pooled)
 
     def score(self, images, prompts):
-        img = F.normalize(self.image_embeds(images).float(), dim=-1)
-        txt = F.normalize(self.text_embeds(prompts).float(), dim=-1)
-        return self.model.logit_scale.exp().float() * (img * txt).sum(dim=-1)
+        img = F.normalize(f32(self.image_embeds(images)), dim=-1)
+        txt = F.normalize(f32(self.text_embeds(prompts)), dim=-1)
+        return f32(self.model.logit_scale.exp()) * (img * txt).sum(dim=-1)
 
 
 class PickScore(ClipPreferenceReward):

@@ -50,6 +50,11 @@ class ImagePreprocess:
         return normalize(x, self.mean, self.std)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bf16 inputs; float64 stays float64 (gradient checks run in it)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def resize_shorter_side(images: torch.Tensor, size: int) -> torch.Tensor:
     """Scale so the shorter side is `size`; the longer becomes int(size * long / short).
 
@@ -62,7 +67,7 @@ def resize_shorter_side(images: torch.Tensor, size: int) -> torch.Tensor:
     if (new_h, new_w) == (h, w):
         return images
     # float32 for the filter: bf16 interpolation loses about two bits against PIL's reference.
-    out = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    out = F.interpolate(at_least_float32(images), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     return out.to(images.dtype)
 
 
