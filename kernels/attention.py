@@ -15,8 +15,8 @@ D=64 (SDXL) and the other powers of two pay nothing. The alternative (splitting 
 
 Precision. fp32, fp16 and bf16 inputs; all softmax statistics and the accumulators are fp32;
 the probabilities are cast to the input dtype before the P @ V (and dS @ K, dS^T @ Q) matmuls as
-in FlashAttention. fp32 inputs use IEEE fp32 dots (no TF32), so the fp32 path matches
-torch's default fp32 matmul numerics.
+in FlashAttention. fp32 inputs use 3xTF32 dots (tensor cores, close to fp32
+accuracy, unlike plain TF32).
 
 Forward saves: q, k, v, O and the log-sum-exp L (fp32, (B, H, Nq), natural log).
 
@@ -64,7 +64,7 @@ def _attn_fwd_kernel(
     H, Nq, Nk, D,       # heads, query rows, key rows, real head dim (<= BLOCK_D)
     qk_scale,           # scale * log2(e): scores are kept in base-2 units so exp2 can be used
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32x3" for fp32 inputs, unused for 16-bit
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -272,36 +272,61 @@ _INTERP_BLOCKS = {"attn_fwd": (32, 32), "attn_bwd_dkdv": (32, 32), "attn_bwd_dq"
 def gpu_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[triton.Config]:
     """Every configuration the CUDA path may launch for `kernel` at this BLOCK_D and dtype.
 
-    The autotuner chooses among them; the GPU-readiness test compiles each for sm_80 and sm_90
-    and checks registers/spills/shared memory. The lists shrink the tiles as BLOCK_D grows so
-    the fp32 accumulators (BLOCK x BLOCK_D per program) stay in registers.
+    The forward is autotuned between two candidates; the backward kernels use one configuration
+    each (their best tile is set by register pressure, which these lists already decide, and
+    every candidate costs seconds of compile time in the GPU-readiness test). The tiles shrink
+    as BLOCK_D grows so the fp32 accumulators (BLOCK x BLOCK_D per program) stay in registers;
+    fp32 inputs take 4-byte tiles, so their key blocks are halved to fit shared memory.
     """
-    wide = dtype == torch.float32  # 4-byte tiles: half the rows in the same shared memory
+    wide = dtype == torch.float32
     if kernel == "attn_bwd_delta":
-        return [triton.Config({"BLOCK_M": 64 if block_d <= 128 else 32}, num_warps=4, num_stages=1)]
-    if kernel == "attn_fwd":
+        return [triton.Config({"BLOCK_M": 64 if block_d <= 64 else 16}, num_warps=4, num_stages=1)]
+    if kernel == "attn_fwd":  # (BLOCK_M, BLOCK_N, warps, stages)
         if block_d <= 64:
-            cands = [(128, 64, 4, 3), (64, 64, 4, 3)]
+            cands = [(128, 64, 8, 3), (64, 64, 4, 3)]
         elif block_d == 128:
             cands = [(128, 64, 8, 2), (64, 64, 4, 2)]
         else:
-            cands = [(64, 32, 8, 2), (64, 64, 8, 1)]
+            cands = [(64, 32, 8, 2), (128, 32, 8, 1)]
         if wide:
             cands = [(bm, min(bn, 32), w, min(st, 2)) for bm, bn, w, st in cands]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
-    if kernel in ("attn_bwd_dkdv", "attn_bwd_dq"):
-        # dkdv: BLOCK_N is the resident key block (2 accumulators), BLOCK_M the streamed query block;
-        # dq: BLOCK_M resident (1 accumulator), BLOCK_N streamed.
-        if block_d <= 64:
-            cands = [(64, 64, 4, 2), (32, 64, 4, 2)] if kernel == "attn_bwd_dkdv" else [(64, 64, 4, 2), (64, 32, 4, 2)]
-        elif block_d == 128:
-            cands = [(32, 64, 8, 2), (32, 32, 4, 2)] if kernel == "attn_bwd_dkdv" else [(64, 32, 8, 2), (32, 32, 4, 2)]
-        else:
-            cands = [(32, 32, 8, 1), (16, 32, 8, 1)] if kernel == "attn_bwd_dkdv" else [(32, 32, 8, 1), (32, 16, 8, 1)]
+    elif kernel == "attn_bwd_dkdv":  # BLOCK_N resident (dK and dV accumulators), BLOCK_M streamed
+        cands = [(32, 64, 4, 2)] if block_d <= 64 else [(32, 64, 8, 2)] if block_d == 128 else [(16, 32, 8, 1)]
         if wide:
             cands = [(bm, bn, w, 1) for bm, bn, w, _ in cands]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
-    raise KeyError(kernel)
+    elif kernel == "attn_bwd_dq":  # BLOCK_M resident (dQ accumulator), BLOCK_N streamed
+        cands = [(64, 32, 4, 2)] if block_d <= 64 else [(64, 32, 8, 2)] if block_d == 128 else [(32, 16, 8, 1)]
+        if wide:
+            cands = [(bm, bn, w, 1) for bm, bn, w, _ in cands]
+    else:
+        raise KeyError(kernel)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
+
+
+def gpu_compile_specs():
+    """(kernel name, JIT function, signature, constexprs, num_warps, num_stages) for every
+    configuration the CUDA path can launch: the input to the GPU-readiness compile check."""
+    pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    for name, fn in KERNELS.items():
+        for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+            for block_d in (16, 32, 64, 128, 256):
+                for cfg in gpu_configs(name, block_d, dtype):
+                    sig, const = {}, dict(cfg.kwargs, BLOCK_D=block_d)
+                    for arg in fn.arg_names:
+                        if arg in pointers:
+                            sig[arg] = ptr
+                        elif arg in ("LSE", "DELTA"):
+                            sig[arg] = "*fp32"
+                        elif arg in ("qk_scale", "sm_scale"):
+                            sig[arg] = "fp32"
+                        elif arg == "PRECISION":
+                            sig[arg] = "constexpr"
+                            const[arg] = _precision(dtype)
+                        elif arg in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+                            sig[arg] = "constexpr"
+                        else:
+                            sig[arg] = "i32"
+                    yield name, fn, sig, const, cfg.num_warps, cfg.num_stages
 
 
 _TUNERS: dict = {}
@@ -327,7 +352,9 @@ def _launcher(kernel: str, device: torch.device, block_d: int, dtype: torch.dtyp
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: 3xTF32 on tensor cores, about fp32-accurate (the interpreter computes in fp32
+    # anyway). "ieee" would run on FMA units and takes minutes to compile across the configs.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

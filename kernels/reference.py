@@ -44,7 +44,17 @@ def group_norm(
     """GroupNorm over (C/G, *spatial) per sample and group, then the optional activation ("silu")."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    # Written out rather than F.group_norm, which refuses groups of one element (G = C at 1x1).
+    N, C = x.shape[:2]
+    xg = x.reshape(N, num_groups, -1)
+    mean = xg.mean(dim=-1, keepdim=True)
+    var = (xg - mean).square().mean(dim=-1, keepdim=True)
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    affine_shape = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(affine_shape)
+    if bias is not None:
+        y = y + bias.reshape(affine_shape)
     if activation == "silu":
         y = F.silu(y)
     return y
