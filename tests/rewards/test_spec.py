@@ -1,0 +1,133 @@
+"""`--reward` parsing, weighted sums, the [0, 1] rescaling and the reward contract of the real models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reward_fixtures import random_images, tiny_clip_config, write_clip_tokenizer
+from refl_engine.rewards.aesthetic import MLP_FILE, LinearStackHead
+from refl_engine.rewards.base import (
+    REWARDS,
+    RewardSpecError,
+    RewardWeightsError,
+    WeightedSum,
+    build_reward,
+    parse_reward_spec,
+)
+
+PROMPTS = ["a cat", "a dog on the grass"]
+
+
+def test_parse_forms():
+    assert parse_reward_spec("aesthetic") == [(1.0, "aesthetic", None)]
+    assert parse_reward_spec("hps:/models/HPS_v2.1_compressed.pt") == [(1.0, "hps", "/models/HPS_v2.1_compressed.pt")]
+    assert parse_reward_spec("aesthetic=1.0, hps=0.5") == [(1.0, "aesthetic", None), (0.5, "hps", None)]
+    assert parse_reward_spec("pickscore:yuvalkirstain/PickScore_v1=-0.25") == [
+        (-0.25, "pickscore", "yuvalkirstain/PickScore_v1")
+    ]
+
+
+@pytest.mark.parametrize("spec", ["", "  ", "aesthetic=x", "aesthetic=nan", "hps=inf"])
+def test_parse_rejects(spec):
+    with pytest.raises(RewardSpecError):
+        parse_reward_spec(spec)
+
+
+def test_unknown_name_lists_the_real_rewards():
+    with pytest.raises(RewardSpecError) as info:
+        build_reward("asthetic")
+    for name in ("aesthetic", "hps", "pickscore", "imagereward", "colorfulness"):
+        assert name in str(info.value)
+
+
+def test_all_real_rewards_are_registered():
+    build_reward("colorfulness")  # triggers the registry's imports
+    for name in ("aesthetic", "hps", "pickscore", "imagereward"):
+        assert name in REWARDS and REWARDS[name].description
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("aesthetic", r"sac\+logos\+ava1-l14-linearMSE.pth"),
+        ("hps", r"HPS_v2.1_compressed.pt"),
+        ("pickscore", r"PickScore_v1 model directory"),
+        ("imagereward", r"ImageReward.pt"),
+    ],
+)
+def test_missing_path_names_the_expected_file(tmp_path, name, expected):
+    with pytest.raises(RewardWeightsError, match=expected) as info:
+        build_reward(f"{name}:{tmp_path / 'nothing_here'}")
+    assert "\n" not in str(info.value)
+
+
+def test_weighted_sum_of_builtins_and_its_bounds():
+    images = random_images(3, 16).requires_grad_(True)
+    prompts = ["x"] * 3
+    total = build_reward("colorfulness=1.0,brightness=-0.5")
+    assert isinstance(total, WeightedSum)
+    c, b = build_reward("colorfulness"), build_reward("brightness")
+    torch.testing.assert_close(total(images, prompts), c(images, prompts) - 0.5 * b(images, prompts))
+    # Negative weights swap a term's bounds: 1*(0, 1.1) + (-0.5)*(0, 1) -> (-0.5, 1.1).
+    assert total.bounds == pytest.approx((-0.5, 1.1))
+    total(images, prompts).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_rescaled_mode_maps_bounds_to_unit_interval():
+    images = random_images(2, 16)
+    raw = build_reward("colorfulness")
+    scaled = build_reward("colorfulness", output="rescaled")
+    low, high = raw.bounds
+    torch.testing.assert_close(scaled(images, PROMPTS), (raw(images, PROMPTS) - low) / (high - low))
+    # A weighted sum of rescaled terms is in the terms' [0, 1] units, and its bounds say so.
+    total = build_reward("colorfulness=2,contrast=1", output="rescaled")
+    assert total.bounds == pytest.approx((0.0, 3.0))
+    expected = 2 * scaled(images, PROMPTS) + build_reward("contrast", output="rescaled")(images, PROMPTS)
+    torch.testing.assert_close(total(images, PROMPTS), expected)
+
+
+def _clip_dir(tmp_path):
+    from transformers import CLIPModel
+
+    root = tmp_path / "clip"
+    tok = write_clip_tokenizer(root)
+    model = CLIPModel(tiny_clip_config(tok))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    model.save_pretrained(str(root))
+    torch.save(LinearStackHead(model.config.projection_dim).state_dict(), root / MLP_FILE)
+    return root
+
+
+def test_real_rewards_rescale_and_sum(tmp_path):
+    root = _clip_dir(tmp_path)
+    images = random_images(2, 30)
+    pick = build_reward(f"pickscore:{root}")
+    pick01 = build_reward(f"pickscore:{root}", output="rescaled")
+    low, high = pick.bounds
+    assert (low, high) == (15.0, 25.0)
+    torch.testing.assert_close(pick01(images, PROMPTS), (pick(images, PROMPTS) - low) / (high - low))
+    aes = build_reward(f"aesthetic:{root}")
+    both = build_reward(f"aesthetic:{root}=1.0,pickscore:{root}=0.5")
+    torch.testing.assert_close(both(images, PROMPTS), aes(images, PROMPTS) + 0.5 * pick(images, PROMPTS))
+    assert both.bounds == pytest.approx((1.0 + 7.5, 10.0 + 12.5))
+    assert not any(p.requires_grad for p in both.parameters())
+
+
+def test_reward_runs_in_the_training_dtype(tmp_path):
+    """bf16 weights and images: the score is float32, the gradient reaches the bf16 image."""
+    root = _clip_dir(tmp_path)
+    reward = build_reward(f"pickscore:{root}")
+    images32 = random_images(2, 28)
+    ref = reward(images32, PROMPTS)
+    reward = reward.to(torch.bfloat16)
+    images = images32.to(torch.bfloat16).requires_grad_(True)
+    out = reward(images, PROMPTS)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert images.grad.dtype == torch.bfloat16 and images.grad.abs().sum() > 0
+    # bf16 keeps ~3 significant digits of the ~100 x cosine score.
+    torch.testing.assert_close(out, ref, rtol=0.0, atol=1.5)
