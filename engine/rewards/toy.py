@@ -12,6 +12,10 @@ from .base import Reward, register_reward
 _EPS = 1e-6
 
 
+def _at_least_fp32(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class Colorfulness(Reward):
     """Hasler & Suesstrunk (2003) colorfulness on [0, 1] RGB, differentiable.
 
@@ -25,7 +29,7 @@ class Colorfulness(Reward):
     backbone = {"kind": "none"}
 
     def score(self, images, prompts):
-        x = images.float()
+        x = _at_least_fp32(images)
         r, g, b = x[:, 0], x[:, 1], x[:, 2]
         rg = (r - g).flatten(1)
         yb = (0.5 * (r + g) - b).flatten(1)
@@ -42,7 +46,7 @@ class Brightness(Reward):
     backbone = {"kind": "none"}
 
     def score(self, images, prompts):
-        x = images.float()
+        x = _at_least_fp32(images)
         luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
         return luma.flatten(1).mean(dim=1)
 
@@ -55,7 +59,7 @@ class Contrast(Reward):
     backbone = {"kind": "none"}
 
     def score(self, images, prompts):
-        x = images.float()
+        x = _at_least_fp32(images)
         luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
         return torch.sqrt(luma.flatten(1).var(dim=1, unbiased=False) + _EPS)
 

@@ -1,0 +1,37 @@
+# Two commands: `make demo` runs the main job on the embedded default, `make test` runs the tests.
+# Each installs what it needs into .venv first (idempotent: re-runs only when pyproject changes).
+# A machine with no torch gets the CPU build (torch==2.13.0); a python3 that already has torch
+# (e.g. a CUDA build) is reused through --system-site-packages, so a GPU user keeps their own.
+
+PYTHON ?= python3
+VENV ?= .venv
+CPU_TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.refl-engine-installed
+DEMO_ARGS ?= --method draft --K full --output_dir outputs/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "using the torch already installed for $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q "$(CPU_TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/deepspeed --num_gpus 1 engine/train.py $(DEMO_ARGS)
+
+test: install
+	$(VENV)/bin/pytest -q -n 2 tests
+
+bench: install
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/memory.py
+
+clean:
+	rm -rf $(VENV) outputs

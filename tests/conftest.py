@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Keep each test process to one thread: the suite runs with -n 2 on 2 cores.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """The tiny preset, built and saved once per session in a temp cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["REFL_ENGINE_CACHE"] = str(cache)
+    from refl_engine.models.load import tiny_sd_path
+
+    return str(tiny_sd_path())
+
+
+def make_config(tmp_path, **overrides):
+    from refl_engine.config import TrainConfig, set_field, validate
+
+    cfg = TrainConfig()
+    defaults = dict(model="tiny-sd", output_dir=str(tmp_path / "run"), num_inference_steps=6, max_train_steps=2,
+                    train_batch_size=2, progress=False, num_sample_images=2)
+    defaults.update(overrides)
+    for k, v in defaults.items():
+        set_field(cfg, k, v)
+    validate(cfg)
+    return cfg
