@@ -161,9 +161,12 @@ def openclip_to_clipmodel_state_dict(state: dict, source: str = "the checkpoint"
 
 
 def hps_from_openclip_state_dict(state: dict, openclip_cfg: dict, tokenizer, output: str = "raw", source: str = "the checkpoint") -> HPSv2:
+    return _hps_from_mapped(openclip_to_clipmodel_state_dict(state, source), openclip_cfg, tokenizer, output, source)
+
+
+def _hps_from_mapped(mapped: dict, openclip_cfg: dict, tokenizer, output: str, source: str) -> HPSv2:
     from transformers import CLIPModel
 
-    mapped = openclip_to_clipmodel_state_dict(state, source)
     model = CLIPModel(openclip_config_to_clip_config(openclip_cfg, tokenizer))
     expected = model.state_dict()
     missing = [k for k in expected if k not in mapped]
@@ -192,11 +195,12 @@ def load_hps(path: str | None = None, output: str = "raw") -> HPSv2:
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RewardWeightsError(f"{file} is not an HPSv2 checkpoint (expected a dict with an OpenCLIP 'state_dict')")
-    openclip_to_clipmodel_state_dict(state, str(file))  # a foreign file fails here, before any tokenizer lookup
+    mapped = openclip_to_clipmodel_state_dict(state, str(file))  # a foreign file fails here, before any tokenizer lookup
+    del checkpoint, state
     cfg_file = root / OPENCLIP_CONFIG_FILE if root is not None else None
     cfg = json.loads((cfg_file if cfg_file is not None and cfg_file.is_file() else VIT_H14_CONFIG).read_text())
     tokenizer = load_clip_tokenizer(root, LAION_VIT_H14_HUB_ID)
-    return hps_from_openclip_state_dict(state, cfg, tokenizer, output=output, source=str(file))
+    return _hps_from_mapped(mapped, cfg, tokenizer, output, str(file))
 
 
 register_reward("hps", "HPSv2.1: OpenCLIP ViT-H/14, 100 x cosine (path: HPS_v2.1_compressed.pt or its directory)")(load_hps)

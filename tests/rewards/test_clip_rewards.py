@@ -312,3 +312,28 @@ def test_hps_against_open_clip_create_model(tmp_path):
         txt = F.normalize(model.encode_text(_openclip_ids(tok, PROMPTS, 16)), dim=-1)
         expected = model.logit_scale.exp() * (img * txt).sum(-1)
         torch.testing.assert_close(reward(images, PROMPTS), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_full_size_vit_h14_mapping_shapes():
+    """The shipped ViT-H-14 config and the key table agree at full size (meta tensors, no memory)."""
+    import json
+
+    from transformers import CLIPModel
+
+    from refl_engine.rewards.hps import VIT_H14_CONFIG, openclip_config_to_clip_config, openclip_to_clipmodel_state_dict
+
+    cfg = json.loads(VIT_H14_CONFIG.read_text())
+
+    class _Tok:
+        eos_token_id, bos_token_id, pad_token_id = 49407, 49406, 49407
+
+    with torch.device("meta"):
+        reference = OpenClipLayoutCLIP(cfg)
+        model = CLIPModel(openclip_config_to_clip_config(cfg, _Tok()))
+    mapped = openclip_to_clipmodel_state_dict(reference.state_dict())
+    expected = model.state_dict()
+    assert sorted(mapped) == sorted(expected)
+    assert all(mapped[k].shape == expected[k].shape for k in expected)
+    assert expected["vision_model.embeddings.position_embedding.weight"].shape == (257, 1280)
+    assert expected["text_projection.weight"].shape == (1024, 1024)
+    assert model.config.vision_config.num_attention_heads == 16 and model.config.vision_config.hidden_act == "gelu"

@@ -174,3 +174,17 @@ def test_missing_or_wrong_file_is_one_line_error(tmp_path):
     (root / "ImageReward.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RewardWeightsError, match="not a loadable ImageReward.pt"):
         load_imagereward(str(root / "ImageReward.pt"))
+
+
+def test_full_size_shapes_are_the_published_ones():
+    """ImageReward.pt shapes (BLIP ViT-L/16 at 224 px, BERT-base with 1024-wide cross-attention), on meta."""
+    with torch.device("meta"):
+        state = ImageRewardModel().state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes["blip.visual_encoder.pos_embed"] == (1, 197, 1024)
+    assert shapes["blip.visual_encoder.patch_embed.proj.weight"] == (1024, 3, 16, 16)
+    assert shapes["blip.visual_encoder.blocks.23.attn.qkv.weight"] == (3072, 1024)
+    assert shapes["blip.text_encoder.embeddings.word_embeddings.weight"] == (30524, 768)
+    assert shapes["blip.text_encoder.encoder.layer.11.crossattention.self.key.weight"] == (768, 1024)
+    assert shapes["mlp.layers.0.weight"] == (1024, 768) and shapes["mlp.layers.7.weight"] == (1, 16)
+    assert len(state) == len(published_keys(ImageRewardConfig())) - 5
