@@ -8,6 +8,19 @@ their parameters never receive gradient, only the image does.
     name                 a registered reward ("colorfulness", "aesthetic", ...)
     name:path            a registered reward loaded from a local file/directory or hub id
     a=1.0,b:path=0.5     a weighted sum of the above
+
+Output modes: "raw" is each model's own score; "rescaled" is (raw - low) / (high - low), the [0, 1]
+form ImageReFL trains on ("all reward models are rescaled to the [0, 1] range"). The paper does not
+publish its bounds; ours are the observed ranges below, not hard limits, and nothing is clamped
+(a clamp would zero the gradient of the images that leave the range):
+
+    reward        raw score                                   bounds (low, high)
+    aesthetic     LAION MLP rating                            (1, 10)   the 1-10 rating scale
+    hps           100 x cosine (HPSv2.1; = logit scale x cos)  (15, 45)  SD1.5 ~25-28, tuned ~37-40
+    pickscore     logit scale x cosine                        (15, 25)  SD1.5 ~20-21.5, tuned ~23.5-24.7
+    imagereward   standardized MLP output                     (-2.5, 2.5)
+A weighted sum adds its terms, each in its own output mode; its bounds are the weighted bounds
+(a rescaled term counting as (0, 1)).
 """
 from __future__ import annotations
 

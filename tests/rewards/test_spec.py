@@ -131,3 +131,57 @@ def test_reward_runs_in_the_training_dtype(tmp_path):
     assert images.grad.dtype == torch.bfloat16 and images.grad.abs().sum() > 0
     # bf16 keeps ~3 significant digits of the ~100 x cosine score.
     torch.testing.assert_close(out, ref, rtol=0.0, atol=1.5)
+
+
+@pytest.mark.parametrize(
+    "name, repo, filename",
+    [
+        ("imagereward", "THUDM/ImageReward", "ImageReward.pt"),
+        ("hps", "xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+        ("aesthetic", "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"),
+    ],
+)
+def test_no_path_asks_the_hub_for_the_official_file(monkeypatch, name, repo, filename):
+    """Without a path the official hub file is requested; a failed fetch is a one-line error (no network used)."""
+    import huggingface_hub
+
+    asked = []
+
+    def offline_download(repo_id, file, *args, **kwargs):
+        asked.append((repo_id, file))
+        raise OSError("offline\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline_download)
+    with pytest.raises(RewardWeightsError) as info:
+        build_reward(name)
+    assert asked[0] == (repo, filename)
+    assert filename in str(info.value) and repo in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pickscore_without_path_uses_the_official_hub_ids(monkeypatch):
+    import transformers
+
+    asked = []
+
+    def offline(source, *args, **kwargs):
+        asked.append(source)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", offline)
+    with pytest.raises(RewardWeightsError, match="yuvalkirstain/PickScore_v1"):
+        build_reward("pickscore")
+    assert asked == ["yuvalkirstain/PickScore_v1"]
+
+
+def test_nested_in_the_memory_policys_reward_checkpoint(tmp_path):
+    """The trainer may checkpoint the whole reward call on top of the per-layer checkpoints."""
+    from refl_engine.memory.recompute import build_policy
+
+    root = _clip_dir(tmp_path)
+    reward = build_reward(f"aesthetic:{root}=1.0,pickscore:{root}=0.01")
+    images = random_images(2, 30)
+    a = images.clone().requires_grad_(True)
+    reward(a, PROMPTS).sum().backward()
+    b = images.clone().requires_grad_(True)
+    build_policy("full").reward_call(reward, b, PROMPTS).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
