@@ -96,6 +96,7 @@ class LiveBytesTracker(TorchDispatchMode):
     """
 
     def __init__(self, include_existing: bool = True, devices: Iterable[str] | None = None):
+        """devices: device types to count ("cpu", "cuda", "meta"); None = every tensor."""
         super().__init__()
         self.include_existing = include_existing
         self.devices = set(devices) if devices is not None else None
@@ -112,7 +113,7 @@ class LiveBytesTracker(TorchDispatchMode):
     # -- registration -------------------------------------------------------------------------
     def _counts(self, t: torch.Tensor) -> bool:
         if self.devices is None:
-            return t.device.type != "meta" or _is_fake(t)
+            return True
         return t.device.type in self.devices
 
     def _register(self, t: torch.Tensor, tag: str) -> None:
@@ -156,8 +157,18 @@ class LiveBytesTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tag = current_component()
+        inputs = None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and self._counts(t):
+                key = t.untyped_storage()._cdata
+                if key not in self._entries:
+                    # A view or in-place result of a tensor that existed before tracking (and was
+                    # not counted, include_existing=False) is not an allocation.
+                    if inputs is None:
+                        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0]
+                                  if isinstance(a, torch.Tensor)}
+                    if key in inputs:
+                        continue
                 self._register(t, tag)
         return out
 
@@ -199,12 +210,6 @@ class LiveBytesTracker(TorchDispatchMode):
 
     def live_by_tag(self) -> dict[str, int]:
         return {k: v for k, v in self._live_by_tag.items() if v}
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 # -- persistent state -----------------------------------------------------------------------------

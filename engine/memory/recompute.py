@@ -1,20 +1,86 @@
 """Memory policies: how a UNet call inside the gradient window keeps (or drops) its activations.
 
-The trajectory runner calls `policy.unet_call(fn, *args, window_pos=i)` for each grad-carrying
-UNet call, where `window_pos` counts calls from the first window step (0, 1, ...). `fn(*args)`
+The trajectory runner calls `policy.begin_window(window_size)` before the first grad-carrying step,
+`policy.unet_call(fn, *args, window_pos=i)` for each grad-carrying UNet call (window_pos counts
+calls from the first window step: 0, 1, ...), and `policy.end_window()` after the last. `fn(*args)`
 is the whole guided noise prediction of one step. Decode and reward go through
 `policy.decode_call` / `policy.reward_call`. This is the one pluggable place for the memory policy.
 
-Policies:
-    none       keep every activation of every window step (the baseline).
-    full       checkpoint every UNet call: keep its inputs, recompute it during backward.
+Policies (`--recompute`):
+    none            keep every activation of every window step (the baseline).
+    full            checkpoint every UNet call: keep its inputs, recompute it during backward.
+                    Memory is flat in the window size; costs one extra UNet forward per step.
+    selective       keep the outputs of the expensive ops of each call (convolutions, matmuls,
+                    attention) and recompute the cheap ones from them during backward (GroupNorm,
+                    SiLU, GELU/GEGLU, residual adds, casts, softmax): torch's selective activation
+                    checkpoint. Costs a few percent of compute and keeps about two thirds of
+                    `none`'s activations per step (SD1.5: 0.67) — for every window step, so it is
+                    not flat in K. Its backward rematerialises the whole call at once, so the
+                    peak while back-propagating one call equals `none`'s.
+    auto            given a byte budget, keep full activations for as many window steps as fit,
+                    selective ones for the next, and checkpoint the rest, minimising recompute.
+                    The plan comes from `planner.plan_window` on a measured profile of one call.
+
+Every call is tagged for `measure.LiveBytesTracker` ("unet", "vae", "reward") so a measured peak
+can be broken down by component.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from .measure import component
+
+aten = torch.ops.aten
+
+
+def _op_set(names):
+    ops = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        packet = getattr(aten, packet, None)
+        if packet is not None:
+            ops.add(getattr(packet, overload or "default"))
+    return ops
+
+
+# Outputs kept by `selective`: the ops whose recomputation costs real FLOPs. Attention kernels
+# return (out, logsumexp, ...) — O(N) per head, never the N x N matrix. Everything else (norms,
+# activations, adds, casts, views, the math-path softmax) is recomputed from these.
+SAVE_OPS = _op_set([
+    "mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward", "_efficient_attention_forward",
+])
+
+
+def selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context():
+    return create_selective_checkpoint_contexts(selective_policy)
+
+
+def _checkpointed(fn, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _selective(fn, *args):
+    return _checkpointed(fn, *args, context_fn=selective_context)
+
+
+# window_pos -> how that call is run
+CALL_KINDS: dict[str, Callable] = {
+    "none": lambda fn, *args: fn(*args),
+    "selective": _selective,
+    "full": _checkpointed,
+}
 
 
 class MemoryPolicy:
@@ -24,37 +90,129 @@ class MemoryPolicy:
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
 
-    def unet_call(self, fn: Callable, *args, window_pos: int = 0):
+    def begin_window(self, window_size: int) -> None:
+        """Called by the runner before the first grad-carrying UNet call of a trajectory."""
+
+    def end_window(self) -> None:
+        """Called by the runner after the last one."""
+
+    def call_kind(self, window_pos: int) -> str:
         raise NotImplementedError
 
+    def unet_call(self, fn: Callable, *args, window_pos: int = 0):
+        with component("unet"):
+            return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
+
     def decode_call(self, fn: Callable, *args):
-        return _checkpointed(fn, *args) if self.checkpoint_decode else fn(*args)
+        with component("vae"):
+            return _checkpointed(fn, *args) if self.checkpoint_decode else fn(*args)
 
     def reward_call(self, fn: Callable, *args):
-        return _checkpointed(fn, *args) if self.checkpoint_reward else fn(*args)
-
-
-def _checkpointed(fn, *args, **kwargs):
-    if not torch.is_grad_enabled():
-        return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        with component("reward"):
+            return _checkpointed(fn, *args) if self.checkpoint_reward else fn(*args)
 
 
 class NoRecompute(MemoryPolicy):
     name = "none"
 
-    def unet_call(self, fn, *args, window_pos=0):
-        return fn(*args)
+    def call_kind(self, window_pos):
+        return "none"
 
 
 class FullRecompute(MemoryPolicy):
     name = "full"
 
+    def call_kind(self, window_pos):
+        return "full"
+
+
+class SelectiveRecompute(MemoryPolicy):
+    name = "selective"
+
+    def call_kind(self, window_pos):
+        return "selective"
+
+
+class AutoRecompute(MemoryPolicy):
+    """Keep as many window steps' activations as `memory_budget` allows.
+
+    At the first call of a window it profiles one call of `fn` on the real inputs under `none`,
+    `selective` and `full` (bytes kept after forward, peak during forward and during backward; a
+    single extra forward/backward per input shape, gradients taken with autograd.grad so nothing
+    accumulates into .grad), then `planner.plan_window` picks per window position what to keep.
+
+    memory_budget   total bytes the step may use on the device.
+    reserve_bytes   bytes to hold back for what comes after the window (VAE decode and reward
+                    forward/backward); the planner's `vae_decode` + `reward` estimate is right here.
+    The bytes already live when the window begins (parameters, optimizer state, text embeddings)
+    are read from `measure.live_bytes` (the CUDA allocator, or the active CPU tracker); with
+    neither, the budget applies to the window alone.
+    """
+
+    name = "auto"
+
+    def __init__(self, memory_budget: int | str, reserve_bytes: int = 0,
+                 kinds: tuple[str, ...] = ("none", "selective", "full"), **kwargs):
+        super().__init__(**kwargs)
+        self.memory_budget = _parse_bytes(memory_budget)
+        self.reserve_bytes = int(reserve_bytes)
+        self.kinds = kinds
+        self.window_size: int | None = None
+        self.plan: list[str] | None = None
+        self.last_plan = None  # planner.WindowPlan of the latest window, for logs and tests
+        self._profiles: dict = {}
+
+    def begin_window(self, window_size: int) -> None:
+        self.window_size = int(window_size)
+        self.plan = None
+
+    def end_window(self) -> None:
+        self.plan = None
+
+    def call_kind(self, window_pos):
+        if self.plan is None:
+            raise RuntimeError("AutoRecompute: no plan; the runner must call begin_window(window_size)")
+        return self.plan[window_pos] if window_pos < len(self.plan) else "full"
+
     def unet_call(self, fn, *args, window_pos=0):
-        return _checkpointed(fn, *args)
+        if self.plan is None:
+            if self.window_size is None:
+                raise RuntimeError("AutoRecompute needs begin_window(window_size) before the first unet_call")
+            self._make_plan(fn, args)
+        return super().unet_call(fn, *args, window_pos=window_pos)
+
+    def _make_plan(self, fn, args):
+        from . import measure, planner
+
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        key = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
+                    for a in args)
+        if key not in self._profiles:
+            self._profiles[key] = planner.profile_call(fn, args, kinds=self.kinds)
+        live = measure.live_bytes(device) or 0
+        available = self.memory_budget - live - self.reserve_bytes
+        self.last_plan = planner.plan_window(self.window_size, self._profiles[key], available)
+        self.plan = self.last_plan.kinds
 
 
-POLICIES: dict[str, type[MemoryPolicy]] = {"none": NoRecompute, "full": FullRecompute}
+def _parse_bytes(value) -> int:
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9,
+             "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(float(text))
+
+
+POLICIES: dict[str, type[MemoryPolicy]] = {
+    "none": NoRecompute,
+    "full": FullRecompute,
+    "selective": SelectiveRecompute,
+    "auto": AutoRecompute,
+}
 
 
 def build_policy(name: str, **kwargs) -> MemoryPolicy:

@@ -1,0 +1,864 @@
+"""The memory-budget planner: predict the peak bytes of one training step without weights.
+
+How: the UNet, the VAE decoder and the reward's vision tower are instantiated from their configs on
+the meta device, their parameters swapped for FakeTensors (shapes and dtypes, no data), and one
+call of each is run forward and backward under FakeTensorMode with `measure.LiveBytesTracker`
+watching — the same op-level byte accounting that measures real CPU runs. Under FakeTensorMode on
+CPU, SDPA takes the flash-type kernel, which saves q, k, v, O and an fp32 log-sum-exp like CUDA's
+flash / memory-efficient kernels (the meta device would take the math path and keep N x N
+probabilities, about 4x too much for SD1.5). Each call is profiled as a `CallProfile`:
+
+    retained   bytes the call leaves alive for backward (its output excluded)
+    fwd_peak   peak above the bytes live before the call, during its forward
+    bwd_peak   peak above the bytes live before the call, during its backward (recompute included)
+
+at batch 1 (activations are proportional to the batch; the planner scales). `full` is
+derived from the `none` and no-grad traces. A step is then
+composed: parameters, gradients and optimizer state, plus the largest of the phase peaks of the
+window (each window position's retained bytes stacked, then the backward of the last one), the VAE
+decode and the reward. `plan_window` is the shared optimiser that `--recompute auto` uses too.
+
+Precision model (stated, not measured on GPU here): with --mixed_precision bf16/fp16 activations
+and frozen weights are half precision; trainable LoRA weights, master weights of a full fine-tune,
+their gradients and AdamW moments are fp32; 8-bit AdamW keeps two uint8 moments plus one fp32
+absmax per 2048 values; a full fine-tune under autocast also holds one half copy of the UNet's
+weights. ZeRO-3 with CPU offload keeps parameters, gradients and optimizer state of the UNet on
+the host and holds on the GPU the half working copy of the parameters being gathered
+(stage3_max_live_parameters = 1e9) and one reduce bucket (5e8 elements).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import measure
+from .recompute import CALL_KINDS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PLANNER_VERSION = 3
+
+# Recompute cost of one window step under each kind, in UNet forwards. `selective` re-runs the
+# elementwise and normalisation ops only: memory-bound, a small fraction of a forward's time.
+RECOMPUTE_COST = {"none": 0.0, "selective": 0.15, "full": 1.0}
+WINDOW_KINDS = ("none", "selective", "full")
+GiB = 2**30
+
+
+# ====================================================================== call profiles
+
+@dataclass
+class CallProfile:
+    retained: int
+    fwd_peak: int
+    bwd_peak: int
+    saved: int = 0  # saved-for-backward bytes (autograd's own, `none` only), params excluded
+
+    def scaled(self, factor: float) -> "CallProfile":
+        """The profile at `factor` times the traced batch: activations are proportional to the
+        batch (weights are excluded; batch-independent bytes are a few hundred at most)."""
+        return CallProfile(*(int(round(v * factor)) for v in (self.retained, self.fwd_peak, self.bwd_peak, self.saved)))
+
+
+def derive_checkpointed(profiles: dict[str, CallProfile]) -> dict[str, CallProfile]:
+    """`full` from the traced `nograd` and `none` calls: a checkpointed call keeps nothing, runs
+    its forward like a no-grad call, and its backward first recomputes the forward with grad (so
+    peaks like a `none` backward)."""
+    out = dict(profiles)
+    if "nograd" in profiles and "none" in profiles:
+        out.setdefault("full", CallProfile(0, profiles["nograd"].fwd_peak, profiles["none"].bwd_peak))
+    return out
+
+
+def _graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors (parameters) that receive gradient from `roots`."""
+    leaves, seen, stack = [], set(), [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = ("none", "selective", "full"),
+                 grad_into_params: bool = False, inputs_require_grad: bool = True,
+                 exclude: Sequence[torch.Tensor] = ()) -> dict[str, CallProfile]:
+    """Profile one call of fn(*args) under each memory kind (see CALL_KINDS, plus "nograd").
+
+    Works on real tensors (`--recompute auto` calibrating on the device) and on FakeTensors (the
+    planner). Floating-point tensor args are made leaves that require grad when
+    `inputs_require_grad` (a window step whose latent carries gradient). Backward either takes
+    torch.autograd.grad (nothing accumulates into .grad; the parameter gradients it returns are not
+    counted, they are the `grads` component) or, with `grad_into_params`, runs .backward() into
+    .grad buffers the caller has already allocated (the steady state of training).
+    """
+    args = [a.detach().requires_grad_(inputs_require_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            else a for a in args]
+    out: dict[str, CallProfile] = {}
+    for kind in kinds:
+        tracker = measure.LiveBytesTracker(include_existing=False)
+        with tracker:
+            with tracker.window() as fw:
+                if kind == "nograd":
+                    with torch.no_grad():
+                        y = fn(*args)
+                else:
+                    counter = measure.SavedTensorCounter(exclude=exclude) if kind == "none" else None
+                    with counter or contextlib.nullcontext():
+                        y = CALL_KINDS[kind](fn, *args)
+            y_bytes = _storage_bytes(y)
+            retained = tracker.live - y_bytes
+            if kind == "nograd" or y.grad_fn is None:
+                out[kind] = CallProfile(0, fw["peak"], 0)
+                del y
+                continue
+            grad_out = torch.ones_like(y)
+            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            params = [p for p in _graph_leaves([y]) if not any(p is a for a in inputs)]
+            with tracker.window() as bw:
+                if grad_into_params:
+                    y.backward(grad_out)
+                    param_grad_bytes = 0
+                else:
+                    grads = torch.autograd.grad(y, inputs + params, grad_out, allow_unused=True)
+                    param_grad_bytes = sum(_storage_bytes(g) for g in grads[len(inputs):] if g is not None)
+                    del grads
+            for a in inputs:
+                a.grad = None
+            out[kind] = CallProfile(retained, fw["peak"], bw["peak"] - y_bytes - param_grad_bytes,
+                                    counter.bytes if counter is not None else 0)
+            del y, grad_out
+    return out
+
+
+# ====================================================================== the window optimiser
+
+@dataclass
+class WindowPlan:
+    kinds: list[str]  # per window position
+    peak: int  # bytes above the live bytes at window start, including `after`
+    window_kept: int  # bytes kept for backward at the end of the window forward
+    phase: str  # which phase sets the peak
+    recompute_cost: float  # UNet forwards of recomputation
+    fits: bool
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {k: self.kinds.count(k) for k in dict.fromkeys(self.kinds)}
+
+
+def _window_peak(blocks: list[tuple[str, int]], profiles: dict[str, CallProfile], latent_bytes: int,
+                 after: int) -> tuple[int, int, str]:
+    """Peak of a window whose positions run `blocks` [(kind, count), ...] in order, then `after`
+    (decode + reward peak) on top of everything kept. Returns (peak, kept, phase)."""
+    kept = latent_bytes  # x_T's successor chain: each step's input latent stays referenced
+    best, phase = 0, ""
+    for kind, n in blocks:
+        if n == 0:
+            continue
+        p = profiles[kind]
+        per_step = p.retained + latent_bytes
+        before_last = kept + per_step * (n - 1)
+        for value, name in ((before_last + p.fwd_peak, f"forward of a '{kind}' step"),
+                            (before_last + p.bwd_peak, f"backward of a '{kind}' step")):
+            if value > best:
+                best, phase = value, name
+        kept = before_last + per_step
+    if kept + after > best:
+        best, phase = kept + after, "VAE decode / reward"
+    return best, kept, phase
+
+
+def plan_window(window_size: int, profiles: dict[str, CallProfile], available: int, after: int = 0,
+                latent_bytes: int = 0, kinds: Sequence[str] | None = None) -> WindowPlan:
+    """Choose per window position what to keep so the step fits in `available` bytes (above those
+    live at window start) with the least recomputation.
+
+    Positions are grouped: the most-recomputed kinds first, the fully kept steps last — backward
+    visits the last steps first and frees their activations before it needs to recompute the early
+    ones. Every split (n_none, n_selective, rest checkpointed) is tried; ties go to the lower peak.
+    If nothing fits, the lowest-peak plan is returned with fits=False.
+    """
+    W = int(window_size)
+    kinds = [k for k in (kinds or profiles) if k in profiles and k in WINDOW_KINDS]
+    ckpt = "full" if "full" in kinds else None
+    keep_kinds = [k for k in ("none", "selective") if k in kinds]
+    best, lowest = None, None
+    if W == 0:
+        return WindowPlan([], after, 0, "VAE decode / reward", 0.0, after <= available)
+
+    def consider(blocks):
+        nonlocal best, lowest
+        peak, kept, phase = _window_peak(blocks, profiles, latent_bytes, after)
+        cost = sum(RECOMPUTE_COST[k] * n for k, n in blocks)
+        plan = (cost, peak, blocks, kept, phase)
+        if lowest is None or (peak, cost) < (lowest[1], lowest[0]):
+            lowest = plan
+        if peak <= available:
+            if best is None or (cost, peak) < (best[0], best[1]):
+                best = plan
+            return True
+        return False
+
+    n_none_range = range(W, -1, -1) if "none" in keep_kinds else [0]
+    for n_none in n_none_range:
+        rest = W - n_none
+        sel_range = range(rest, -1, -1) if "selective" in keep_kinds else [0]
+        for n_sel in sel_range:
+            n_ckpt = rest - n_sel
+            if n_ckpt and ckpt is None:
+                continue
+            if consider([(ckpt, n_ckpt), ("selective", n_sel), ("none", n_none)]):
+                break  # fewer selective steps (more checkpointed) only cost more at this n_none
+    chosen = best or lowest
+    cost, peak, blocks, kept, phase = chosen
+    kinds_out = [k for k, n in blocks for _ in range(n)]
+    return WindowPlan(kinds_out, peak, kept, phase, cost, best is not None)
+
+
+# ====================================================================== model specs
+
+@dataclass
+class ModelSpec:
+    name: str
+    kind: str  # sd15 | sdxl
+    unet: dict
+    vae: dict
+    text_encoders: list[dict]  # transformers CLIPTextConfig dicts (with "with_projection")
+    native_resolution: int
+
+
+def _read(name: str) -> dict:
+    return json.loads((CONFIG_DIR / name).read_text())
+
+
+def _te(cfg: dict, with_projection: bool) -> dict:
+    cfg = dict(cfg)
+    cfg["with_projection"] = with_projection
+    return cfg
+
+
+def model_spec(model: str | None) -> ModelSpec:
+    """sd15, sdxl, tiny-sd, or a diffusers directory (its unet/vae/text_encoder configs)."""
+    if model in ("sd15", "sd1.5", "stable-diffusion-v1-5"):
+        return ModelSpec("sd15", "sd15", _read("sd15_unet_config.json"), _read("sd15_vae_config.json"),
+                         [_te(_read("sd15_text_encoder_config.json"), False)], 512)
+    if model in ("sdxl", "sdxl-base"):
+        return ModelSpec("sdxl", "sdxl", _read("sdxl_unet_config.json"), _read("sdxl_vae_config.json"),
+                         [_te(_read("sdxl_text_encoder_config.json"), False),
+                          _te(_read("sdxl_text_encoder_2_config.json"), True)], 1024)
+    if model in (None, "", "tiny-sd"):
+        from ..models.load import TINY_SD_RESOLUTION, build_tiny_tokenizer, tiny_sd_configs
+
+        cfgs = tiny_sd_configs()
+        tok = build_tiny_tokenizer()
+        te = dict(cfgs["text_encoder"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        name = "tiny-sd" if model else "tiny-sd (default)"
+        return ModelSpec(name, "sd15", dict(cfgs["unet"]), dict(cfgs["vae"]), [_te(te, False)], TINY_SD_RESOLUTION)
+    root = Path(model).expanduser()
+    if not (root / "unet" / "config.json").is_file():
+        raise ValueError(f"--model {model!r}: give sd15, sdxl, tiny-sd or a diffusers directory with unet/config.json")
+    unet = json.loads((root / "unet" / "config.json").read_text())
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    tes = [_te(json.loads((root / "text_encoder" / "config.json").read_text()), False)]
+    if (root / "text_encoder_2" / "config.json").is_file():
+        tes.append(_te(json.loads((root / "text_encoder_2" / "config.json").read_text()), True))
+    kind = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"
+    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelSpec(str(root), kind, unet, vae, tes, int(native))
+
+
+REWARD_BACKBONES = {
+    # reward name -> vision tower config file (None: pixel statistics, no network)
+    "aesthetic": "clip_vit_l14_vision_config.json",
+    "pickscore": "clip_vit_h14_vision_config.json",
+    "hps": "clip_vit_h14_vision_config.json",
+    "colorfulness": None, "brightness": None, "contrast": None, "none": None,
+}
+
+
+# ====================================================================== building fake models
+
+def _strip(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _meta_unet(cfg: dict):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(_strip(cfg))
+
+
+def _meta_vae(cfg: dict):
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(_strip(cfg))
+
+
+def _meta_text_encoder(cfg: dict):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = dict(cfg)
+    proj = cfg.pop("with_projection", False)
+    config = CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        return (CLIPTextModelWithProjection if proj else CLIPTextModel)(config)
+
+
+def _meta_vision(config_file: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = _read(config_file)
+    config = CLIPVisionConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        return CLIPVisionModelWithProjection(config)
+
+
+def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def lora_param_count(unet, rank: int, targets: str = "to_q,to_k,to_v,to_out.0") -> int:
+    """Parameters peft's LoRA adds on the Linear modules named by `targets` (name suffixes)."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    total = 0
+    for name, mod in unet.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in names):
+            total += rank * (mod.in_features + mod.out_features)
+    return total
+
+
+def _fakeify(module: torch.nn.Module, dtype: torch.dtype, trainable_dtype: torch.dtype | None = None):
+    """Replace every (meta) parameter and buffer by a FakeTensor of the same shape on CPU; call
+    inside a FakeTensorMode. Trainable parameters (requires_grad) get `trainable_dtype`."""
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            dt = trainable_dtype if (p.requires_grad and trainable_dtype is not None) else dtype
+            dt = dt if p.is_floating_point() else p.dtype
+            mod._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype if not b.is_floating_point() else dtype)
+    return module
+
+
+# ====================================================================== tracing the components
+
+@dataclass(frozen=True)
+class TraceKey:
+    model: str
+    resolution: int
+    batch: int
+    cfg: bool
+    dtype: str
+    rank: int
+    lora_targets: str
+    x_grad: bool
+    kinds: tuple
+
+
+def _dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def _cache_path(key: dict) -> Path:
+    import diffusers
+
+    blob = json.dumps([key, PLANNER_VERSION, torch.__version__, diffusers.__version__], sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    root = os.environ.get("REFL_ENGINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refl-engine")
+    return Path(root) / "planner" / f"{digest}.json"
+
+
+def _cached(kind: str, key: dict, compute: Callable[[], dict[str, CallProfile]], use_cache: bool):
+    path = _cache_path({"what": kind, **key})
+    if use_cache and path.is_file():
+        try:
+            return {k: CallProfile(**v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError):
+            pass
+    result = compute()
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: asdict(v) for k, v in result.items()}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _memo(kind: str, key_json: str, use_cache: bool):
+    key = json.loads(key_json)
+    compute = {"unet": _trace_unet, "vae": _trace_vae, "reward": _trace_reward}[kind]
+    return _cached(kind, key, lambda: compute(**key), use_cache)
+
+
+def _trace(kind: str, use_cache: bool = True, **key):
+    return _memo(kind, json.dumps(key, sort_keys=True, default=str), use_cache)
+
+
+_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """On meta tensors, route SDPA to the flash-type kernel (saves q, k, v, O and an fp32
+    logsumexp, like CUDA's flash / memory-efficient kernels) instead of the math path."""
+    if query.device.type == "meta" and attn_mask is None and not kwargs.get("enable_gqa", False):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, scale=scale)[0]
+    return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                 **kwargs)
+
+
+@contextlib.contextmanager
+def _tracing():
+    """Build inputs on the meta device with flash-type SDPA. Same bytes as FakeTensorMode on CPU
+    (tests/memory/test_planner.py checks it), three times faster."""
+    torch.nn.functional.scaled_dot_product_attention = _flash_sdpa
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _sdpa
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype, trainable_dtype: torch.dtype | None = None):
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(trainable_dtype if (p.requires_grad and trainable_dtype is not None) else dtype)
+    for b in module.buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(dtype)
+    return module
+
+
+def _unet_for_trace(spec_unet: dict, rank: int, lora_targets: str):
+    unet = _meta_unet(spec_unet)
+    if rank > 0:
+        from ..models.lora import add_lora
+
+        add_lora(unet, rank, target_modules=lora_targets)
+    else:
+        unet.requires_grad_(True)
+    return unet
+
+
+def _trace_unet(unet_cfg: dict, kind_model: str, cross_dims: list, resolution: int, batch: int, cfg: bool,
+                dtype: str, rank: int, lora_targets: str, x_grad: bool, kinds: list, seq_len: int = 77):
+    from ..models.conditioning import Conditioning, make_eps_fn
+
+    dt = _dtype(dtype)
+    unet = _unet_for_trace(unet_cfg, rank, lora_targets)
+    with _tracing():
+        # LoRA weights trace in the compute dtype, as autocast runs them (their fp32 master copy
+        # is in the `params` component)
+        _cast(unet, dt)
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        latent = resolution // unet_cfg["_latent_factor"]
+        x = torch.randn(batch, unet_cfg.get("in_channels", 4), latent, latent, dtype=dt)
+        hidden = unet_cfg["cross_attention_dim"]
+        hidden = hidden if isinstance(hidden, int) else hidden[0]
+        cond = torch.randn(batch, seq_len, hidden, dtype=dt)
+        added = {}
+        if kind_model == "sdxl":
+            pooled_dim = cross_dims[-1]
+            added = {"text_embeds": torch.randn(batch, pooled_dim, dtype=dt), "time_ids": torch.randn(batch, 6, dtype=dt)}
+        if cfg:
+            c = Conditioning(cond, torch.randn_like(cond), added, {k: torch.randn_like(v) for k, v in added.items()})
+        else:
+            c = Conditioning(cond, added=added)
+        eps_fn = make_eps_fn(unet, c, 7.5 if cfg else 1.0)
+        t = torch.full((), 500, dtype=torch.long)
+        prof = profile_call(eps_fn, [x, t], kinds=kinds, grad_into_params=True, inputs_require_grad=x_grad,
+                            exclude=list(unet.parameters()))
+    return prof
+
+
+def _decode_fn(vae):
+    scaling = vae.config.scaling_factor
+
+    def decode(latents):
+        image = vae.decode(latents / scaling).sample
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    return decode
+
+
+def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool):
+    dt = _dtype(dtype)
+    vae = _meta_vae(vae_cfg)
+    vae.requires_grad_(False)
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    with _tracing():
+        _cast(vae, dt)
+        z = torch.randn(batch, vae_cfg.get("latent_channels", 4), resolution // factor, resolution // factor, dtype=dt)
+        kinds = ["full"] if checkpoint else ["none"]
+        prof = profile_call(_decode_fn(vae), [z], kinds=kinds, exclude=list(vae.parameters()))
+    return {"decode": prof[kinds[0]]}
+
+
+def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoint: bool):
+    config_file = REWARD_BACKBONES.get(reward)
+    dt = _dtype(dtype)
+    kinds = ["full"] if checkpoint else ["none"]
+    with contextlib.ExitStack() as stack:
+        if config_file is None:
+            from ..rewards.toy import Colorfulness
+
+            model = Colorfulness()
+            fn = lambda images: model.score(images, [""] * images.shape[0])  # noqa: E731
+            stack.enter_context(_tracing())
+            images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
+            params = []
+        else:
+            from ..rewards.base import checkpoint_layers
+            from ..rewards.preprocess import ImagePreprocess
+
+            vision = _meta_vision(config_file)
+            vision.requires_grad_(False)
+            checkpoint_layers(vision.vision_model.encoder.layers)
+            pre = ImagePreprocess(size=vision.config.image_size)
+            stack.enter_context(_tracing())
+            _cast(vision, dt)
+
+            def fn(images):
+                pixels = pre(images.float()).to(dt)
+                return vision(pixel_values=pixels).image_embeds.float().sum(-1)
+
+            images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
+            params = list(vision.parameters())
+        prof = profile_call(fn, [images], kinds=kinds, exclude=params)
+    return {"reward": prof[kinds[0]]}
+
+
+# ====================================================================== the plan
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+METHODS = ("refl", "draft", "draft-lv", "alignprop")
+POLICIES = ("none", "selective", "full", "auto")
+
+
+@dataclass
+class PlanSpec:
+    model: str | None = "sd15"
+    resolution: int = 0  # 0 = native
+    batch_size: int = 1
+    method: str = "draft"
+    K: str = "full"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    rank: int = 8
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    mixed_precision: str = "bf16"
+    optimizer: str = "adamw"
+    zero: int = 0
+    offload: bool = False
+    recompute: str = "full"
+    budget_gb: float | None = None  # GiB; None = detected GPU or 80
+    reserve_gb: float = 3.0  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
+    reward: str | None = None  # None: aesthetic (CLIP ViT-L/14) for sd15/sdxl, colorfulness for tiny-sd
+    checkpoint_decode: bool = True
+    checkpoint_reward: bool = True
+    lv_inner: int = 2
+    use_cache: bool = True
+
+    def window_size(self) -> int:
+        n = self.num_inference_steps
+        if self.method == "refl":
+            return 1
+        if self.method == "alignprop":
+            return n  # K ~ U{1..N}: the step with K = N must fit
+        k = n if str(self.K) == "full" else int(self.K)
+        if not 1 <= k <= n:
+            raise ValueError(f"--K {self.K} must be 'full' or in 1..{n}")
+        return k + (self.lv_inner if self.method == "draft-lv" else 0)
+
+
+@dataclass
+class Plan:
+    spec: dict
+    peak_bytes: int
+    fits: bool
+    budget_bytes: int
+    usable_bytes: int
+    max_batch: int
+    recommended_recompute: str | None
+    components: dict
+    window: dict
+    policies: dict  # policy -> peak bytes at this batch
+    suggestions: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+def detect_budget_gib() -> tuple[float, str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        name = pynvml.nvmlDeviceGetName(handle)
+        return total / GiB, f"detected {name if isinstance(name, str) else name.decode()}"
+    except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU
+        return 80.0, "default 80 GiB (no GPU detected)"
+
+
+class Planner:
+    """Holds the traced profiles of one model/resolution/precision and composes plans from them."""
+
+    def __init__(self, spec: PlanSpec):
+        if spec.method not in METHODS:
+            raise ValueError(f"--method {spec.method!r}: choose one of {', '.join(METHODS)}")
+        if spec.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {spec.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if spec.recompute not in POLICIES:
+            raise ValueError(f"--recompute {spec.recompute!r}: choose one of {', '.join(POLICIES)}")
+        if spec.zero not in (0, 1, 2, 3):
+            raise ValueError("--zero must be 0, 1, 2 or 3")
+        self.spec = spec
+        self.model = model_spec(spec.model)
+        if spec.reward is None:
+            spec.reward = "colorfulness" if self.model.name.startswith("tiny-sd") else "aesthetic"
+        if spec.reward not in REWARD_BACKBONES:
+            raise ValueError(f"--reward {spec.reward!r}: choose one of {', '.join(REWARD_BACKBONES)}")
+        self.resolution = spec.resolution or self.model.native_resolution
+        self._static = None
+
+    # -- static bytes ---------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        if self._static is None:
+            m = self.model
+            unet = _meta_unet(m.unet)
+            counts = {"unet": count_params(unet), "vae": count_params(_meta_vae(m.vae)),
+                      "text_encoders": sum(count_params(_meta_text_encoder(c)) for c in m.text_encoders),
+                      "lora": lora_param_count(unet, self.spec.rank, self.spec.lora_targets) if self.spec.rank else 0,
+                      "reward": 0}
+            backbone = REWARD_BACKBONES.get(self.spec.reward)
+            if backbone:
+                counts["reward"] = count_params(_meta_vision(backbone))
+            self._static = counts
+        return self._static
+
+    def state_bytes(self, optimizer: str | None = None, offload: bool | None = None, zero: int | None = None,
+                    rank: int | None = None) -> dict[str, int]:
+        s = self.spec
+        optimizer = optimizer or s.optimizer
+        offload = s.offload if offload is None else offload
+        zero = s.zero if zero is None else zero
+        rank = s.rank if rank is None else rank
+        c = self.param_counts()
+        half = _dtype(s.mixed_precision).itemsize
+        frozen = c["vae"] + c["text_encoders"] + c["reward"]
+        out = {}
+        if rank > 0:
+            trainable = c["lora"]
+            out["params"] = (c["unet"] + frozen) * half + trainable * 4
+        else:
+            trainable = c["unet"]
+            out["params"] = frozen * half + trainable * 4
+        opt_per = 8 if optimizer == "adamw" else 2 + 8 / 2048
+        out["grads"] = trainable * 4
+        out["optimizer"] = int(trainable * opt_per)
+        if rank == 0 and half < 4:
+            out["autocast_weight_copy"] = trainable * half
+        if offload and zero == 3:
+            # parameters, gradients, optimizer state of the trained model live on the host
+            out["params"] -= trainable * 4
+            out["grads"] = int(min(trainable, 5e8) * half)  # one reduce bucket
+            out["optimizer"] = 0
+            out["zero3_live_params"] = int(min(trainable, 1e9) * half)
+            out.pop("autocast_weight_copy", None)
+        elif offload:
+            out["optimizer"] = 0  # ZeRO-Offload (stage 1/2): optimizer state on the host
+            out["grads"] = int(min(trainable, 5e8) * half)
+        return out
+
+    # -- traced profiles ----------------------------------------------------------------------------
+    def unet_profiles(self, batch: int, x_grad: bool = True, rank: int | None = None) -> dict[str, CallProfile]:
+        """Profiles of one guided UNet call at `batch` (traced at batch 1, scaled)."""
+        s = self.spec
+        rank = s.rank if rank is None else rank
+        cross = [c.get("projection_dim", c["hidden_size"]) for c in self.model.text_encoders]
+        unet_cfg = dict(self.model.unet)
+        unet_cfg["_latent_factor"] = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
+        traced = _trace("unet", s.use_cache, unet_cfg=unet_cfg, kind_model=self.model.kind, cross_dims=cross,
+                        resolution=self.resolution, batch=1, cfg=s.guidance_scale > 1.0, dtype=s.mixed_precision,
+                        rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", "none", "selective"])
+        return derive_checkpointed({k: v.scaled(batch) for k, v in traced.items()})
+
+    def after_window(self, batch: int) -> tuple[CallProfile, CallProfile]:
+        s = self.spec
+        vae = _trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
+                     dtype=s.mixed_precision, checkpoint=s.checkpoint_decode)["decode"]
+        rew = _trace("reward", s.use_cache, reward=s.reward, resolution=self.resolution, batch=1,
+                     dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
+        return vae.scaled(batch), rew.scaled(batch)
+
+    def latent_bytes(self, batch: int) -> int:
+        factor = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
+        side = self.resolution // factor
+        return batch * self.model.unet.get("in_channels", 4) * side * side * _dtype(self.spec.mixed_precision).itemsize
+
+    # -- composition ----------------------------------------------------------------------------------
+    def activation_plan(self, batch: int, recompute: str, window: int, available: int | None = None):
+        """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`."""
+        s = self.spec
+        x_grad = s.method != "refl"  # ReFL's single grad step starts from a no-grad latent
+        profiles = self.unet_profiles(batch, x_grad=x_grad)
+        vae, rew = self.after_window(batch)
+        latent = self.latent_bytes(batch)
+        image = batch * 3 * self.resolution**2 * _dtype(s.mixed_precision).itemsize
+        # decode output (the image) stays for the reward; reward backward then decode backward
+        after = max(vae.fwd_peak, vae.retained + image + rew.fwd_peak, vae.retained + image + rew.bwd_peak,
+                    vae.bwd_peak)
+        if recompute == "auto":
+            budget = available if available is not None else 0
+            plan = plan_window(window, profiles, budget, after, latent)
+        else:  # a fixed policy: every window position of that kind
+            peak, kept, phase = _window_peak([(recompute, window)], profiles, latent, after)
+            plan = WindowPlan([recompute] * window, peak, kept, phase, RECOMPUTE_COST[recompute] * window, True)
+        # no-grad steps before the window: one forward at a time
+        pre = profiles["nograd"].fwd_peak + latent
+        if pre > plan.peak:
+            plan.peak, plan.phase = pre, "no-grad steps before the window"
+        return plan, after, profiles, vae, rew
+
+    def peak(self, batch: int, recompute: str, state: dict | None = None) -> tuple[int, WindowPlan, dict]:
+        state = state or self.state_bytes()
+        static = sum(state.values())
+        window = self.spec.window_size()
+        available = self.usable_bytes() - static
+        plan, after, profiles, vae, rew = self.activation_plan(batch, recompute, window, available)
+        return static + plan.peak, plan, dict(profiles=profiles, vae=vae, reward=rew, after=after)
+
+    def budget_bytes(self) -> tuple[int, str]:
+        if self.spec.budget_gb is not None:
+            return int(self.spec.budget_gb * GiB), f"--budget-gb {self.spec.budget_gb:g}"
+        gib, how = detect_budget_gib()
+        return int(gib * GiB), how
+
+    def usable_bytes(self) -> int:
+        return self.budget_bytes()[0] - int(self.spec.reserve_gb * GiB)
+
+    def max_batch(self, recompute: str, state: dict | None = None, limit: int = 4096) -> int:
+        usable = self.usable_bytes()
+        if self.peak(1, recompute, state)[0] > usable:
+            return 0
+        lo, hi = 1, 2
+        while hi <= limit and self.peak(hi, recompute, state)[0] <= usable:
+            lo, hi = hi, hi * 2
+        hi = min(hi, limit + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.peak(mid, recompute, state)[0] <= usable:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def plan(self) -> Plan:
+        s = self.spec
+        B = s.batch_size
+        state = self.state_bytes()
+        usable = self.usable_bytes()
+        budget, how = self.budget_bytes()
+        peak, wplan, parts = self.peak(B, s.recompute, state)
+        profiles = parts["profiles"]
+        policies = {}
+        for pol in POLICIES:
+            policies[pol] = self.peak(B, pol, state)[0]
+        recommended = None
+        for pol in ("none", "selective", "auto", "full"):
+            p, wp, _ = self.peak(B, pol, state)
+            if p <= usable and (pol != "auto" or wp.fits):
+                recommended = pol if pol != "auto" else f"auto ({_counts_text(wp.counts)})"
+                break
+        fits = peak <= usable and (s.recompute != "auto" or wplan.fits)
+        components = dict(state)
+        components.update({
+            "window_kept_activations": wplan.window_kept,
+            "peak_phase_activations": wplan.peak - wplan.window_kept if wplan.phase != "VAE decode / reward" else parts["after"],
+            "unet_step_activations": profiles["none"].saved,
+            "unet_step_kept": {k: profiles[k].retained for k in WINDOW_KINDS},
+            "vae_decode_activations": max(parts["vae"].fwd_peak, parts["vae"].bwd_peak),
+            "reward_activations": max(parts["reward"].fwd_peak, parts["reward"].bwd_peak),
+        })
+        plan = Plan(
+            spec=asdict(s), peak_bytes=int(peak), fits=bool(fits), budget_bytes=budget, usable_bytes=usable,
+            max_batch=self.max_batch(s.recompute, state), recommended_recompute=recommended,
+            components=components,
+            window={"size": s.window_size(), "kinds": _counts_text(wplan.counts), "phase": wplan.phase,
+                    "recompute_unet_forwards": wplan.recompute_cost},
+            policies=policies,
+            notes=[f"budget: {how}; usable = budget - {s.reserve_gb:g} GiB reserve (CUDA context, workspaces, fragmentation)",
+                   f"resolution {self.resolution}, latent {self.resolution // (2 ** (len(self.model.vae['block_out_channels']) - 1))}",
+                   "activations traced on the meta device with flash-type SDPA (q, k, v, O, fp32 logsumexp saved)"],
+        )
+        if s.method == "alignprop":
+            plan.notes.append("alignprop draws K ~ U{1..N}; the plan is for the largest window, K = N")
+        if not fits:
+            plan.suggestions = self.suggestions(state)
+        return plan
+
+    def suggestions(self, state: dict) -> list[str]:
+        s = self.spec
+        usable = self.usable_bytes()
+        out = []
+        if recommended := next((p for p in ("selective", "auto", "full")
+                                if self.peak(s.batch_size, p, state)[0] <= usable
+                                and (p != "auto" or self.peak(s.batch_size, p, state)[1].fits)), None):
+            out.append(f"--recompute {recommended}")
+        mb = self.max_batch(s.recompute, state)
+        if 0 < mb < s.batch_size:
+            out.append(f"--batch-size {mb} (with gradient accumulation for the same effective batch)")
+        variants = []
+        if s.optimizer == "adamw":
+            variants.append(("--optimizer adamw8bit", dict(optimizer="adamw8bit")))
+        if not (s.offload and s.zero == 3):
+            variants.append(("--zero 3 --offload", dict(offload=True, zero=3)))
+        for text, kw in variants:
+            st = self.state_bytes(**kw)
+            if self.peak(s.batch_size, "full", st)[0] <= usable:
+                out.append(f"{text} --recompute full")
+        if s.rank == 0:
+            out.append("LoRA (--rank 8) instead of full fine-tuning: the gradients and optimizer state shrink "
+                       "to the adapter's")
+        if not out:
+            out.append("nothing in reach: lower --resolution, drop CFG (--guidance_scale 1) or use a smaller K")
+        return out
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "-"
+
+
+def make_plan(**kwargs) -> Plan:
+    return Planner(PlanSpec(**kwargs)).plan()
