@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -135,8 +134,6 @@ def _load_vision_tower(source: str):
 
 
 def load_aesthetic(path: str | None = None, output: str = "raw") -> LaionAesthetic:
-    from transformers import CLIPVisionModelWithProjection
-
     if path is None:
         mlp_file, clip_source = fetch_hub_file(MLP_HUB_ID, MLP_FILE), CLIP_L14_HUB_ID
     else:
