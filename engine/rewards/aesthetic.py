@@ -82,6 +82,7 @@ class LaionAesthetic(Reward):
         # transformers' processor for the same model floors. Equal for square images.
         self.preprocess = ImagePreprocess(size=cfg.image_size, crop_rounding="floor")
         self.backbone = clip_vision_backbone(cfg)
+        self.backbone["num_params"] = sum(p.numel() for p in self.parameters())
         checkpoint_layers(vision.vision_model.encoder.layers)
         self.freeze()
 

@@ -327,6 +327,7 @@ class ImageReward(Reward):
                 "cross_attention_width": cfg.vision_width,
             },
             "activation_checkpointing": "per_layer",
+            "num_params": sum(p.numel() for p in model.parameters()),
         }
         checkpoint_layers(model.blip.visual_encoder.blocks)
         checkpoint_layers(model.blip.text_encoder.encoder.layer)

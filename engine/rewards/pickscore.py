@@ -62,6 +62,8 @@ class ClipPreferenceReward(Reward):
         # text tower and end-of-text pooling the two agree; the flag keeps each model's own call.
         self.text_attention_mask = text_attention_mask
         self.backbone = clip_vision_backbone(vision)
+        # Every weight stays resident (text tower included); the planner counts them as frozen bytes.
+        self.backbone["num_params"] = sum(p.numel() for p in model.parameters())
         checkpoint_layers(model.vision_model.encoder.layers)
         self.freeze()
 

@@ -185,3 +185,14 @@ def test_nested_in_the_memory_policys_reward_checkpoint(tmp_path):
     b = images.clone().requires_grad_(True)
     build_policy("full").reward_call(reward, b, PROMPTS).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_backbones_report_what_the_planner_needs(tmp_path):
+    root = _clip_dir(tmp_path)
+    for name in ("aesthetic", "pickscore"):
+        reward = build_reward(f"{name}:{root}")
+        b = reward.backbone
+        assert b["kind"] == "clip_vision" and b["activation_checkpointing"] == "per_layer"
+        assert set(b["config"]) >= {"hidden_size", "num_layers", "patch", "image_size"}
+        assert b["config"]["image_size"] == reward.input_size == 28
+        assert b["num_params"] == sum(p.numel() for p in reward.parameters())
