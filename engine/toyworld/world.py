@@ -74,9 +74,9 @@ def parse_caption(caption: str) -> dict | None:
     if (len(words) == 7 and words[0] in ("a", "an") and words[3] == "on" and words[4] in ("a", "an")
             and words[6] == "background" and words[1] in COLORS and words[2] in SHAPES and words[5] in COLORS):
         return dict(color=words[1], shape=words[2], background=words[5], scene=False)
-    if (len(words) == 8 and words[:4] == ["a", "painting", "of", "a"] and words[5] == "with"
-            and words[4] in SCENES and words[6] in COLORS and words[7] in SHAPES):
-        return dict(color=words[6], shape=words[7], background=words[4], scene=True)
+    if (len(words) == 9 and words[:4] == ["a", "painting", "of", "a"] and words[5:7] == ["with", "a"]
+            and words[4] in SCENES and words[7] in COLORS and words[8] in SHAPES):
+        return dict(color=words[7], shape=words[8], background=words[4], scene=True)
     return None
 
 

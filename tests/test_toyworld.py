@@ -1,0 +1,165 @@
+"""The captioned-shapes world and the shipped pretrained pipeline (the embedded default)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from refl_engine.toyworld import PIPELINE_DIR, default_model_path, world
+
+
+# ---------------------------------------------------------------- the world
+
+def test_generate_is_deterministic_per_seed():
+    a, caps_a, _ = world.generate(24, seed=5)
+    b, caps_b, _ = world.generate(24, seed=5)
+    c, caps_c, _ = world.generate(24, seed=6)
+    assert a.shape == (24, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and caps_a == caps_b
+    assert not torch.equal(a, c) and caps_a != caps_c
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def _nearest_color(pixels: np.ndarray) -> np.ndarray:
+    names = list(world.COLORS)
+    palette = np.asarray([world.COLORS[n] for n in names])
+    d = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1)
+    return np.asarray(names)[d.argmin(1)]
+
+
+def test_captions_match_pixel_colors():
+    images, captions, scenes = world.generate(200, seed=11)
+    seen_scene = False
+    for img, cap, sc in zip(images.permute(0, 2, 3, 1).numpy(), captions, scenes):
+        parsed = world.parse_caption(cap)
+        assert parsed is not None and parsed["color"] == sc.color and parsed["shape"] == sc.shape
+        fg = np.asarray(world.COLORS[parsed["color"]], np.float32)
+        # the shape color is there, in solid (fully covered) pixels
+        solid = np.abs(img - fg).max(-1) < 1e-5
+        assert solid.sum() >= 8, cap
+        # the outermost pixel frame never touches the shape: it is the background
+        frame = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        if parsed["scene"]:
+            seen_scene = True
+            top, bottom, _ = world.SCENES[parsed["background"]]
+            assert np.allclose(img[0, 0], top, atol=0.05) and np.allclose(img[-1, 0], bottom, atol=0.05), cap
+            assert parsed["color"] not in world.SCENES[parsed["background"]][2]
+        else:
+            bg = np.asarray(world.COLORS[parsed["background"]], np.float32)
+            assert np.abs(frame - bg).max() < 1e-5, cap
+            assert parsed["background"] != parsed["color"]
+            # every pixel is a blend of the two named colors, most of them pure one or the other
+            names = _nearest_color(img.reshape(-1, 3))
+            named = np.isin(names, [parsed["color"], parsed["background"]])
+            assert named.mean() > 0.9, cap  # the rest are edge blends
+            assert (names == parsed["color"]).mean() > 0.03 and (names == parsed["background"]).mean() > 0.3
+    assert seen_scene
+
+
+def test_shapes_differ_and_edges_are_antialiased():
+    base = dict(color="red", background="blue", cx=16.0, cy=16.0, radius=10.0)
+    cov = {s: world.coverage(world.Scene(shape=s, **base)) for s in world.SHAPES}
+    areas = {s: float(c.sum()) for s, c in cov.items()}
+    assert areas["circle"] == pytest.approx(np.pi * 100, rel=0.02)
+    assert areas["ring"] == pytest.approx(np.pi * 100 * (1 - 0.55**2), rel=0.04)
+    assert areas["square"] == pytest.approx(200.0, rel=0.02)
+    assert cov["ring"][16, 16] == 0.0 and cov["circle"][16, 16] == 1.0
+    assert areas["star"] < areas["triangle"] < areas["circle"]
+    partial = ((cov["circle"] > 0) & (cov["circle"] < 1)).sum()
+    assert partial > 20  # supersampled edges
+
+
+def test_captions_use_the_tiny_vocabulary():
+    from refl_engine.data import toy_prompts
+    from refl_engine.models.load import TINY_SD_WORDS, build_tiny_tokenizer
+
+    caps = world.all_captions()
+    assert len(caps) == len(set(caps)) > 500
+    assert all(w in TINY_SD_WORDS for c in caps for w in c.split())
+    tok = build_tiny_tokenizer()
+    for cap in ("a painting of a sunset with a purple circle", "a orange triangle on a green background"):
+        ids = tok(cap).input_ids
+        assert tok.decode(ids, skip_special_tokens=True).strip() == cap and len(ids) < tok.model_max_length
+    parsed = {p: world.parse_caption(p) for p in toy_prompts()}
+    assert all(v is not None for v in parsed.values())
+    renderable = [p for p, v in parsed.items() if v["color"] != v["background"]]
+    assert set(renderable) <= set(caps)
+    assert len(renderable) >= len(toy_prompts()) - 4  # the rest name the same color twice
+
+
+# ---------------------------------------------------------------- the shipped pipeline
+
+def _samples(components, prompt: str, n: int = 6, steps: int = 10, guidance: float = 4.0, seed: int = 0):
+    from refl_engine.models.conditioning import TextEncoderCache, make_eps_fn
+    from refl_engine.sampling import DDIMSchedule, Window, run_trajectory
+
+    c = components
+    schedule = DDIMSchedule.from_scheduler(c.scheduler, steps)
+    cond = TextEncoderCache(c, torch.device("cpu"), torch.float32).conditioning([prompt] * n, cfg=True)
+    eps_fn = make_eps_fn(c.unet, cond, guidance)
+    size = c.unet.config.sample_size
+    x = torch.randn((n, c.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        x0 = run_trajectory(eps_fn, schedule, x, Window(starts=[steps] * n))
+        return (c.vae.decode(x0 / c.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+
+
+def _red_on_blue_scores(images: torch.Tensor) -> dict:
+    """Border: mean distance of the 2-pixel frame to the named blue; red: the share of pixels
+    whose nearest named color is red."""
+    blue = torch.tensor(world.COLORS["blue"]).view(1, 3, 1, 1)
+    frame = torch.ones(images.shape[-2:], dtype=torch.bool)
+    frame[2:-2, 2:-2] = False
+    border = (images - blue).norm(dim=1)[:, frame].mean().item()
+    names = _nearest_color(images.permute(0, 2, 3, 1).reshape(-1, 3).numpy().astype(np.float64))
+    return dict(border_to_blue=border, red_share=float((names == "red").mean()))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from refl_engine.models.load import load_pipeline_components
+
+    torch.manual_seed(0)
+    return load_pipeline_components(None)
+
+
+def test_shipped_pipeline_is_the_default_and_loads_as_fp32(shipped):
+    assert (PIPELINE_DIR / "model_index.json").is_file()
+    assert default_model_path() == PIPELINE_DIR
+    assert shipped.path == str(PIPELINE_DIR) and shipped.kind == "sd15" and shipped.native_resolution == 32
+    for m in (shipped.unet, shipped.vae, shipped.text_encoder):
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+    # latents scaled to about unit std: the factor was measured, not the preset's 1.0
+    assert 0.05 < shipped.vae.config.scaling_factor < 20 and shipped.vae.config.scaling_factor != 1.0
+
+
+def test_shipped_text_encoder_is_the_seeded_tiny_one(shipped):
+    from refl_engine.models.load import build_tiny_sd
+
+    ref = build_tiny_sd(0)
+    for k, v in ref["text_encoder"].state_dict().items():
+        assert torch.equal(v, shipped.text_encoder.state_dict()[k]), k
+    assert shipped.tokenizer.get_vocab() == ref["tokenizer"].get_vocab()
+
+
+def test_shipped_vae_reconstructs_the_world(shipped):
+    images, _, _ = world.generate(16, seed=123)
+    with torch.no_grad():
+        rec = shipped.vae.decode(shipped.vae.encode(images * 2 - 1).latent_dist.mean).sample / 2 + 0.5
+    assert float((rec.clamp(0, 1) - images).abs().mean()) < 0.05
+
+
+def test_shipped_samples_follow_the_caption(shipped):
+    from refl_engine.models.load import load_pipeline_components
+
+    prompt = "a red circle on a blue background"
+    trained = _red_on_blue_scores(_samples(shipped, prompt))
+    random_init = _red_on_blue_scores(_samples(load_pipeline_components("tiny-sd"), prompt))
+    # trained: a blue frame and a red shape; random weights: colored noise
+    assert trained["border_to_blue"] < 0.25, trained
+    assert trained["red_share"] > 0.08, trained
+    assert trained["border_to_blue"] < 0.5 * random_init["border_to_blue"], (trained, random_init)
+    assert trained["red_share"] > 2 * random_init["red_share"] + 0.02, (trained, random_init)
+    # and the caption's colors matter: another caption gives another picture
+    other = _red_on_blue_scores(_samples(shipped, "a yellow square on a green background"))
+    assert other["border_to_blue"] > trained["border_to_blue"] + 0.2 and other["red_share"] < trained["red_share"]
