@@ -2,6 +2,7 @@
 official layouts. No downloads: every reward gets a local path."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -244,7 +245,7 @@ def _hps_dir(tmp_path, reference_cls=OpenClipLayoutCLIP):
     tok = write_clip_tokenizer(root)
     cfg = {**TINY_OPENCLIP_CFG, "text_cfg": {**TINY_OPENCLIP_CFG["text_cfg"], "vocab_size": len(tok)}}
     reference = reference_cls(cfg).eval()
-    (root / "open_clip_config.json").write_text(__import__("json").dumps(cfg))
+    (root / "open_clip_config.json").write_text(json.dumps(cfg))
     torch.save({"state_dict": reference.state_dict()}, root / "HPS_v2.1_compressed.pt")
     return root, reference, tok, cfg
 
@@ -302,7 +303,7 @@ def test_hps_against_open_clip_create_model(tmp_path):
     _MODEL_CONFIGS["refl-tiny-vit"] = cfg
     model = open_clip.create_model("refl-tiny-vit", pretrained=None).eval()
     assert sorted(model.state_dict()) == sorted(k for k in OpenClipLayoutCLIP(cfg).state_dict())
-    (root / "open_clip_config.json").write_text(__import__("json").dumps(cfg))
+    (root / "open_clip_config.json").write_text(json.dumps(cfg))
     torch.save({"state_dict": model.state_dict()}, root / "HPS_v2.1_compressed.pt")
     reward = load_hps(str(root))
     images = random_images(2, 28)
@@ -316,8 +317,6 @@ def test_hps_against_open_clip_create_model(tmp_path):
 
 def test_full_size_vit_h14_mapping_shapes():
     """The shipped ViT-H-14 config and the key table agree at full size (meta tensors, no memory)."""
-    import json
-
     from transformers import CLIPModel
 
     from refl_engine.rewards.hps import VIT_H14_CONFIG, openclip_config_to_clip_config, openclip_to_clipmodel_state_dict
