@@ -6,10 +6,11 @@ backward.
 
 Shapes. Any Nq, Nk >= 1: query rows and key columns past the end of the last block are masked
 (loads return 0, scores of missing keys are -inf, stores are masked). Any D from 8 to 256: the
-head dim runs as BLOCK_D = next power of two >= max(D, 16) with the extra columns masked to
+head dim runs as BLOCK_D = next power of two >= max(D, 32) with the extra columns masked to
 zero. Padding cost: the two matmuls (and the loads, which are masked, not fetched) run over
 BLOCK_D columns, so D=40 -> 64, 80 -> 128 and 160 -> 256 do 1.6x the tensor-core work of the
-real D and hold 1.6x the registers/shared memory for the q/k/v/acc tiles; D=8 runs as 16 (2x).
+real D and hold 1.6x the registers/shared memory for the q/k/v/acc tiles; D=8 runs as 32 (4x)
+and D=16 as 32 (2x).
 D=64 (SDXL) and the other powers of two pay nothing. The alternative (splitting D=40 into
 32 + 8 column pieces) trades that for extra instructions and is not done.
 
@@ -248,15 +249,30 @@ KERNELS = {
 }
 
 
+def _empty(*args, **kwargs) -> torch.Tensor:
+    """Allocation of every kernel output; tests swap it for a NaN-filled one to catch elements a
+    kernel fails to write."""
+    return torch.empty(*args, **kwargs)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return _empty(t.shape, device=t.device, dtype=t.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configurations
 # ----------------------------------------------------------------------------------------------
 
+BLOCK_DS = (32, 64, 128, 256)
+
+
 def block_d_for(head_dim: int) -> int:
-    """The padded head-dim block: next power of two, at least 16 (the minimum tl.dot width)."""
+    """The padded head-dim block: next power of two, at least 32 (tl.dot needs 16; 32 halves the
+    number of configurations to compile, at the price of 2-4x padding for D < 32, which no
+    production UNet uses)."""
     if not 1 <= head_dim <= 256:
         raise ValueError(f"head dim {head_dim} is outside 1..256 supported by the fused attention kernel")
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 # Fixed configurations under the interpreter: big enough to keep the interpreted loop short.
@@ -272,34 +288,39 @@ _INTERP_BLOCKS = {"attn_fwd": (32, 32), "attn_bwd_dkdv": (32, 32), "attn_bwd_dq"
 def gpu_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[triton.Config]:
     """Every configuration the CUDA path may launch for `kernel` at this BLOCK_D and dtype.
 
-    The forward is autotuned between two candidates; the backward kernels use one configuration
-    each (their best tile is set by register pressure, which these lists already decide, and
-    every candidate costs seconds of compile time in the GPU-readiness test). The tiles shrink
-    as BLOCK_D grows so the fp32 accumulators (BLOCK x BLOCK_D per program) stay in registers;
-    fp32 inputs take 4-byte tiles, so their key blocks are halved to fit shared memory.
+    The forward is autotuned between two candidates at the head dims SD1.5/SDXL use (BLOCK_D 64
+    and 128); elsewhere, and for the backward kernels, one configuration each: the best tile is
+    bounded by register pressure, which these lists already decide, and every candidate costs
+    seconds of compile time. Tiles shrink as BLOCK_D grows so the fp32 accumulators
+    (BLOCK x BLOCK_D per program) stay in registers; fp32 inputs (3xTF32 dots) get smaller tiles
+    again. Every entry compiles for sm_80 and sm_90 without register spills (tests/kernels).
     """
-    wide = dtype == torch.float32
+    half = dtype != torch.float32
     if kernel == "attn_bwd_delta":
-        return [triton.Config({"BLOCK_M": 64 if block_d <= 64 else 16}, num_warps=4, num_stages=1)]
-    if kernel == "attn_fwd":  # (BLOCK_M, BLOCK_N, warps, stages)
-        if block_d <= 64:
-            cands = [(128, 64, 8, 3), (64, 64, 4, 3)]
-        elif block_d == 128:
-            cands = [(128, 64, 8, 2), (64, 64, 4, 2)]
-        else:
-            cands = [(64, 32, 8, 2), (128, 32, 8, 1)]
-        if wide:
-            cands = [(bm, min(bn, 32), w, min(st, 2)) for bm, bn, w, st in cands]
-    elif kernel == "attn_bwd_dkdv":  # BLOCK_N resident (dK and dV accumulators), BLOCK_M streamed
-        cands = [(32, 64, 4, 2)] if block_d <= 64 else [(32, 64, 8, 2)] if block_d == 128 else [(16, 32, 8, 1)]
-        if wide:
-            cands = [(bm, bn, w, 1) for bm, bn, w, _ in cands]
-    elif kernel == "attn_bwd_dq":  # BLOCK_M resident (dQ accumulator), BLOCK_N streamed
-        cands = [(64, 32, 4, 2)] if block_d <= 64 else [(64, 32, 8, 2)] if block_d == 128 else [(32, 16, 8, 1)]
-        if wide:
-            cands = [(bm, bn, w, 1) for bm, bn, w, _ in cands]
-    else:
-        raise KeyError(kernel)
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    table = {  # (BLOCK_M, BLOCK_N, warps, stages) per BLOCK_D, 16-bit inputs then fp32 inputs
+        "attn_fwd": {
+            32: ([(128, 64, 8, 3)], [(64, 32, 4, 2)]),
+            64: ([(128, 64, 8, 3), (64, 32, 4, 3)], [(64, 32, 4, 2)]),
+            128: ([(128, 32, 8, 2), (64, 32, 4, 2)], [(64, 32, 8, 1)]),
+            256: ([(64, 32, 8, 2)], [(32, 32, 8, 1)]),
+        },
+        # BLOCK_N is the resident key block (dK and dV accumulators), BLOCK_M the streamed queries
+        "attn_bwd_dkdv": {
+            32: ([(32, 64, 4, 2)], [(32, 64, 4, 1)]),
+            64: ([(32, 64, 4, 2)], [(32, 32, 4, 1)]),
+            128: ([(32, 64, 8, 2)], [(16, 32, 8, 1)]),
+            256: ([(16, 32, 8, 1)], [(16, 16, 8, 1)]),
+        },
+        # BLOCK_M is the resident query block (dQ accumulator), BLOCK_N the streamed keys
+        "attn_bwd_dq": {
+            32: ([(64, 32, 4, 2)], [(32, 32, 4, 1)]),
+            64: ([(64, 32, 4, 2)], [(32, 32, 4, 1)]),
+            128: ([(64, 32, 8, 2)], [(32, 32, 8, 1)]),
+            256: ([(32, 16, 8, 1)], [(16, 16, 8, 1)]),
+        },
+    }
+    cands = table[kernel][block_d][0 if half else 1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
 
 
@@ -309,7 +330,7 @@ def gpu_compile_specs():
     pointers = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
     for name, fn in KERNELS.items():
         for dtype, ptr in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
-            for block_d in (16, 32, 64, 128, 256):
+            for block_d in BLOCK_DS:
                 for cfg in gpu_configs(name, block_d, dtype):
                     sig, const = {}, dict(cfg.kwargs, BLOCK_D=block_d)
                     for arg in fn.arg_names:
@@ -381,8 +402,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """Launch the forward kernel; returns (O, LSE) with O like q (contiguous) and LSE (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    o = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    o = _empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    lse = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if q.device.type == "meta":  # shape/byte accounting only
         return o, lse
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
@@ -405,16 +426,16 @@ def attention_backward(do, q, k, v, o, lse, scale: float):
     """Launch the three backward kernels; returns (dQ, dK, dV), contiguous, in the input dtype."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H, Nk, D), device=q.device, dtype=q.dtype)
-    dv = torch.empty((B, H, Nk, D), device=q.device, dtype=q.dtype)
+    dq = _empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    dk = _empty((B, H, Nk, D), device=q.device, dtype=q.dtype)
+    dv = _empty((B, H, Nk, D), device=q.device, dtype=q.dtype)
     if q.device.type == "meta":
         return dq, dk, dv
     do = _prepare(do)
     q, k, v, o = _prepare(q), _prepare(k), _prepare(v), _prepare(o)
     block_d = block_d_for(D)
     prec = _precision(q.dtype)
-    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    delta = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
 
     fn, meta = _launcher("attn_bwd_delta", q.device, block_d, q.dtype)
     fn[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)](

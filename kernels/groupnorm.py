@@ -256,6 +256,16 @@ KERNELS = {
 INTERPRETED = isinstance(_gn_fwd_stats_kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
 INTERPRETER_MISMATCH = isinstance(_gn_fwd_stats_kernel, InterpretedFunction) != isinstance(tl.sum, InterpretedFunction)
 
+def _empty(*args, **kwargs) -> torch.Tensor:
+    """Allocation of every kernel output; tests swap it for a NaN-filled one to catch elements a
+    kernel fails to write."""
+    return torch.empty(*args, **kwargs)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return _empty(t.shape, device=t.device, dtype=t.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configurations: no autotuning (the op is memory bound; the tile only has to be wide
 # enough), so these are also exactly the configurations the GPU-readiness check compiles.
@@ -293,15 +303,15 @@ def group_norm_forward(x, num_groups: int, weight, bias, eps: float, silu: bool)
     """Launch the forward; x is (N, C, HW) contiguous. Returns (y, mean, rstd), mean/rstd (N, G) fp32."""
     N, C, HW = x.shape
     G = num_groups
-    y = torch.empty_like(x)
-    mean = torch.empty((N, G), device=x.device, dtype=torch.float32)
-    rstd = torch.empty((N, G), device=x.device, dtype=torch.float32)
+    y = _empty_like(x)
+    mean = _empty((N, G), device=x.device, dtype=torch.float32)
+    rstd = _empty((N, G), device=x.device, dtype=torch.float32)
     if x.device.type == "meta":  # shape/byte accounting only
         return y, mean, rstd
     _check_device(x)
     block, chunk, split = _tile_and_split(N * C, HW, x.device)
-    pmean = torch.empty(N * C * split, device=x.device, dtype=torch.float32)
-    pm2 = torch.empty_like(pmean)
+    pmean = _empty(N * C * split, device=x.device, dtype=torch.float32)
+    pm2 = _empty_like(pmean)
     _gn_fwd_stats_kernel[(N * C, split)](x, pmean, pm2, HW, chunk, split, BLOCK=block, num_warps=4)
     _gn_fwd_combine_kernel[(N * G,)](pmean, pm2, mean, rstd, HW, chunk, split, C // G, eps, BLOCK_P=BLOCK_P, num_warps=4)
     _gn_fwd_apply_kernel[(N * C, split)](x, y, weight, bias, mean, rstd, C, C // G, HW, chunk,
@@ -313,15 +323,15 @@ def group_norm_backward(dy, x, weight, bias, mean, rstd, silu: bool):
     """Launch the backward; returns (dx, dw, db) with dw, db fp32 (C,)."""
     N, C, HW = x.shape
     G = mean.shape[1]
-    dx = torch.empty_like(x)
+    dx = _empty_like(x)
     if x.device.type == "meta":
-        return dx, torch.empty(C, device=x.device), torch.empty(C, device=x.device)
+        return dx, _empty(C, device=x.device), _empty(C, device=x.device)
     dy = dy.contiguous()
     block, chunk, split = _tile_and_split(N * C, HW, x.device)
-    pa = torch.empty(N * C * split, device=x.device, dtype=torch.float32)
-    pb = torch.empty_like(pa)
-    c1 = torch.empty((N, G), device=x.device, dtype=torch.float32)
-    c2 = torch.empty_like(c1)
+    pa = _empty(N * C * split, device=x.device, dtype=torch.float32)
+    pb = _empty_like(pa)
+    c1 = _empty((N, G), device=x.device, dtype=torch.float32)
+    c2 = _empty_like(c1)
     _gn_bwd_reduce_kernel[(N * C, split)](x, dy, weight, bias, mean, rstd, pa, pb, C, C // G, HW, chunk, split,
                                           BLOCK=block, SILU=silu, num_warps=4)
     _gn_bwd_combine_kernel[(N * G,)](pa, pb, weight, c1, c2, C, C // G, HW, split, BLOCK_P=BLOCK_P, num_warps=4)
