@@ -505,9 +505,9 @@ def _trace_unet(unet_cfg: dict, kind_model: str, cross_dims: list, resolution: i
 def _decode_fn(vae):
     scaling = vae.config.scaling_factor
 
-    def decode(latents):
+    def decode(latents):  # as ReFLTrainer.decode
         image = vae.decode(latents / scaling).sample
-        return (image / 2 + 0.5).clamp(0, 1)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
 
     return decode
 
@@ -735,7 +735,7 @@ class Planner:
         profiles = self.unet_profiles(batch, x_grad=x_grad)
         vae, rew = self.after_window(batch)
         latent = self.latent_bytes(batch)
-        image = batch * 3 * self.resolution**2 * _dtype(s.mixed_precision).itemsize
+        image = batch * 3 * self.resolution**2 * 4  # the decoded image is fp32 (ReFLTrainer.decode)
         # decode output (the image) stays for the reward; reward backward then decode backward
         after = max(vae.fwd_peak, vae.retained + image + rew.fwd_peak, vae.retained + image + rew.bwd_peak,
                     vae.bwd_peak)

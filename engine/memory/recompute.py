@@ -141,7 +141,7 @@ class AutoRecompute(MemoryPolicy):
     single extra forward/backward per input shape, gradients taken with autograd.grad so nothing
     accumulates into .grad), then `planner.plan_window` picks per window position what to keep.
 
-    memory_budget   total bytes the step may use on the device.
+    budget_bytes    total bytes the step may use on the device (alias: memory_budget).
     reserve_bytes   bytes to hold back for what comes after the window (VAE decode and reward
                     forward/backward); the planner's `vae_decode` + `reward` estimate is right here.
     The bytes already live when the window begins (parameters, optimizer state, text embeddings)
@@ -151,10 +151,14 @@ class AutoRecompute(MemoryPolicy):
 
     name = "auto"
 
-    def __init__(self, memory_budget: int | str, reserve_bytes: int = 0,
-                 kinds: tuple[str, ...] = ("none", "selective", "full"), **kwargs):
+    def __init__(self, budget_bytes: int | str | None = None, reserve_bytes: int = 0,
+                 kinds: tuple[str, ...] = ("none", "selective", "full"), memory_budget: int | str | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.memory_budget = _parse_bytes(memory_budget)
+        budget = budget_bytes if budget_bytes is not None else memory_budget
+        if budget is None:
+            raise ValueError("--recompute auto needs --memory_budget (bytes or e.g. 40GB)")
+        self.memory_budget = _parse_bytes(budget)
         self.reserve_bytes = int(reserve_bytes)
         self.kinds = kinds
         self.window_size: int | None = None
@@ -190,8 +194,9 @@ class AutoRecompute(MemoryPolicy):
         if key not in self._profiles:
             self._profiles[key] = planner.profile_call(fn, args, kinds=self.kinds)
         live = measure.live_bytes(device) or 0
-        available = self.memory_budget - live - self.reserve_bytes
-        self.last_plan = planner.plan_window(self.window_size, self._profiles[key], available)
+        latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
+        self.last_plan = planner.plan_window(self.window_size, self._profiles[key], self.memory_budget - live,
+                                             after=self.reserve_bytes, latent_bytes=latent)
         self.plan = self.last_plan.kinds
 
 
@@ -200,7 +205,7 @@ def _parse_bytes(value) -> int:
         return int(value)
     text = str(value).strip().upper().replace(" ", "")
     units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9,
-             "MB": 10**6, "KB": 10**3, "B": 1}
+             "MB": 10**6, "KB": 10**3, "T": 10**12, "G": 10**9, "M": 10**6, "K": 10**3, "B": 1}
     for unit, scale in units.items():
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * scale)
