@@ -24,7 +24,7 @@ from .methods import Sampler, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components
 from .models.lora import add_lora, has_lora
-from .rewards.base import RewardSpecError, build_reward
+from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, run_trajectory
 
 log = logging.getLogger("refl_engine")
@@ -82,6 +82,15 @@ class ReFLTrainer:
         if self._setup_done:
             return self
         cfg = self.cfg
+        try:
+            self._setup()
+        except RewardSpecError as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        self._setup_done = True
+        return self
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         if self.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
@@ -96,6 +105,12 @@ class ReFLTrainer:
 
         torch.manual_seed(cfg.optim.seed)
         self.generator = torch.Generator().manual_seed(cfg.optim.seed + 1000003 * self.rank)
+
+        # Cheap checks of user input first, so a typo fails before minutes of loading.
+        self.prompts = load_prompts(cfg.data.prompts)
+        sample_spec = cfg.data.sample_prompts
+        self.sample_prompts = (load_prompts(sample_spec) if sample_spec else self.prompts)[: cfg.data.num_sample_images]
+        check_reward_spec(cfg.method.reward)
 
         c = load_pipeline_components(cfg.model.model, cfg.model.revision)
         self.components = c
@@ -141,10 +156,6 @@ class ReFLTrainer:
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         self.text = TextEncoderCache(c, self.device, weight_dtype)
-        self.prompts = load_prompts(cfg.data.prompts)
-        sample_spec = cfg.data.sample_prompts
-        self.sample_prompts = (load_prompts(sample_spec) if sample_spec else self.prompts)[: cfg.data.num_sample_images]
-
         self.optimizer = self._build_optimizer()
         from diffusers.optimization import get_scheduler
 
@@ -156,8 +167,6 @@ class ReFLTrainer:
         self.gpu = GPUMonitor(self.device)
         self.history: list[dict] = []
         self.nonfinite_in_a_row = 0
-        self._setup_done = True
-        return self
 
     def _build_optimizer(self):
         o = self.cfg.optim

@@ -226,15 +226,21 @@ def parse_reward_spec(spec: str) -> list[tuple[float, str, str | None]]:
     return terms
 
 
-def build_reward(spec: str, output: str = "raw") -> Reward:
-    """Build the (frozen) reward a `--reward` string names."""
+def check_reward_spec(spec: str) -> list[tuple[float, str, str | None]]:
+    """Parse a `--reward` string and check every name is a registered reward (loads nothing)."""
     _ensure_builtin_rewards()
     terms = parse_reward_spec(spec)
-    built = []
-    for weight, name, path in terms:
+    for _, name, _ in terms:
         if name not in REWARDS:
             known = ", ".join(sorted(REWARDS))
             raise RewardSpecError(f"unknown reward {name!r}; choose one of: {known}")
+    return terms
+
+
+def build_reward(spec: str, output: str = "raw") -> Reward:
+    """Build the (frozen) reward a `--reward` string names."""
+    built = []
+    for weight, name, path in check_reward_spec(spec):
         built.append((weight, REWARDS[name].factory(path=path, output=output).freeze()))
     if len(built) == 1 and built[0][0] == 1.0:
         return built[0][1]
