@@ -64,3 +64,15 @@ def test_embedded_default_end_to_end(tmp_path):
     assert summary["steps"] == 2 and summary["method"] == "draft"
     assert (out / "samples" / "step-000000.png").exists() and (out / "reward_curve.png").exists()
     assert "done: 2 steps of draft" in proc.stdout
+
+
+def test_presets_parse_and_aliases():
+    from refl_engine.config import PRESET_DIR, parse_args
+
+    for preset in sorted(PRESET_DIR.glob("*.yaml")):
+        cfg = parse_args(["--config", preset.stem])
+        assert cfg.method.method in ("refl", "draft", "draft-lv", "alignprop")
+    cfg = parse_args(["--config", "draft-sd15", "--pretrained_model_name_or_path", "some/model",
+                      "--train-batch-size", "3", "--use_8bit_adam", "true"])
+    assert cfg.model.model == "some/model" and cfg.optim.train_batch_size == 3 and cfg.optim.use_8bit_adam
+    assert cfg.method.num_inference_steps == 50 and cfg.model.rank == 8
