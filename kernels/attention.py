@@ -16,8 +16,11 @@ D=64 (SDXL) and the other powers of two pay nothing. The alternative (splitting 
 
 Precision. fp32, fp16 and bf16 inputs; all softmax statistics and the accumulators are fp32;
 the probabilities are cast to the input dtype before the P @ V (and dS @ K, dS^T @ Q) matmuls as
-in FlashAttention. fp32 inputs use 3xTF32 dots (tensor cores, close to fp32
-accuracy, unlike plain TF32).
+in FlashAttention. On CUDA, fp32 inputs use TF32 tensor-core dots (Triton's default,
+like torch with allow_tf32=True): fp32 storage and accumulation, 10-bit-mantissa products. Full
+fp32 products ("ieee" or 3xTF32) compiled to 3-10x slower, register-spilling kernels here; use
+bf16 for speed, or the "sdpa" backend when fp32-exact GPU attention matters. The interpreter
+computes fp32 dots exactly, which is what the CPU tests check.
 
 Forward saves: q, k, v, O and the log-sum-exp L (fp32, (B, H, Nq), natural log).
 
@@ -65,7 +68,6 @@ def _attn_fwd_kernel(
     H, Nq, Nk, D,       # heads, query rows, key rows, real head dim (<= BLOCK_D)
     qk_scale,           # scale * log2(e): scores are kept in base-2 units so exp2 can be used
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32x3" for fp32 inputs, unused for 16-bit
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -90,7 +92,7 @@ def _attn_fwd_kernel(
         n_valid = kn < Nk
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_base + kn[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         # keys past Nk get -inf so they vanish from max and sum; every block holds >= 1 real key
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -98,7 +100,7 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kn[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -145,7 +147,6 @@ def _attn_bwd_dkdv_kernel(
     sm_scale,           # softmax scale (natural units), applied to dK at the end
     qk_scale,           # sm_scale * log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -175,13 +176,13 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + pid_bh * Nq + qm, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + pid_bh * Nq + qm, mask=m_valid, other=0.0)
         # P^T tile (BLOCK_N, BLOCK_M); zero where the query row or the key row does not exist
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
         p_t = tl.where(n_valid[:, None] & m_valid[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q)
     dk = dk * sm_scale
 
     out_off = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -202,7 +203,6 @@ def _attn_bwd_dq_kernel(
     H, Nq, Nk, D,
     sm_scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -230,12 +230,12 @@ def _attn_bwd_dq_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_base + kn[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kn[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -292,35 +292,30 @@ def gpu_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[triton.Co
     and 128); elsewhere, and for the backward kernels, one configuration each: the best tile is
     bounded by register pressure, which these lists already decide, and every candidate costs
     seconds of compile time. Tiles shrink as BLOCK_D grows so the fp32 accumulators
-    (BLOCK x BLOCK_D per program) stay in registers; fp32 inputs (3xTF32 dots) get smaller tiles
-    again. Every entry compiles for sm_80 and sm_90 without register spills (tests/kernels).
+    (BLOCK x BLOCK_D per program) stay in registers; fp32 inputs get their own single-candidate
+    table (their tiles need twice the shared memory). Every entry compiles for sm_80 and sm_90 without register spills (tests/kernels).
     """
     half = dtype != torch.float32
     if kernel == "attn_bwd_delta":
         return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
-    table = {  # (BLOCK_M, BLOCK_N, warps, stages) per BLOCK_D, 16-bit inputs then fp32 inputs
+    table = {  # (BLOCK_M, BLOCK_N, warps, stages) per BLOCK_D for 16-bit inputs
         "attn_fwd": {
-            32: ([(128, 64, 8, 3)], [(64, 32, 4, 2)]),
-            64: ([(128, 64, 8, 3), (64, 32, 4, 3)], [(64, 32, 4, 2)]),
-            128: ([(128, 32, 8, 2), (64, 32, 4, 2)], [(64, 32, 8, 1)]),
-            256: ([(64, 32, 8, 2)], [(32, 32, 8, 1)]),
+            32: [(128, 64, 8, 3)],
+            64: [(128, 64, 8, 3), (64, 32, 4, 3)],
+            128: [(128, 32, 8, 2), (64, 32, 4, 2)],
+            256: [(64, 32, 8, 2)],
         },
         # BLOCK_N is the resident key block (dK and dV accumulators), BLOCK_M the streamed queries
-        "attn_bwd_dkdv": {
-            32: ([(32, 64, 4, 2)], [(32, 64, 4, 1)]),
-            64: ([(32, 64, 4, 2)], [(32, 32, 4, 1)]),
-            128: ([(32, 64, 8, 2)], [(16, 32, 8, 1)]),
-            256: ([(16, 32, 8, 1)], [(16, 16, 8, 1)]),
-        },
+        "attn_bwd_dkdv": {32: [(32, 64, 4, 2)], 64: [(32, 64, 4, 2)], 128: [(32, 64, 8, 2)], 256: [(16, 32, 8, 1)]},
         # BLOCK_M is the resident query block (dQ accumulator), BLOCK_N the streamed keys
-        "attn_bwd_dq": {
-            32: ([(64, 32, 4, 2)], [(32, 32, 4, 1)]),
-            64: ([(64, 32, 4, 2)], [(32, 32, 4, 1)]),
-            128: ([(64, 32, 8, 2)], [(32, 32, 8, 1)]),
-            256: ([(32, 16, 8, 1)], [(16, 16, 8, 1)]),
-        },
+        "attn_bwd_dq": {32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(64, 32, 8, 2)], 256: [(32, 16, 8, 1)]},
     }
-    cands = table[kernel][block_d][0 if half else 1]
+    table_fp32 = {  # one candidate each; 4-byte tiles need twice the shared memory and registers
+        "attn_fwd": {32: [(128, 64, 8, 2)], 64: [(128, 64, 8, 2)], 128: [(128, 32, 8, 2)], 256: [(64, 16, 8, 1)]},
+        "attn_bwd_dkdv": {32: [(32, 64, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(32, 32, 8, 2)], 256: [(16, 32, 8, 1)]},
+        "attn_bwd_dq": {32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(64, 32, 8, 2)], 256: [(32, 16, 8, 1)]},
+    }
+    cands = (table if half else table_fp32)[kernel][block_d]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in cands]
 
 
@@ -340,9 +335,6 @@ def gpu_compile_specs():
                             sig[arg] = "*fp32"
                         elif arg in ("qk_scale", "sm_scale"):
                             sig[arg] = "fp32"
-                        elif arg == "PRECISION":
-                            sig[arg] = "constexpr"
-                            const[arg] = _precision(dtype)
                         elif arg in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
                             sig[arg] = "constexpr"
                         else:
@@ -370,12 +362,6 @@ def _launcher(kernel: str, device: torch.device, block_d: int, dtype: torch.dtyp
         # DK/DV/DQ are written in full by every config, so re-running during tuning is harmless.
         _TUNERS[key] = triton.autotune(configs=gpu_configs(kernel, block_d, dtype), key=["Nq", "Nk", "D"])(KERNELS[kernel])
     return _TUNERS[key], {}
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: 3xTF32 on tensor cores, about fp32-accurate (the interpreter computes in fp32
-    # anyway). "ieee" would run on FMA units and takes minutes to compile across the configs.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -417,7 +403,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, Nq, Nk, D, scale * LOG2E,
-        BLOCK_D=block_d, PRECISION=_precision(q.dtype), **meta,
+        BLOCK_D=block_d, **meta,
     )
     return o, lse
 
@@ -434,7 +420,6 @@ def attention_backward(do, q, k, v, o, lse, scale: float):
     do = _prepare(do)
     q, k, v, o = _prepare(q), _prepare(k), _prepare(v), _prepare(o)
     block_d = block_d_for(D)
-    prec = _precision(q.dtype)
     delta = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
 
     fn, meta = _launcher("attn_bwd_delta", q.device, block_d, q.dtype)
@@ -455,14 +440,14 @@ def attention_backward(do, q, k, v, o, lse, scale: float):
         q, k, v, do, dk, dv, lse, delta, *strides_in,
         dk.stride(0), dk.stride(1), dk.stride(2),
         H, Nq, Nk, D, scale, scale * LOG2E,
-        BLOCK_D=block_d, PRECISION=prec, **meta,
+        BLOCK_D=block_d, **meta,
     )
     fn, meta = _launcher("attn_bwd_dq", q.device, block_d, q.dtype)
     fn[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *strides_in,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, Nq, Nk, D, scale, scale * LOG2E,
-        BLOCK_D=block_d, PRECISION=prec, **meta,
+        BLOCK_D=block_d, **meta,
     )
     return dq, dk, dv
 
