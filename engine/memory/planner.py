@@ -384,9 +384,10 @@ def _dtype(mixed_precision: str) -> torch.dtype:
 
 
 def _cache_path(key: dict) -> Path:
-    import diffusers
+    from importlib.metadata import version
 
-    blob = json.dumps([key, PLANNER_VERSION, torch.__version__, diffusers.__version__], sort_keys=True, default=str)
+    blob = json.dumps([key, PLANNER_VERSION, torch.__version__, version("diffusers"), version("transformers")],
+                      sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
     root = os.environ.get("REFL_ENGINE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refl-engine")
@@ -587,6 +588,7 @@ class PlanSpec:
     reward: str | None = None  # None: aesthetic (CLIP ViT-L/14) for sd15/sdxl, colorfulness for tiny-sd
     checkpoint_decode: bool = True
     checkpoint_reward: bool = True
+    decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
     lv_inner: int = 2
     use_cache: bool = True
 
@@ -655,17 +657,35 @@ class Planner:
     # -- static bytes ---------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
         if self._static is None:
-            m = self.model
-            unet = _meta_unet(m.unet)
-            counts = {"unet": count_params(unet), "vae": count_params(_meta_vae(m.vae)),
-                      "text_encoders": sum(count_params(_meta_text_encoder(c)) for c in m.text_encoders),
-                      "lora": lora_param_count(unet, self.spec.rank, self.spec.lora_targets) if self.spec.rank else 0,
-                      "reward": 0}
-            backbone = REWARD_BACKBONES.get(self.spec.reward)
-            if backbone:
-                counts["reward"] = count_params(_meta_vision(backbone))
-            self._static = counts
+            key = {"what": "params", "unet": self.model.unet, "vae": self.model.vae, "te": self.model.text_encoders,
+                   "rank": self.spec.rank, "targets": self.spec.lora_targets, "reward": self.spec.reward}
+            path = _cache_path(key)
+            if self.spec.use_cache and path.is_file():
+                try:
+                    self._static = {k: int(v) for k, v in json.loads(path.read_text()).items()}
+                    return self._static
+                except (ValueError, TypeError):
+                    pass
+            self._static = self._count_params()
+            if self.spec.use_cache:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(self._static))
+                except OSError:
+                    pass
         return self._static
+
+    def _count_params(self) -> dict[str, int]:
+        m = self.model
+        unet = _meta_unet(m.unet)
+        counts = {"unet": count_params(unet), "vae": count_params(_meta_vae(m.vae)),
+                  "text_encoders": sum(count_params(_meta_text_encoder(c)) for c in m.text_encoders),
+                  "lora": lora_param_count(unet, self.spec.rank, self.spec.lora_targets) if self.spec.rank else 0,
+                  "reward": 0}
+        backbone = REWARD_BACKBONES.get(self.spec.reward)
+        if backbone:
+            counts["reward"] = count_params(_meta_vision(backbone))
+        return counts
 
     def state_bytes(self, optimizer: str | None = None, offload: bool | None = None, zero: int | None = None,
                     rank: int | None = None) -> dict[str, int]:
@@ -715,12 +735,23 @@ class Planner:
         return derive_checkpointed({k: v.scaled(batch) for k, v in traced.items()})
 
     def after_window(self, batch: int) -> tuple[CallProfile, CallProfile]:
+        """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1)."""
         s = self.spec
         vae = _trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
                      dtype=s.mixed_precision, checkpoint=s.checkpoint_decode)["decode"]
         rew = _trace("reward", s.use_cache, reward=s.reward, resolution=self.resolution, batch=1,
                      dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
-        return vae.scaled(batch), rew.scaled(batch)
+        chunk = s.decode_chunk
+        if not s.checkpoint_decode or chunk <= 0 or batch <= chunk:
+            return vae.scaled(batch), rew.scaled(batch)
+        # Chunked decode (MemoryPolicy.decode_call): chunk by chunk, each its own checkpoint.
+        n = math.ceil(batch / chunk)
+        image_c = chunk * 3 * self.resolution**2 * 4
+        latent_c = self.latent_bytes(chunk)
+        v = vae.scaled(chunk)
+        fwd = max(v.fwd_peak + (n - 1) * image_c, 2 * n * image_c)  # earlier outputs, then the cat
+        bwd = v.bwd_peak - image_c + n * image_c + (n - 1) * latent_c  # full image grad + finished latent grads
+        return CallProfile(0, fwd, bwd), rew.scaled(batch)
 
     def latent_bytes(self, batch: int) -> int:
         factor = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
@@ -731,7 +762,9 @@ class Planner:
     def activation_plan(self, batch: int, recompute: str, window: int, available: int | None = None):
         """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`."""
         s = self.spec
-        x_grad = s.method != "refl"  # ReFL's single grad step starts from a no-grad latent
+        # The first window step's latent comes from no-grad steps and carries no gradient; later
+        # ones do. With one step (ReFL, K = 1) that first step is the whole window.
+        x_grad = window > 1
         profiles = self.unet_profiles(batch, x_grad=x_grad)
         vae, rew = self.after_window(batch)
         latent = self.latent_bytes(batch)

@@ -86,9 +86,13 @@ CALL_KINDS: dict[str, Callable] = {
 class MemoryPolicy:
     name = "base"
 
-    def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True):
+    def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1):
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
+        # Samples per checkpointed decode chunk (0 = the whole batch in one). The VAE decoder's
+        # activations at 512-1024 px rival a UNet call's; decoding the batch sample by sample
+        # (each its own checkpoint) makes its recompute peak that of one image, not of the batch.
+        self.decode_chunk = int(decode_chunk)
 
     def begin_window(self, window_size: int) -> None:
         """Called by the runner before the first grad-carrying UNet call of a trajectory."""
@@ -104,8 +108,19 @@ class MemoryPolicy:
             return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
 
     def decode_call(self, fn: Callable, *args):
+        """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
         with component("vae"):
-            return _checkpointed(fn, *args) if self.checkpoint_decode else fn(*args)
+            if not self.checkpoint_decode:
+                return fn(*args)
+            batch = args[0].shape[0]
+            if self.decode_chunk <= 0 or batch <= self.decode_chunk or not torch.is_grad_enabled():
+                return _checkpointed(fn, *args)
+            chunks = []
+            for lo in range(0, batch, self.decode_chunk):
+                part = [a[lo:lo + self.decode_chunk] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch
+                        else a for a in args]
+                chunks.append(_checkpointed(fn, *part))
+            return torch.cat(chunks)
 
     def reward_call(self, fn: Callable, *args):
         with component("reward"):
