@@ -94,7 +94,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def export_lora(unet, out_dir: str | os.PathLike) -> Path:
     """Write `pytorch_lora_weights.safetensors` in the layout `pipeline.load_lora_weights` reads."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -102,5 +102,5 @@ def export_lora(unet, out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
     return out_dir / "pytorch_lora_weights.safetensors"
