@@ -616,6 +616,7 @@ class Plan:
     components: dict
     window: dict
     policies: dict  # policy -> peak bytes at this batch
+    param_counts: dict = field(default_factory=dict)
     suggestions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -850,7 +851,7 @@ class Planner:
             components=components,
             window={"size": s.window_size(), "kinds": _counts_text(wplan.counts), "phase": wplan.phase,
                     "recompute_unet_forwards": wplan.recompute_cost},
-            policies=policies,
+            policies=policies, param_counts=dict(self.param_counts()),
             notes=[f"budget: {how}; usable = budget - {s.reserve_gb:g} GiB reserve (CUDA context, workspaces, fragmentation)",
                    f"resolution {self.resolution}, latent {self.resolution // (2 ** (len(self.model.vae['block_out_channels']) - 1))}",
                    "activations traced on the meta device with flash-type SDPA (q, k, v, O, fp32 logsumexp saved)"],

@@ -1,0 +1,179 @@
+"""The planner: parameter counts against real models, traced bytes against the tracker on real
+tensors and against FakeTensorMode, the window optimiser against brute force, the CLI on SD1.5/SDXL."""
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from refl_engine.memory import measure, planner
+from refl_engine.memory.planner import CallProfile, Planner, PlanSpec, plan_window
+
+
+def test_param_counts_equal_real_tiny_models():
+    from refl_engine.models.load import build_tiny_sd
+    from refl_engine.models.lora import add_lora
+
+    real = build_tiny_sd(seed=random.randrange(1000))
+    rank = random.choice([2, 4, 8])
+    counts = Planner(PlanSpec(model="tiny-sd", rank=rank, use_cache=False)).param_counts()
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert counts["unet"] == n(real["unet"])
+    assert counts["vae"] == n(real["vae"])
+    assert counts["text_encoders"] == n(real["text_encoder"])
+    lora = add_lora(real["unet"], rank=rank)
+    assert counts["lora"] == sum(p.numel() for p in lora)
+
+
+def _tiny_unet_real(rank=4):
+    from diffusers import UNet2DConditionModel
+
+    from refl_engine.models.load import tiny_sd_configs
+    from refl_engine.models.lora import add_lora
+
+    unet = UNet2DConditionModel(**tiny_sd_configs()["unet"])
+    add_lora(unet, rank=rank)
+    return unet
+
+
+def _eps_fn(unet, batch, cfg, device=None):
+    from refl_engine.models.conditioning import Conditioning, make_eps_fn
+
+    cond = torch.randn(batch, 77, 32)
+    c = Conditioning(cond, torch.randn_like(cond)) if cfg else Conditioning(cond)
+    return make_eps_fn(unet, c, 5.0 if cfg else 1.0)
+
+
+def _planner_unet_profile(batch, cfg, x_grad, resolution=32):
+    from refl_engine.models.load import tiny_sd_configs
+
+    unet_cfg = dict(tiny_sd_configs()["unet"], _latent_factor=2)
+    return planner._trace_unet(unet_cfg=unet_cfg, kind_model="sd15", cross_dims=[32], resolution=resolution,
+                               batch=batch, cfg=cfg, dtype="no", rank=4, lora_targets="to_q,to_k,to_v,to_out.0",
+                               x_grad=x_grad, kinds=["nograd", "none", "selective"])
+
+
+@pytest.mark.parametrize("cfg,x_grad", [(True, True), (False, False)])
+def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad):
+    """The planner's weightless trace of one UNet call vs the tracker on the real model's call."""
+    batch = random.choice([1, 2])
+    unet = _tiny_unet_real()
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    x = torch.randn(batch, 4, 16, 16)
+    real = planner.profile_call(_eps_fn(unet, batch, cfg), [x, torch.tensor(500)], kinds=["nograd", "none", "selective"],
+                                grad_into_params=True, inputs_require_grad=x_grad, exclude=list(unet.parameters()))
+    traced = _planner_unet_profile(batch, cfg, x_grad)
+    for kind in real:
+        for f in ("retained", "fwd_peak", "bwd_peak", "saved"):
+            a, b = getattr(real[kind], f), getattr(traced[kind], f)
+            assert abs(a - b) <= 0.005 * max(a, 1) + 64, (kind, f, a, b)
+    # saved-for-backward bytes from autograd's own hooks on the real model
+    with measure.SavedTensorCounter(exclude=list(unet.parameters())) as counter:
+        _eps_fn(unet, batch, cfg)(x.clone().requires_grad_(x_grad), torch.tensor(500))
+    assert abs(counter.bytes - traced["none"].saved) <= 0.005 * counter.bytes
+
+
+def test_meta_trace_equals_fake_tensor_trace():
+    """Meta device + flash-type SDPA (the planner) vs FakeTensorMode on CPU (SDPA's own dispatch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from refl_engine.models.load import tiny_sd_configs
+
+    unet_cfg = tiny_sd_configs()["unet"]
+    unet = planner._unet_for_trace(unet_cfg, 4, "to_q,to_k,to_v,to_out.0")
+    with FakeTensorMode():
+        planner._fakeify(unet, torch.float32)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        x = torch.randn(2, 4, 16, 16)
+        fake = planner.profile_call(_eps_fn(unet, 2, True), [x, torch.tensor(500)], kinds=["none", "selective"],
+                                    grad_into_params=True, exclude=list(unet.parameters()))
+    meta = _planner_unet_profile(2, True, True)
+    for kind in fake:
+        assert fake[kind].retained == meta[kind].retained
+        assert abs(fake[kind].bwd_peak - meta[kind].bwd_peak) <= 64
+
+
+def test_activations_proportional_to_batch():
+    one, three = _planner_unet_profile(1, True, True), _planner_unet_profile(3, True, True)
+    for kind in ("none", "selective"):
+        for f in ("retained", "fwd_peak", "bwd_peak"):
+            a, b = getattr(one[kind].scaled(3), f), getattr(three[kind], f)
+            assert abs(a - b) <= 0.01 * b, (kind, f, a, b)
+
+
+def _simulate(kinds, profiles, latent, after):
+    """Peak of a window run in this order: an independent step-by-step simulation."""
+    live, peak, kept = latent, 0, []
+    for k in kinds:  # forward
+        peak = max(peak, live + profiles[k].fwd_peak)
+        live += profiles[k].retained + latent
+        kept.append(profiles[k].retained + latent)
+    peak = max(peak, live + after)
+    for k in reversed(kinds):  # backward, last step first
+        live -= kept.pop()
+        peak = max(peak, live + profiles[k].bwd_peak)
+    return peak
+
+
+def test_plan_window_matches_brute_force():
+    rng = random.Random()
+    for _ in range(20):
+        R = rng.randint(500, 1000)
+        profiles = {
+            "none": CallProfile(R, R + rng.randint(0, 200), R + rng.randint(50, 300)),
+            "selective": CallProfile(int(R * rng.uniform(0.4, 0.8)), R, R + rng.randint(50, 300)),
+        }
+        profiles["full"] = CallProfile(0, rng.randint(50, 200), profiles["none"].bwd_peak)
+        W, latent, after = rng.randint(1, 5), rng.randint(1, 20), rng.randint(0, 1500)
+        available = rng.randint(R, (W + 1) * R + after)
+        best = None
+        for seq in itertools.product(("none", "selective", "full"), repeat=W):
+            peak = _simulate(seq, profiles, latent, after)
+            cost = sum(planner.RECOMPUTE_COST[k] for k in seq)
+            if peak <= available and (best is None or cost < best - 1e-9):
+                best = cost
+        plan = plan_window(W, profiles, available, after, latent)
+        if best is None:
+            assert not plan.fits
+        else:
+            assert plan.fits and abs(plan.recompute_cost - best) < 1e-9
+            assert _simulate(plan.kinds, profiles, latent, after) == plan.peak <= available
+
+
+@pytest.mark.parametrize("model,unet_params,te_params", [
+    ("sd15", 859_520_964, 123_060_480),
+    ("sdxl", 2_567_463_684, 123_060_480 + 694_659_840),
+])
+def test_cli_runs_without_weights(model, unet_params, te_params):
+    out = subprocess.run([sys.executable, "-m", "refl_engine.plan", "--model", model, "--json"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = json.loads(out.stdout)
+    for key in ("peak_bytes", "fits", "max_batch", "recommended_recompute", "components"):
+        assert key in plan
+    for key in ("params", "grads", "optimizer", "unet_step_activations", "vae_decode_activations",
+                "reward_activations"):
+        assert plan["components"][key] > 0
+    assert plan["param_counts"]["unet"] == unet_params
+    assert plan["param_counts"]["text_encoders"] == te_params
+    assert plan["fits"] and plan["max_batch"] >= 1
+    # CFG doubles the UNet batch: one call at guidance 7.5 saves twice what it saves at 1
+    no_cfg = subprocess.run([sys.executable, "-m", "refl_engine.plan", "--model", model, "--json",
+                             "--guidance_scale", "1"], capture_output=True, text=True, timeout=600)
+    ratio = plan["components"]["unet_step_activations"] / json.loads(no_cfg.stdout)["components"]["unet_step_activations"]
+    assert 1.95 < ratio < 2.05
+
+
+def test_infeasible_plan_says_what_would_fit():
+    plan = Planner(PlanSpec(model="tiny-sd", batch_size=4, recompute="none", budget_gb=0.004, reserve_gb=0.0,
+                            mixed_precision="no")).plan()
+    assert not plan.fits
+    assert plan.suggestions
