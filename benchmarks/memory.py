@@ -88,10 +88,7 @@ def worker(args) -> dict:
         if recompute == "auto":
             # The planner's decode + reward estimate as the policy's reserve (see the report to the
             # trainer: ReFLTrainer should pass it the same way).
-            planner = _planner(args, method, K, "auto", budget=budget)
-            vae, rew = planner.after_window(args.batch_size)
-            image = args.batch_size * 3 * planner.resolution**2 * 4
-            reserve = max(vae.fwd_peak, vae.bwd_peak, vae.retained + image + max(rew.fwd_peak, rew.bwd_peak))
+            reserve = _planner(args, method, K, "auto", budget=budget).after_window_bytes(args.batch_size)
             trainer.policy = AutoRecompute(budget_bytes=budget, reserve_bytes=reserve,
                                            checkpoint_decode=trainer.policy.checkpoint_decode,
                                            checkpoint_reward=trainer.policy.checkpoint_reward)
@@ -120,6 +117,36 @@ def worker(args) -> dict:
     return rec
 
 
+def timing_worker(args) -> dict:
+    """Step seconds of none / selective / full in ONE process, interleaved, median of `reps`: on a
+    shared machine, separate processes at different times see different load; interleaving in one
+    process cancels most of it."""
+    import statistics
+
+    import torch
+
+    from refl_engine.memory.recompute import build_policy
+    from refl_engine.trainer import ReFLTrainer
+
+    torch.set_num_threads(args.threads)
+    method, K = args.timing.split(",")
+    policies = ("none", "selective", "full")
+    times = {p: [] for p in policies}
+    with tempfile.TemporaryDirectory() as out:
+        trainer = ReFLTrainer(_config(args, method, K, "none", out)).setup()
+        trainer.train_step()
+        for rep in range(args.reps):
+            order = policies[rep % 3:] + policies[: rep % 3]
+            for pol in order:
+                trainer.policy = build_policy(pol)
+                t0 = time.perf_counter()
+                trainer.train_step()
+                times[pol].append(time.perf_counter() - t0)
+    med = {p: statistics.median(v) for p, v in times.items()}
+    return dict(method=method, K=K, steps=args.steps, reps=args.reps, seconds=times, median_seconds=med,
+                selective_over_none=med["selective"] / med["none"], full_over_none=med["full"] / med["none"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-sd")
@@ -131,17 +158,25 @@ def main(argv=None) -> int:
     p.add_argument("--reward", default="colorfulness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rows", default="", help="only these rows: 'draft,full,selective;refl,-,none'")
+    p.add_argument("--rows", default="", help="only these rows: 'draft,full,selective;refl,-,none' ('skip': none)")
     p.add_argument("--json", default="", help="write the records to this file")
     p.add_argument("--row", help=argparse.SUPPRESS)
+    p.add_argument("--timing", help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions for the step-time comparison")
+    p.add_argument("--no-timing", dest="do_timing", action="store_false", help="skip the interleaved step-time runs")
     p.add_argument("--timeout", type=int, default=1800)
     args = p.parse_args(argv)
 
     if args.row:  # inside the subprocess
         print("RESULT " + json.dumps(worker(args)))
         return 0
+    if args.timing:
+        print("RESULT " + json.dumps(timing_worker(args)))
+        return 0
 
     rows = [tuple(r.split(",")) for r in args.rows.split(";")] if args.rows else ROWS
+    if args.rows == "skip":
+        rows = []
     records = []
     passthrough = [f"--model={args.model}", f"--resolution={args.resolution}", f"--steps={args.steps}",
                    f"--batch-size={args.batch_size}", f"--guidance_scale={args.guidance_scale}",
@@ -160,18 +195,30 @@ def main(argv=None) -> int:
         records.append(rec)
         print(f"  done {','.join(row)} in {rec['wall_seconds']:.0f}s", file=sys.stderr)
 
-    print(render(records))
+    timings = []
+    if args.do_timing:
+        for mk in ("draft,1", "draft,full"):
+            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, f"--reps={args.reps}", "--timing", mk]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"timing {mk}: failed ({proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            timings.append(json.loads(line[len("RESULT "):]))
+            print(f"  done timing {mk}", file=sys.stderr)
+
+    print(render(records, timings))
     if args.json:
         import torch
 
         meta = dict(device="cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                     torch=torch.__version__, python=platform.python_version(), argv=sys.argv[1:])
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=2)
+            json.dump({"meta": meta, "records": records, "timing": timings}, f, indent=2)
     return 0
 
 
-def render(records) -> str:
+def render(records, timings=()) -> str:
     MiB = 2**20
     lines = [f"{'method':10s} {'K':>7s} {'W':>3s} {'recompute':10s} {'peak MiB':>9s} {'pred MiB':>9s} {'err':>7s} "
              f"{'step s':>7s}"]
@@ -193,6 +240,11 @@ def render(records) -> str:
         if sel and none:
             lines.append(f"draft K={K:4s}: step time selective / none = {sel['step_seconds'] / none['step_seconds']:.3f}; "
                          f"full / none = {full['step_seconds'] / none['step_seconds']:.3f}" if full else "")
+    for t in timings:
+        med = t["median_seconds"]
+        lines.append(f"step time, {t['method']} K={t['K']} (one process, interleaved, median of {t['reps']}): "
+                     f"none {med['none']:.2f}s, selective {med['selective']:.2f}s "
+                     f"({t['selective_over_none']:.3f}x), full {med['full']:.2f}s ({t['full_over_none']:.3f}x)")
     if records:
         worst = max(records, key=lambda r: abs(r["planner_error"]))
         lines.append(f"planner: worst error {100 * worst['planner_error']:+.1f}% "

@@ -754,6 +754,14 @@ class Planner:
         bwd = v.bwd_peak - image_c + n * image_c + (n - 1) * latent_c  # full image grad + finished latent grads
         return CallProfile(0, fwd, bwd), rew.scaled(batch)
 
+    def after_window_bytes(self, batch: int) -> int:
+        """Peak bytes the VAE decode and the reward add on top of the window's kept bytes: the
+        `reserve_bytes` that `AutoRecompute` should hold back."""
+        vae, rew = self.after_window(batch)
+        image = batch * 3 * self.resolution**2 * 4
+        return max(vae.fwd_peak, vae.retained + image + rew.fwd_peak, vae.retained + image + rew.bwd_peak,
+                   vae.bwd_peak)
+
     def latent_bytes(self, batch: int) -> int:
         factor = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
         side = self.resolution // factor
@@ -769,10 +777,8 @@ class Planner:
         profiles = self.unet_profiles(batch, x_grad=x_grad)
         vae, rew = self.after_window(batch)
         latent = self.latent_bytes(batch)
-        image = batch * 3 * self.resolution**2 * 4  # the decoded image is fp32 (ReFLTrainer.decode)
-        # decode output (the image) stays for the reward; reward backward then decode backward
-        after = max(vae.fwd_peak, vae.retained + image + rew.fwd_peak, vae.retained + image + rew.bwd_peak,
-                    vae.bwd_peak)
+        # decode output (the fp32 image) stays for the reward; reward backward, then decode backward
+        after = self.after_window_bytes(batch)
         if recompute == "auto":
             budget = available if available is not None else 0
             plan = plan_window(window, profiles, budget, after, latent)
@@ -896,3 +902,12 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 def make_plan(**kwargs) -> Plan:
     return Planner(PlanSpec(**kwargs)).plan()
+
+
+def auto_reserve_bytes(model: str | None, resolution: int, batch_size: int, mixed_precision: str = "no",
+                       reward: str | None = None, checkpoint_decode: bool = True, checkpoint_reward: bool = True) -> int:
+    """What `--recompute auto` should hold back for decode + reward (AutoRecompute(reserve_bytes=...))."""
+    spec = PlanSpec(model=model, resolution=resolution, batch_size=batch_size, mixed_precision=mixed_precision,
+                    reward=reward if reward in REWARD_BACKBONES else None, checkpoint_decode=checkpoint_decode,
+                    checkpoint_reward=checkpoint_reward)
+    return Planner(spec).after_window_bytes(batch_size)

@@ -122,8 +122,7 @@ def test_auto_stays_within_budget_on_cpu():
     none_peak, _ = measured_peak(build_policy("none"))
     assert none_peak > full_peak * 1.3
     # decode + reward after the window, from the planner's trace of the same tiny VAE
-    vae_prof, rew_prof = planner.Planner(planner.PlanSpec(model="tiny-sd", mixed_precision="no")).after_window(2)
-    reserve = max(vae_prof.fwd_peak, vae_prof.bwd_peak) + 2 * 3 * 32 * 32 * 4 + rew_prof.bwd_peak
+    reserve = planner.Planner(planner.PlanSpec(model="tiny-sd", mixed_precision="no")).after_window_bytes(2)
     kept_counts = []
     for frac in (0.35, 0.7):
         budget = int(full_peak + frac * (none_peak - full_peak))
