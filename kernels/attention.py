@@ -10,16 +10,15 @@ head dim runs as BLOCK_D = next power of two >= max(D, 32) with the extra column
 zero. Padding cost: the two matmuls (and the loads, which are masked, not fetched) run over
 BLOCK_D columns, so D=40 -> 64, 80 -> 128 and 160 -> 256 do 1.6x the tensor-core work of the
 real D and hold 1.6x the registers/shared memory for the q/k/v/acc tiles; D=8 runs as 32 (4x)
-and D=16 as 32 (2x).
-D=64 (SDXL) and the other powers of two pay nothing. The alternative (splitting D=40 into
+and D=16 as 32 (2x). D=64 (SDXL) and the other powers of two pay nothing. The alternative (splitting D=40 into
 32 + 8 column pieces) trades that for extra instructions and is not done.
 
 Precision. fp32, fp16 and bf16 inputs; all softmax statistics and the accumulators are fp32;
 the probabilities are cast to the input dtype before the P @ V (and dS @ K, dS^T @ Q) matmuls as
 in FlashAttention. On CUDA, fp32 inputs use TF32 tensor-core dots (Triton's default,
 like torch with allow_tf32=True): fp32 storage and accumulation, 10-bit-mantissa products. Full
-fp32 products ("ieee" or 3xTF32) compiled to 3-10x slower, register-spilling kernels here; use
-bf16 for speed, or the "sdpa" backend when fp32-exact GPU attention matters. The interpreter
+fp32 products ("ieee" or 3xTF32) took 3-10x longer to compile and spilled registers in several
+configurations; use bf16 for speed, or the "sdpa" backend when fp32-exact GPU attention matters. The interpreter
 computes fp32 dots exactly, which is what the CPU tests check.
 
 Forward saves: q, k, v, O and the log-sum-exp L (fp32, (B, H, Nq), natural log).

@@ -125,5 +125,11 @@ def test_dispatch_and_backend_errors():
 def test_cpu_dispatch_without_interpreter_uses_torch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not refl_kernels.triton_interpreting()
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("auto dispatch on CPU ran the Triton kernel without TRITON_INTERPRET=1")
+    monkeypatch.setattr(attn_mod, "attention", no_triton)
+    q = torch.randn(1, 2, 5, 16)
+    torch.testing.assert_close(refl_kernels.attention(q, q, q), reference.attention(q, q, q))
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         refl_kernels.attention(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), backend="triton")
