@@ -72,6 +72,21 @@ def test_split_reduction_is_used():
     assert split > 1 and chunk % block == 0 and (split - 1) * chunk < 1200 <= split * chunk
 
 
+@pytest.mark.parametrize("N,C,hw", [(1, 320, 128 * 128), (1, 1280, 8 * 8), (2, 640, 64 * 64), (1, 40, 16384)])
+def test_gpu_launch_fills_the_gpu(N, C, hw, monkeypatch):
+    """The CUDA launch (the interpreter uses smaller targets) splits long rows so that batch 1
+    still gives >= ~1000 programs, and every chunk is a whole number of tiles."""
+    monkeypatch.setattr(gn_mod, "INTERPRETED", False)
+    block, chunk, split = gn_mod._tile_and_split(N * C, hw, torch.device("cuda"))
+    assert block in gn_mod.GPU_BLOCKS and chunk % block == 0
+    assert (split - 1) * chunk < hw <= split * chunk
+    assert N * C * split >= min(gn_mod.GPU_TARGET_PROGRAMS, N * C * triton_cdiv(hw, block))
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
 def test_channels_last_and_no_affine(poisoned):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     x = torch.randn(2, 8, 5, 6, generator=gen).to(memory_format=torch.channels_last).requires_grad_()
