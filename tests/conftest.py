@@ -15,16 +15,3 @@ def tiny_sd_dir(tmp_path_factory):
     from refl_engine.models.load import tiny_sd_path
 
     return str(tiny_sd_path())
-
-
-def make_config(tmp_path, **overrides):
-    from refl_engine.config import TrainConfig, set_field, validate
-
-    cfg = TrainConfig()
-    defaults = dict(model="tiny-sd", output_dir=str(tmp_path / "run"), num_inference_steps=6, max_train_steps=2,
-                    train_batch_size=2, progress=False, num_sample_images=2)
-    defaults.update(overrides)
-    for k, v in defaults.items():
-        set_field(cfg, k, v)
-    validate(cfg)
-    return cfg

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from engine_config import make_config
 
 from refl_engine.rewards.base import REWARDS, Reward, register_reward
 from refl_engine.trainer import ReFLTrainer, TrainingError
