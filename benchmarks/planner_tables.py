@@ -36,7 +36,10 @@ def cheapest(planner: Planner, batch: int):
     for pol in ORDER:
         peak, wplan, _ = planner.peak(batch, pol)
         if peak <= usable and (pol != "auto" or wplan.fits):
-            name = pol if pol != "auto" else f"auto ({', '.join(f'{n} {k}' for k, n in wplan.counts.items())})"
+            name = pol
+            if pol == "auto":  # an all-`full` auto plan is just `full`
+                counts = wplan.counts
+                name = "full" if set(counts) == {"full"} else f"auto ({', '.join(f'{n} {k}' for k, n in counts.items())})"
             return name, peak
     return None, None
 
