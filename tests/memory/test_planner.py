@@ -98,7 +98,9 @@ def test_meta_trace_equals_fake_tensor_trace():
     meta = _planner_unet_profile(2, True, True)
     for kind in fake:
         assert fake[kind].retained == meta[kind].retained
-        assert abs(fake[kind].bwd_peak - meta[kind].bwd_peak) <= 64
+        # the planner derives `selective`'s backward peak from `none`'s (see _trace_unet)
+        tol = 64 if kind == "none" else 0.005 * fake[kind].bwd_peak
+        assert abs(fake[kind].bwd_peak - meta[kind].bwd_peak) <= tol
 
 
 def test_activations_proportional_to_batch():
@@ -165,11 +167,15 @@ def test_cli_runs_without_weights(model, unet_params, te_params):
     assert plan["param_counts"]["unet"] == unet_params
     assert plan["param_counts"]["text_encoders"] == te_params
     assert plan["fits"] and plan["max_batch"] >= 1
-    # CFG doubles the UNet batch: one call at guidance 7.5 saves twice what it saves at 1
-    no_cfg = subprocess.run([sys.executable, "-m", "refl_engine.plan", "--model", model, "--json",
-                             "--guidance_scale", "1"], capture_output=True, text=True, timeout=600)
-    ratio = plan["components"]["unet_step_activations"] / json.loads(no_cfg.stdout)["components"]["unet_step_activations"]
-    assert 1.95 < ratio < 2.05
+
+
+def test_cfg_doubles_the_unet_batch():
+    """One guided call at batch B saves about what an unguided call saves at batch 2B (plus the
+    concatenated latents and text states, which are new tensors: under 3% on tiny-sd)."""
+    common = dict(model="tiny-sd", mixed_precision="no", use_cache=False)
+    guided = Planner(PlanSpec(guidance_scale=7.5, **common)).unet_profiles(1)
+    plain = _planner_unet_profile(2, False, True)
+    assert plain["none"].saved <= guided["none"].saved <= 1.03 * plain["none"].saved
 
 
 def test_infeasible_plan_says_what_would_fit():
