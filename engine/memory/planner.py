@@ -1,22 +1,25 @@
 """The memory-budget planner: predict the peak bytes of one training step without weights.
 
 How: the UNet, the VAE decoder and the reward's vision tower are instantiated from their configs on
-the meta device, their parameters swapped for FakeTensors (shapes and dtypes, no data), and one
-call of each is run forward and backward under FakeTensorMode with `measure.LiveBytesTracker`
-watching — the same op-level byte accounting that measures real CPU runs. Under FakeTensorMode on
-CPU, SDPA takes the flash-type kernel, which saves q, k, v, O and an fp32 log-sum-exp like CUDA's
-flash / memory-efficient kernels (the meta device would take the math path and keep N x N
-probabilities, about 4x too much for SD1.5). Each call is profiled as a `CallProfile`:
+the meta device (shapes and dtypes, no data) and one call of each runs forward and backward with
+`measure.LiveBytesTracker` watching — the same op-level byte accounting that measures real CPU
+runs. Attention is counted as the GPU's flash / memory-efficient kernels keep it (q, k, v, O and an
+fp32 log-sum-exp, never the N x N matrix): on meta tensors SDPA would take the math path (about 4x
+too much for SD1.5), so during tracing it is routed to the flash-type CPU kernel, which saves that
+set — exactly what FakeTensorMode on CPU would pick; tests/memory/test_planner.py checks meta
+against FakeTensorMode and both against the tracker on a real model. Each call is profiled as a
+`CallProfile`:
 
     retained   bytes the call leaves alive for backward (its output excluded)
     fwd_peak   peak above the bytes live before the call, during its forward
     bwd_peak   peak above the bytes live before the call, during its backward (recompute included)
 
-at batch 1 (activations are proportional to the batch; the planner scales). `full` is
-derived from the `none` and no-grad traces. A step is then
-composed: parameters, gradients and optimizer state, plus the largest of the phase peaks of the
-window (each window position's retained bytes stacked, then the backward of the last one), the VAE
-decode and the reward. `plan_window` is the shared optimiser that `--recompute auto` uses too.
+at batch 1 (activations are proportional to the batch; the planner scales). `full` is derived
+from the `none` and no-grad traces. A step is then composed: parameters, gradients and optimizer
+state, plus the largest of the phase peaks of the window (each window position's retained bytes
+stacked, then the backward of the last one), the VAE decode and the reward. `plan_window` is the
+shared optimiser that `--recompute auto` uses too. Traces are cached on disk
+($REFL_ENGINE_CACHE or ~/.cache/refl-engine/planner), so a repeated plan takes seconds.
 
 Precision model (stated, not measured on GPU here): with --mixed_precision bf16/fp16 activations
 and frozen weights are half precision; trainable LoRA weights, master weights of a full fine-tune,
@@ -29,7 +32,6 @@ the host and holds on the GPU the half working copy of the parameters being gath
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -370,19 +372,6 @@ def _fakeify(module: torch.nn.Module, dtype: torch.dtype, trainable_dtype: torch
 
 
 # ====================================================================== tracing the components
-
-@dataclass(frozen=True)
-class TraceKey:
-    model: str
-    resolution: int
-    batch: int
-    cfg: bool
-    dtype: str
-    rank: int
-    lora_targets: str
-    x_grad: bool
-    kinds: tuple
-
 
 def _dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
