@@ -870,16 +870,24 @@ class Planner:
         return plan
 
     def suggestions(self, state: dict) -> list[str]:
+        """What would make a plan that does not fit, fit: each line one change (or two) that does."""
         s = self.spec
         usable = self.usable_bytes()
+        B = s.batch_size
+        accum = lambda b: f" with --gradient_accumulation_steps {math.ceil(B / b)} for the same effective batch"  # noqa: E731
         out = []
-        if recommended := next((p for p in ("selective", "auto", "full")
-                                if self.peak(s.batch_size, p, state)[0] <= usable
-                                and (p != "auto" or self.peak(s.batch_size, p, state)[1].fits)), None):
-            out.append(f"--recompute {recommended}")
-        mb = self.max_batch(s.recompute, state)
-        if 0 < mb < s.batch_size:
-            out.append(f"--batch-size {mb} (with gradient accumulation for the same effective batch)")
+        for pol in ("selective", "auto", "full"):
+            if pol == s.recompute:
+                continue
+            peak, wplan, _ = self.peak(B, pol, state)
+            if peak <= usable and (pol != "auto" or wplan.fits):
+                out.append(f"--recompute {pol} (peak {peak / GiB:.1f} GiB)")
+                break
+        else:
+            for pol in dict.fromkeys((s.recompute, "full")):
+                mb = self.max_batch(pol, state)
+                if 0 < mb < B:
+                    out.append(f"--recompute {pol} --batch-size {mb}{accum(mb)}")
         variants = []
         if s.optimizer == "adamw":
             variants.append(("--optimizer adamw8bit", dict(optimizer="adamw8bit")))
@@ -887,13 +895,18 @@ class Planner:
             variants.append(("--zero 3 --offload", dict(offload=True, zero=3)))
         for text, kw in variants:
             st = self.state_bytes(**kw)
-            if self.peak(s.batch_size, "full", st)[0] <= usable:
+            if self.peak(B, "full", st)[0] <= usable:
                 out.append(f"{text} --recompute full")
+            else:
+                mb = self.max_batch("full", st)
+                if mb > 0:
+                    out.append(f"{text} --recompute full --batch-size {mb}{accum(mb)}")
         if s.rank == 0:
             out.append("LoRA (--rank 8) instead of full fine-tuning: the gradients and optimizer state shrink "
                        "to the adapter's")
         if not out:
-            out.append("nothing in reach: lower --resolution, drop CFG (--guidance_scale 1) or use a smaller K")
+            out.append("nothing in reach at this resolution: lower --resolution, drop CFG (--guidance_scale 1) "
+                       "or use a smaller --K")
         return out
 
 
