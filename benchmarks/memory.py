@@ -239,7 +239,8 @@ def render(records, timings=()) -> str:
                          f"selective / none peak = {sel['peak_bytes'] / none['peak_bytes']:.3f}" if none else "")
         if sel and none:
             lines.append(f"draft K={K:4s}: step time selective / none = {sel['step_seconds'] / none['step_seconds']:.3f}; "
-                         f"full / none = {full['step_seconds'] / none['step_seconds']:.3f}" if full else "")
+                         f"full / none = {full['step_seconds'] / none['step_seconds']:.3f} (separate processes: "
+                         "noisy on a shared machine; the interleaved timing below is the comparison)" if full else "")
     for t in timings:
         med = t["median_seconds"]
         lines.append(f"step time, {t['method']} K={t['K']} (one process, interleaved, median of {t['reps']}): "
