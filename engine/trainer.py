@@ -150,7 +150,14 @@ class ReFLTrainer:
         policy_kwargs = dict(checkpoint_decode=cfg.memory.checkpoint_decode,
                              checkpoint_reward=cfg.memory.checkpoint_reward)
         if cfg.memory.recompute == "auto":
+            from .memory.planner import auto_reserve_bytes
+
+            # Hold back what decode and reward need after the window, as the planner counts it.
             policy_kwargs["budget_bytes"] = budget
+            policy_kwargs["reserve_bytes"] = auto_reserve_bytes(
+                c.path if Path(c.path).is_dir() else c.kind, self.resolution, cfg.optim.train_batch_size,
+                cfg.optim.mixed_precision, cfg.method.reward, cfg.memory.checkpoint_decode,
+                cfg.memory.checkpoint_reward)
         try:
             self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
         except (ValueError, TypeError) as e:
