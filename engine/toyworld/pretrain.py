@@ -111,25 +111,35 @@ def encode_pool(vae, n: int, seed: int, chunk: int = 256) -> tuple[torch.Tensor,
 
 def train_unet(unet, pool_mean, pool_std, pool_text_idx, text_table, empty_idx: int, scheduler_cfg: dict,
                scaling: float, steps: int, batch: int, lr: float, ema_decay: float, cfg_dropout: float,
-               snr_gamma: float, high_noise_fraction: float, seed: int, progress: bool):
+               snr_gamma: float, high_noise_fraction: float, x0_weight_cap: float, cross_attn_lr_mult: float, seed: int,
+               progress: bool):
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
     sched = DDPMScheduler(**{k: v for k, v in scheduler_cfg.items() if k not in ("set_alpha_to_one", "steps_offset")})
     abar = sched.alphas_cumprod.float()
     snr = abar / (1 - abar)
-    weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+    # min-SNR-gamma for epsilon prediction, times 1/alpha_bar capped at `x0_weight_cap`: with
+    # epsilon prediction the high-noise steps, where the caption decides colors and layout, cost
+    # almost nothing (x_t is nearly the noise); 1/alpha_bar is the v-prediction weighting, which
+    # counts their error in the clean image, and the cap keeps the noisiest steps from dominating.
+    weight = torch.clamp(snr, max=snr_gamma) / snr * torch.clamp(1 / abar, max=x0_weight_cap)
     T = len(abar)
 
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    # Cross-attention learns to read the caption slowly from a random start (attention is spread
+    # evenly over 77 mostly-padding tokens); a larger step size there speeds that up.
+    cross = [p for n, p in unet.named_parameters() if ".attn2." in n]
+    rest = [p for n, p in unet.named_parameters() if ".attn2." not in n]
+    opt = torch.optim.AdamW([dict(params=rest, mult=1.0), dict(params=cross, mult=cross_attn_lr_mult)],
+                            lr=lr, weight_decay=0.01)
     unet.train()
     gen = torch.Generator().manual_seed(seed + 1)
     log = []
     bar = tqdm(range(steps), desc="unet", disable=not progress, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+            g["lr"] = g["mult"] * lr_at(step, steps, lr, warmup=max(1, steps // 20))
         idx = torch.randint(len(pool_mean), (batch,), generator=gen)
         z0 = (pool_mean[idx] + pool_std[idx] * torch.randn(pool_mean[idx].shape, generator=gen)) * scaling
         text = pool_text_idx[idx].clone()
@@ -206,9 +216,10 @@ SAMPLE_CAPTIONS = [f"a {c} {s} on a {b} background" for c, s, b in [
 # ---------------------------------------------------------------- main
 
 def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16, vae_lr: float = 3e-3,
-             kl_weight: float = 1e-4, pool: int = 4096, unet_steps: int = 550, unet_batch: int = 32,
+             kl_weight: float = 1e-4, pool: int = 4096, unet_steps: int = 1400, unet_batch: int = 16,
              unet_lr: float = 3e-3, ema_decay: float = 0.99, cfg_dropout: float = 0.1, snr_gamma: float = 5.0,
-             high_noise_fraction: float = 0.5, threads: int = 1, samples: Path | None = None,
+             high_noise_fraction: float = 0.5, x0_weight_cap: float = 20.0,
+             cross_attn_lr_mult: float = 3.0, threads: int = 1, samples: Path | None = None,
              progress: bool = True) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -246,8 +257,8 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
     # (b) UNet
     t0 = time.time()
     ema, unet_info = train_unet(unet, mean, std, text_idx, table, index[""], sched_cfg, scaling, unet_steps,
-                                unet_batch, unet_lr, ema_decay, cfg_dropout, snr_gamma, high_noise_fraction, seed,
-                                progress)
+                                unet_batch, unet_lr, ema_decay, cfg_dropout, snr_gamma, high_noise_fraction,
+                                x0_weight_cap, cross_attn_lr_mult, seed, progress)
     unet.load_state_dict(ema)
     t_unet = time.time() - t0
 
@@ -265,7 +276,8 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
         pool_seconds=round(t_pool, 1), unet_seconds=round(t_unet, 1),
         settings=dict(vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, kl_weight=kl_weight, pool=pool,
                       unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr, ema_decay=ema_decay,
-                      cfg_dropout=cfg_dropout, snr_gamma=snr_gamma, high_noise_fraction=high_noise_fraction),
+                      cfg_dropout=cfg_dropout, snr_gamma=snr_gamma, high_noise_fraction=high_noise_fraction,
+                      x0_weight_cap=x0_weight_cap, cross_attn_lr_mult=cross_attn_lr_mult),
         vae_final=dict(l1=tail(vae_info["log"], "l1"), mse=tail(vae_info["log"], "mse"),
                        kl=tail(vae_info["log"], "kl"), heldout_mse=heldout_mse),
         scaling_factor=scaling,
@@ -288,17 +300,20 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--pool", type=int, default=4096, help="images rendered and encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=550)
-    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=1400)
+    p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=3e-3)
     p.add_argument("--high-noise-fraction", type=float, default=0.5)
+    p.add_argument("--cross-attn-lr-mult", type=float, default=3.0)
+    p.add_argument("--x0-weight-cap", type=float, default=20.0, help="cap of the 1/alpha_bar loss weight (1: off)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=Path, default=None, help="also write a PNG grid of 20-step DDIM samples")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     report = pretrain(a.out, seed=a.seed, vae_steps=a.vae_steps, vae_batch=a.vae_batch, vae_lr=a.vae_lr,
                       pool=a.pool, unet_steps=a.unet_steps, unet_batch=a.unet_batch, unet_lr=a.unet_lr,
-                      high_noise_fraction=a.high_noise_fraction, threads=a.threads,
+                      high_noise_fraction=a.high_noise_fraction, x0_weight_cap=a.x0_weight_cap,
+                      cross_attn_lr_mult=a.cross_attn_lr_mult, threads=a.threads,
                       samples=a.samples, progress=not a.no_progress)
     print(json.dumps(report, indent=2))
     return 0
