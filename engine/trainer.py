@@ -30,6 +30,15 @@ from .sampling import DDIMSchedule, Window, run_trajectory
 log = logging.getLogger("refl_engine")
 
 
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to device, casting only when some parameter is not already `dtype` (diffusers warns on
+    every cast through `.to(dtype)`, even a no-op one)."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(device, dtype)
+    else:
+        module.to(device)
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
 
@@ -116,11 +125,11 @@ class ReFLTrainer:
         self.components = c
         for module in (c.vae, c.text_encoder, c.text_encoder_2):
             if module is not None:
-                module.requires_grad_(False).eval().to(self.device, weight_dtype)
+                _place(module.requires_grad_(False).eval(), self.device, weight_dtype)
         self.unet = c.unet
         self.params = add_lora(self.unet, cfg.model.rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
         if cfg.model.rank > 0:  # frozen base in the training dtype, adapters in fp32
-            self.unet.to(self.device, weight_dtype)
+            _place(self.unet, self.device, weight_dtype)
             for p in self.params:
                 p.data = p.data.float()
         else:

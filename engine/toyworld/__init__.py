@@ -1,6 +1,10 @@
 """The embedded default model: a tiny SD1.5-shaped pipeline pretrained on the procedural
 captioned-shapes world (world.py), shipped in the repo under toyworld/pipeline/ and rebuilt by
-`python -m refl_engine.toyworld.pretrain --out engine/toyworld/pipeline`."""
+`python -m refl_engine.toyworld.pretrain --out engine/toyworld/pipeline`.
+
+It learned the world's layout (flat backgrounds, smooth shapes) but not to follow the caption's
+colors: samples do not depend on the prompt (README, "The embedded default").
+"""
 from __future__ import annotations
 
 import logging
