@@ -13,7 +13,7 @@ Policies (`--recompute`):
     selective       keep the outputs of the expensive ops of each call (convolutions, matmuls,
                     attention) and recompute the cheap ones from them during backward (GroupNorm,
                     SiLU, GELU/GEGLU, residual adds, casts, softmax): torch's selective activation
-                    checkpoint, nested per UNet block. Recomputes only cheap ops and keeps
+                    checkpoint, one region per UNet block. Recomputes only cheap ops and keeps
                     0.67-0.81 of `none`'s activations per step (SD1.5 @ 512: frozen weights /
                     LoRA r=8) — for every window step, so it is not flat in K. A region's
                     backward rematerialises its cheap ops at once; per-block regions bound that
@@ -106,26 +106,20 @@ def enable_block_regions(unet: torch.nn.Module) -> None:
 
 
 def _selective(fn, *args):
-    """Torch's selective activation checkpoint around the call and, nested inside it, around each
-    UNet block when `fn` names its UNet (`make_eps_fn` does). A region's backward rematerialises
-    its cheap ops all at once; with the blocks as inner regions that happens one block at a time
-    (tiny-sd: call backward peak 0.93 of `none`'s instead of 1.00), while the outer region still
-    recomputes the ops between blocks (conv_in, time embedding, the output GroupNorm/SiLU), so the
-    bytes kept stay 0.77-0.79 of `none`'s (0.76-0.78 with the outer region alone; blocks alone,
-    without it, kept 0.79-0.81). Without a UNet, the outer region only."""
+    """Torch's selective activation checkpoint, one region per UNet block when `fn` names its UNet
+    (`make_eps_fn` does): a region's backward rematerialises its cheap ops all at once, so one
+    region per block bounds that transient by the largest block instead of the whole call. The
+    ops outside the blocks (conv_in, time embedding, the output GroupNorm/SiLU/conv) keep all
+    their activations, a few tensors at the top resolution. Without a UNet, one region."""
     unet = getattr(fn, "unet", None)
     if unet is None or not unet_blocks(unet) or not torch.is_grad_enabled():
         return _checkpointed(fn, *args, context_fn=selective_context)
     enable_block_regions(unet)
-
-    def call(*a):
-        token = _BLOCK_REGIONS.set(True)
-        try:
-            return fn(*a)
-        finally:
-            _BLOCK_REGIONS.reset(token)
-
-    return _checkpointed(call, *args, context_fn=selective_context)
+    token = _BLOCK_REGIONS.set(True)
+    try:
+        return fn(*args)
+    finally:
+        _BLOCK_REGIONS.reset(token)
 
 
 # window_pos -> how that call is run
