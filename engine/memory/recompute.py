@@ -13,11 +13,10 @@ Policies (`--recompute`):
     selective       keep the outputs of the expensive ops of each call (convolutions, matmuls,
                     attention) and recompute the cheap ones from them during backward (GroupNorm,
                     SiLU, GELU/GEGLU, residual adds, casts, softmax): torch's selective activation
-                    checkpoint, one region per UNet block. Recomputes only cheap ops and keeps
-                    0.67-0.81 of `none`'s activations per step (SD1.5 @ 512: frozen weights /
-                    LoRA r=8) — for every window step, so it is not flat in K. A region's
-                    backward rematerialises its cheap ops at once; per-block regions bound that
-                    to one block.
+                    checkpoint. Recomputes only cheap ops and keeps 0.67-0.81 of `none`'s
+                    activations per step (SD1.5 @ 512: frozen weights / LoRA r=8) — for every
+                    window step, so it is not flat in K. Its backward rematerialises the whole
+                    call at once, so the peak while back-propagating one call equals `none`'s.
     auto            given a byte budget, keep full activations for as many window steps as fit,
                     selective ones for the next, and checkpoint the rest, minimising recompute.
                     The plan comes from `planner.plan_window` on a measured profile of one call.
@@ -27,8 +26,6 @@ can be broken down by component.
 """
 from __future__ import annotations
 
-import contextvars
-import types
 from typing import Callable
 
 import torch
@@ -74,52 +71,8 @@ def _checkpointed(fn, *args, **kwargs):
     return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
-# Set while a `selective` call runs: blocks prepared by `enable_block_regions` then run as their
-# own selective-checkpoint regions.
-_BLOCK_REGIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("refl_engine_block_regions", default=False)
-
-
-def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The selective-checkpoint regions of a diffusers UNet: its down, mid and up blocks. (One
-    region per resnet / transformer instead lowers the backward transient a little more — 0.88 vs
-    0.92 of `none`'s call peak on tiny-sd — but keeps more: the regions' inputs, among them the
-    up blocks' skip concatenations, must be saved; 0.86 vs 0.80 of `none`'s bytes per step, and
-    those multiply by the window size.)"""
-    blocks = [*getattr(unet, "down_blocks", ()), getattr(unet, "mid_block", None), *getattr(unet, "up_blocks", ())]
-    return [b for b in blocks if b is not None]
-
-
-def _block_forward(self, *args, **kwargs):
-    forward = type(self).forward
-    if not _BLOCK_REGIONS.get() or not torch.is_grad_enabled():
-        return forward(self, *args, **kwargs)
-    return checkpoint(forward, self, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
-
-
-def enable_block_regions(unet: torch.nn.Module) -> None:
-    """Give each UNet block a forward that, inside a `selective` call, runs the block as its own
-    selective-checkpoint region; elsewhere it is the class's forward unchanged. Idempotent; the
-    bound method survives deepcopy (it re-binds to the copy)."""
-    for block in unet_blocks(unet):
-        if getattr(block.forward, "__func__", None) is not _block_forward:
-            block.forward = types.MethodType(_block_forward, block)
-
-
 def _selective(fn, *args):
-    """Torch's selective activation checkpoint, one region per UNet block when `fn` names its UNet
-    (`make_eps_fn` does): a region's backward rematerialises its cheap ops all at once, so one
-    region per block bounds that transient by the largest block instead of the whole call. The
-    ops outside the blocks (conv_in, time embedding, the output GroupNorm/SiLU/conv) keep all
-    their activations, a few tensors at the top resolution. Without a UNet, one region."""
-    unet = getattr(fn, "unet", None)
-    if unet is None or not unet_blocks(unet) or not torch.is_grad_enabled():
-        return _checkpointed(fn, *args, context_fn=selective_context)
-    enable_block_regions(unet)
-    token = _BLOCK_REGIONS.set(True)
-    try:
-        return fn(*args)
-    finally:
-        _BLOCK_REGIONS.reset(token)
+    return _checkpointed(fn, *args, context_fn=selective_context)
 
 
 # window_pos -> how that call is run

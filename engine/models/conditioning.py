@@ -90,5 +90,4 @@ def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=states, **kwargs).sample.chunk(2)
         return guided(eps_u, eps_c, guidance_scale)
 
-    eps_fn.unet = unet  # memory policies that work per UNet block find it here
     return eps_fn
