@@ -17,6 +17,7 @@ the file published in christophschuhmann/improved-aesthetic-predictor on GitHub)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 MLP_HUB_ID = "camenduru/improved-aesthetic-predictor"
 CLIP_L14_HUB_ID = "openai/clip-vit-large-patch14"
 CLIP_SUBDIR = "clip-vit-large-patch14"
+CLIP_L14_VISION_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "clip_vit_l14_vision_config.json"
 
 
 class LinearStackHead(nn.Module):
@@ -153,6 +155,16 @@ def load_aesthetic(path: str | None = None, output: str = "raw") -> LaionAesthet
     vision = _load_vision_tower(clip_source)
     head = load_head(Path(mlp_file), vision.config.projection_dim)
     return LaionAesthetic(vision, head, output=output)
+
+
+def build_random_aesthetic(output: str = "raw") -> LaionAesthetic:
+    """The reward at its real size with random weights (benchmarks; nothing is downloaded): the
+    CLIP ViT-L/14 vision tower of configs/clip_vit_l14_vision_config.json and the published MLP widths."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = json.loads(CLIP_L14_VISION_CONFIG.read_text())
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    return LaionAesthetic(vision.float(), LinearStackHead(vision.config.projection_dim), output=output)
 
 
 register_reward("aesthetic", "LAION aesthetic v2: CLIP ViT-L/14 + MLP (path: dir with the .pth and CLIP dir)")(load_aesthetic)

@@ -377,4 +377,10 @@ def load_imagereward(path: str | None = None, output: str = "raw") -> ImageRewar
     return ImageReward(model.float(), blip_tokenizer(tok_source), output=output)
 
 
+def build_random_imagereward(tokenizer, output: str = "raw") -> ImageReward:
+    """ImageReward at its real size (ImageRewardConfig's defaults: BLIP ViT-L + BERT-base, as published)
+    with random weights (benchmarks; nothing is downloaded). `tokenizer`: a BERT tokenizer (blip_tokenizer)."""
+    return ImageReward(ImageRewardModel(ImageRewardConfig()).float(), tokenizer, output=output)
+
+
 register_reward("imagereward", "ImageReward v1.0: BLIP ViT-L + cross-attention BERT + MLP (path: ImageReward.pt)")(load_imagereward)
