@@ -11,20 +11,7 @@ import sys
 import pytest
 import torch
 
-# Triton fixes interpreter mode at its first import, and diffusers imports triton: set
-# TRITON_INTERPRET before either is imported (then put it back, see tests/kernels/conftest.py).
-_previous = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import refl_kernels  # noqa: E402
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
-
-import importlib  # noqa: E402
+from interpreted_kernels import INTERPRETED  # noqa: E402  (before diffusers imports triton)
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
@@ -32,7 +19,6 @@ from refl_engine.models.patch import (  # noqa: E402
     FusedAttnProcessor, FusedGroupNorm, FusedGroupNormSiLU, FusedResnetBlock2D, apply_kernels,
 )
 
-INTERPRETED = importlib.import_module("refl_kernels.attention").INTERPRETED
 
 TINY = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,

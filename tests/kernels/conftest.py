@@ -15,20 +15,7 @@ import sys
 
 import pytest
 
-_previous = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import refl_kernels  # noqa: E402  (imports triton in interpreter mode if it is not loaded yet)
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
-
-import importlib  # noqa: E402
-
-INTERPRETED = importlib.import_module("refl_kernels.attention").INTERPRETED
+from interpreted_kernels import INTERPRETED  # noqa: E402  (before anything imports triton)
 
 
 @pytest.fixture(autouse=True)
