@@ -30,7 +30,6 @@ from .sampling import DDIMSchedule, Window, run_trajectory
 log = logging.getLogger("refl_engine")
 
 
-
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move to device, casting only when some parameter is not already `dtype` (diffusers warns on
     every cast through `.to(dtype)`, even a no-op one)."""
@@ -38,6 +37,7 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
         module.to(device, dtype)
     else:
         module.to(device)
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""

@@ -203,14 +203,18 @@ def load_hps(path: str | None = None, output: str = "raw") -> HPSv2:
     return _hps_from_mapped(mapped, cfg, tokenizer, output, str(file))
 
 
-def build_random_hps(tokenizer, output: str = "raw") -> HPSv2:
-    """HPSv2 at its real size (the OpenCLIP ViT-H-14 of configs/hps_openclip_vit_h14.json) with random
-    weights (benchmarks; nothing is downloaded). `tokenizer`: a CLIP tokenizer; only its special-token
-    ids enter the config, the vocabulary stays the real 49408."""
+def random_vit_h14_clip(tokenizer):
+    """The OpenCLIP ViT-H-14 of configs/hps_openclip_vit_h14.json as a transformers CLIPModel with
+    random weights (HPSv2 and PickScore_v1 both fine-tune it). `tokenizer`: a CLIP tokenizer; only
+    its special-token ids enter the config, the vocabulary stays the real 49408."""
     from transformers import CLIPModel
 
-    config = openclip_config_to_clip_config(json.loads(VIT_H14_CONFIG.read_text()), tokenizer)
-    return HPSv2(CLIPModel(config).float(), tokenizer, output=output)
+    return CLIPModel(openclip_config_to_clip_config(json.loads(VIT_H14_CONFIG.read_text()), tokenizer)).float()
+
+
+def build_random_hps(tokenizer, output: str = "raw") -> HPSv2:
+    """HPSv2 at its real size with random weights (benchmarks; nothing is downloaded)."""
+    return HPSv2(random_vit_h14_clip(tokenizer), tokenizer, output=output)
 
 
 register_reward("hps", "HPSv2.1: OpenCLIP ViT-H/14, 100 x cosine (path: HPS_v2.1_compressed.pt or its directory)")(load_hps)

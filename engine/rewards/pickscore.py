@@ -126,20 +126,11 @@ def load_pickscore(path: str | None = None, output: str = "raw") -> PickScore:
 
 
 def build_random_pickscore(tokenizer, output: str = "raw") -> PickScore:
-    """PickScore at its real size with random weights (benchmarks; nothing is downloaded).
+    """PickScore at its real size with random weights (benchmarks; nothing is downloaded): PickScore_v1
+    fine-tunes laion/CLIP-ViT-H-14, the network HPSv2 fine-tunes too."""
+    from .hps import random_vit_h14_clip
 
-    PickScore_v1 fine-tunes laion/CLIP-ViT-H-14, the architecture of configs/hps_openclip_vit_h14.json
-    (its vision tower is configs/clip_vit_h14_vision_config.json); the config is mapped as hps.py maps it.
-    `tokenizer`: a CLIP tokenizer; only its special-token ids enter the config.
-    """
-    import json
-
-    from transformers import CLIPModel
-
-    from .hps import VIT_H14_CONFIG, openclip_config_to_clip_config
-
-    config = openclip_config_to_clip_config(json.loads(VIT_H14_CONFIG.read_text()), tokenizer)
-    return PickScore(CLIPModel(config).float(), tokenizer, output=output)
+    return PickScore(random_vit_h14_clip(tokenizer), tokenizer, output=output)
 
 
 register_reward("pickscore", "PickScore_v1: CLIP ViT-H/14, logit_scale x cosine (path: model directory)")(load_pickscore)
