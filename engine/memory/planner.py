@@ -47,7 +47,7 @@ from . import measure
 from .recompute import CALL_KINDS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PLANNER_VERSION = 4
+PLANNER_VERSION = 5
 
 # Recompute cost of one window step under each kind, in UNet forwards. `selective` re-runs the
 # elementwise and normalisation ops only: memory-bound, a small fraction of a forward's time.
@@ -101,7 +101,7 @@ def _storage_bytes(t: torch.Tensor) -> int:
 
 def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = ("none", "selective", "full"),
                  grad_into_params: bool = False, inputs_require_grad: bool = True,
-                 exclude: Sequence[torch.Tensor] = (), forward_only: Sequence[str] = ()) -> dict[str, CallProfile]:
+                 exclude: Sequence[torch.Tensor] = ()) -> dict[str, CallProfile]:
     """Profile one call of fn(*args) under each memory kind (see CALL_KINDS, plus "nograd").
 
     Works on real tensors (`--recompute auto` calibrating on the device) and on FakeTensors (the
@@ -109,8 +109,7 @@ def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = ("none", "
     `inputs_require_grad` (a window step whose latent carries gradient). Backward either takes
     torch.autograd.grad (nothing accumulates into .grad; the parameter gradients it returns are not
     counted, they are the `grads` component) or, with `grad_into_params`, runs .backward() into
-    .grad buffers the caller has already allocated (the steady state of training). Kinds in
-    `forward_only` skip the backward (bwd_peak = 0).
+    .grad buffers the caller has already allocated (the steady state of training).
     """
     args = [a.detach().requires_grad_(inputs_require_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
             else a for a in args]
@@ -128,11 +127,7 @@ def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = ("none", "
                         y = CALL_KINDS[kind](fn, *args)
             y_bytes = _storage_bytes(y)
             retained = tracker.live - y_bytes
-            if kind == "nograd" or kind in forward_only or y.grad_fn is None:
-                if kind in forward_only:
-                    out[kind] = CallProfile(retained, fw["peak"], 0, counter.bytes if counter is not None else 0)
-                    del y
-                    continue
+            if kind == "nograd" or y.grad_fn is None:
                 out[kind] = CallProfile(0, fw["peak"], 0)
                 del y
                 continue
@@ -492,15 +487,8 @@ def _trace_unet(unet_cfg: dict, kind_model: str, cross_dims: list, resolution: i
             c = Conditioning(cond, added=added)
         eps_fn = make_eps_fn(unet, c, 7.5 if cfg else 1.0)
         t = torch.full((), 500, dtype=torch.long)
-        # `selective`'s backward rematerialises the whole call when its first saved tensor is
-        # needed, so it peaks like `none`'s (equal to 0.1% on tiny-sd and SD1.5 when both are
-        # traced; tests/memory/test_planner.py checks it against the real model): its forward alone
-        # is traced, which saves a third of the tracing time.
         prof = profile_call(eps_fn, [x, t], kinds=kinds, grad_into_params=True, inputs_require_grad=x_grad,
-                            exclude=list(unet.parameters()), forward_only=("selective",))
-        if "selective" in prof and "none" in prof:
-            sel = prof["selective"]
-            prof["selective"] = CallProfile(sel.retained, sel.fwd_peak, prof["none"].bwd_peak, sel.saved)
+                            exclude=list(unet.parameters()))
     return prof
 
 

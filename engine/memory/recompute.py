@@ -10,13 +10,13 @@ Policies (`--recompute`):
     none            keep every activation of every window step (the baseline).
     full            checkpoint every UNet call: keep its inputs, recompute it during backward.
                     Memory is flat in the window size; costs one extra UNet forward per step.
-    selective       keep the outputs of the expensive ops of each call (convolutions, matmuls,
-                    attention) and recompute the cheap ones from them during backward (GroupNorm,
-                    SiLU, GELU/GEGLU, residual adds, casts, softmax): torch's selective activation
-                    checkpoint. Recomputes only cheap ops and keeps 0.67-0.81 of `none`'s
-                    activations per step (SD1.5 @ 512: frozen weights / LoRA r=8) — for every
-                    window step, so it is not flat in K. Its backward rematerialises the whole
-                    call at once, so the peak while back-propagating one call equals `none`'s.
+    selective       keep the outputs of convolutions, linears and attention; drop the
+                    cheap-but-large tensors a call would save (GroupNorm and SiLU outputs feeding
+                    a convolution or projection, GEGLU's GELU output) and recompute them inside
+                    the backward of the op that needs them (selective.py). Costs elementwise
+                    work only; keeps about 0.65 of `none`'s activations per step (tiny-sd) — for
+                    every window step, so it is not flat in K — and lowers the backward peak
+                    with them, since nothing is rematerialised as a whole.
     auto            given a byte budget, keep full activations for as many window steps as fit,
                     selective ones for the next, and checkpoint the rest, minimising recompute.
                     The plan comes from `planner.plan_window` on a measured profile of one call.
@@ -29,40 +29,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from .measure import component
-
-aten = torch.ops.aten
-
-
-def _op_set(names):
-    ops = set()
-    for name in names:
-        packet, _, overload = name.partition(".")
-        packet = getattr(aten, packet, None)
-        if packet is not None:
-            ops.add(getattr(packet, overload or "default"))
-    return ops
-
-
-# Outputs kept by `selective`: the ops whose recomputation costs real FLOPs. Attention kernels
-# return (out, logsumexp, ...) — O(N) per head, never the N x N matrix. Everything else (norms,
-# activations, adds, casts, views, the math-path softmax) is recomputed from these.
-SAVE_OPS = _op_set([
-    "mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_flash_attention_forward", "_efficient_attention_forward",
-])
-
-
-def selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def selective_context():
-    return create_selective_checkpoint_contexts(selective_policy)
+from .selective import ensure_installed, selective_recompute
 
 
 def _checkpointed(fn, *args, **kwargs):
@@ -72,7 +42,10 @@ def _checkpointed(fn, *args, **kwargs):
 
 
 def _selective(fn, *args):
-    return _checkpointed(fn, *args, context_fn=selective_context)
+    # `fn` is the guided noise prediction of make_eps_fn, which carries its UNet
+    ensure_installed(getattr(fn, "unet", None))
+    with selective_recompute():
+        return fn(*args)
 
 
 # window_pos -> how that call is run

@@ -90,4 +90,5 @@ def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=states, **kwargs).sample.chunk(2)
         return guided(eps_u, eps_c, guidance_scale)
 
+    eps_fn.unet = unet  # for memory policies that act on the UNet's modules (memory/selective.py)
     return eps_fn

@@ -120,7 +120,7 @@ def test_selective_keeps_less_than_none_and_full_keeps_latents_only():
     full, _ = _window_kept("full", unet, vae, params, scheduler)
     latent = 2 * 4 * 16 * 16 * 4
     assert full <= N_STEPS * (latent + 64)  # inputs of each step (plus the timestep scalars)
-    assert sel < 0.9 * none
+    assert sel < 0.75 * none  # measured 0.68: GroupNorm, SiLU and GELU outputs are not kept
 
 
 def test_auto_stays_within_budget_on_cpu():

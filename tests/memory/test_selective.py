@@ -1,0 +1,165 @@
+"""Module-level selective recomputation: the same values and gradients as the stock diffusers
+modules (float64, autograd as the reference), with only the declared tensors saved."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refl_engine.memory import measure
+from refl_engine.memory.selective import geglu_gate, install, norm_act_project, selective_recompute
+
+
+def _seed():
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def _grads(fn, inputs, weight):
+    out = fn()
+    return out.detach(), torch.autograd.grad((out * weight).sum(), inputs)
+
+
+def _saved_bytes(fn, exclude):
+    with measure.SavedTensorCounter(exclude=exclude) as counter:
+        out = fn()
+    del out
+    return counter.bytes
+
+
+@pytest.mark.parametrize("proj_kind,act", [("conv3s2", "silu"), ("conv1", None), ("conv3", "silu"), ("linear", None),
+                                           ("linear", "silu")])
+@pytest.mark.parametrize("trainable", [True, False], ids=["train_proj", "frozen_proj"])
+def test_norm_act_project_matches_autograd(proj_kind, act, trainable):
+    g = torch.Generator().manual_seed(_seed())
+    C, O = 6, 10
+    norm = nn.GroupNorm(3, C, eps=1e-5).double()
+    if proj_kind == "linear":
+        proj = nn.Linear(C, O).double()
+    else:
+        k = 1 if proj_kind == "conv1" else 3
+        proj = nn.Conv2d(C, O, k, stride=2 if proj_kind == "conv3s2" else 1, padding=k // 2).double()
+    with torch.no_grad():
+        for p in list(norm.parameters()) + list(proj.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    proj.requires_grad_(trainable)
+    x = torch.randn(2, C, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves = [x, norm.weight, norm.bias] + ([proj.weight, proj.bias] if trainable else [])
+
+    def stock():
+        a = norm(x)
+        a = F.silu(a) if act == "silu" else a
+        if proj_kind == "linear":
+            a = a.permute(0, 2, 3, 1).reshape(2, 35, C)
+        return proj(a)
+
+    with torch.no_grad():
+        w = torch.randn(stock().shape, generator=g, dtype=torch.float64)
+    ref_out, ref = _grads(stock, leaves, w)
+    out, got = _grads(lambda: norm_act_project(x, norm, act, proj), leaves, w)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # saved for backward: the input only (parameters are referenced, not copied)
+    params = list(norm.parameters()) + list(proj.parameters())
+    assert _saved_bytes(lambda: norm_act_project(x, norm, act, proj), params) == x.untyped_storage().nbytes()
+    # stock keeps the norm's input and output (and the activation's): more, except for a frozen
+    # linear right after the norm, which needs no input for backward
+    stock_bytes = _saved_bytes(stock, params)
+    assert stock_bytes > 2 * x.untyped_storage().nbytes() or (proj_kind == "linear" and act is None and not trainable)
+
+
+def test_geglu_gate_matches_autograd():
+    g = torch.Generator().manual_seed(_seed())
+    h = torch.randn(3, 11, 2 * 13, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 11, 13, generator=g, dtype=torch.float64)
+
+    def stock():
+        a, gate = h.chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+    ref_out, ref = _grads(stock, [h], w)
+    out, got = _grads(lambda: geglu_gate(h), [h], w)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+    assert _saved_bytes(lambda: geglu_gate(h), []) == h.untyped_storage().nbytes()
+
+
+def _unet(linear_projection: bool, rank: int, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    from refl_engine.models.load import tiny_sd_configs
+    from refl_engine.models.lora import add_lora
+
+    cfg = dict(tiny_sd_configs()["unet"], use_linear_projection=linear_projection)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg).double()
+    params = add_lora(unet, rank)
+    for p in params if rank else []:
+        p.data.normal_(0, 0.05)
+    return unet, params
+
+
+@pytest.mark.parametrize("linear_projection,rank", [(False, 4), (True, 4), (False, 0)],
+                         ids=["conv_proj_lora", "linear_proj_lora", "full_finetune"])
+def test_unet_selective_equals_stock(linear_projection, rank):
+    """The whole tiny UNet: same output and gradients (input and every trainable parameter) with
+    and without selective mode, and fewer saved bytes."""
+    seed = _seed()
+    unet, params = _unet(linear_projection, rank, seed)
+    n = install(unet)
+    assert n >= 5  # resnets, GEGLUs and transformer inputs of the tiny UNet
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 12, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(2, 7, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 4, 12, 10, generator=g, dtype=torch.float64)
+
+    def call():
+        return unet(x, torch.tensor(321), encoder_hidden_states=cond).sample
+
+    def selective():
+        with selective_recompute():
+            return call()
+
+    ref_out, ref = _grads(call, [x] + params, w)
+    out, got = _grads(selective, [x] + params, w)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    stock_bytes = _saved_bytes(call, list(unet.parameters()))
+    sel_bytes = _saved_bytes(selective, list(unet.parameters()))
+    assert sel_bytes < 0.8 * stock_bytes, (sel_bytes, stock_bytes)
+
+
+def test_selective_under_bf16_autocast_close_to_stock():
+    """Mixed precision: the Functions run their projection backward in the dtype autocast ran the
+    forward in, and return parameter gradients in the parameters' dtype."""
+    unet, params = _unet(True, 4, _seed())
+    unet.float()
+    install(unet)
+    g = torch.Generator().manual_seed(_seed())
+    x = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)
+    cond = torch.randn(2, 7, 32, generator=g)
+
+    def run(selective):
+        with torch.autocast("cpu", dtype=torch.bfloat16), selective_recompute(selective):
+            out = unet(x, torch.tensor(500), encoder_hidden_states=cond).sample
+        return out.float(), torch.autograd.grad(out.float().square().mean(), [x] + params)
+
+    ref_out, ref = run(False)
+    out, got = run(True)
+    torch.testing.assert_close(out, ref_out)  # same bf16 forward
+    for a, b, p in zip(got, ref, [x] + params):
+        assert a.dtype == p.dtype
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-12
+
+
+def test_inactive_or_no_grad_is_the_stock_path():
+    unet, _ = _unet(False, 4, _seed())
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(1, 7, 32, dtype=torch.float64)
+    call = lambda: unet(x, torch.tensor(10), encoder_hidden_states=cond).sample  # noqa: E731
+    before = _saved_bytes(call, list(unet.parameters()))
+    install(unet)
+    assert _saved_bytes(call, list(unet.parameters())) == before
+    with torch.no_grad(), selective_recompute():
+        y = call()
+    assert y.grad_fn is None
