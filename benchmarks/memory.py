@@ -91,7 +91,8 @@ def worker(args) -> dict:
             reserve = _planner(args, method, K, "auto", budget=budget).after_window_bytes(args.batch_size)
             trainer.policy = AutoRecompute(budget_bytes=budget, reserve_bytes=reserve,
                                            checkpoint_decode=trainer.policy.checkpoint_decode,
-                                           checkpoint_reward=trainer.policy.checkpoint_reward)
+                                           checkpoint_reward=trainer.policy.checkpoint_reward,
+                                           selective_decode=trainer.policy.selective_decode)
         trainer.train_step()  # warm-up: optimizer state now exists, as in every later step
         t0 = time.perf_counter()
         timed = trainer.train_step()

@@ -80,6 +80,7 @@ class MemoryConfig:
     recompute: str = "full"  # none | full | selective | auto
     memory_budget: str = ""  # for --recompute auto: bytes or "40GB"
     checkpoint_decode: bool = True
+    selective_decode: bool = True  # VAE GroupNorm/SiLU outputs and frozen-conv inputs recomputed, not kept
     checkpoint_reward: bool = True
     gradient_checkpointing: bool = True  # diffusers alias; False means --recompute none
 

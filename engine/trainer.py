@@ -157,7 +157,12 @@ class ReFLTrainer:
         self.method = build_method(cfg.method)
         budget = parse_memory(cfg.memory.memory_budget) if cfg.memory.memory_budget else None
         policy_kwargs = dict(checkpoint_decode=cfg.memory.checkpoint_decode,
-                             checkpoint_reward=cfg.memory.checkpoint_reward)
+                             checkpoint_reward=cfg.memory.checkpoint_reward,
+                             selective_decode=cfg.memory.selective_decode)
+        if cfg.memory.selective_decode:
+            from .memory.selective import install
+
+            install(c.vae)
         if cfg.memory.recompute == "auto":
             from .memory.planner import auto_reserve_bytes
 
@@ -166,7 +171,7 @@ class ReFLTrainer:
             policy_kwargs["reserve_bytes"] = auto_reserve_bytes(
                 c.path if Path(c.path).is_dir() else c.kind, self.resolution, cfg.optim.train_batch_size,
                 cfg.optim.mixed_precision, cfg.method.reward, cfg.memory.checkpoint_decode,
-                cfg.memory.checkpoint_reward)
+                cfg.memory.checkpoint_reward, cfg.memory.selective_decode)
         try:
             self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
         except (ValueError, TypeError) as e:

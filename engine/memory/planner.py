@@ -47,7 +47,7 @@ from . import measure
 from .recompute import CALL_KINDS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PLANNER_VERSION = 5
+PLANNER_VERSION = 7
 
 # Recompute cost of one window step under each kind, in UNet forwards. `selective` re-runs the
 # elementwise and normalisation ops only: memory-bound, a small fraction of a forward's time.
@@ -502,16 +502,27 @@ def _decode_fn(vae):
     return decode
 
 
-def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool):
+def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool, selective: bool = False):
+    from .selective import install, selective_recompute
+
     dt = _dtype(dtype)
     vae = _meta_vae(vae_cfg)
     vae.requires_grad_(False)
+    decode = _decode_fn(vae)
+    if selective:  # as MemoryPolicy.decode_call with selective_decode
+        install(vae)
+        plain = decode
+
+        def decode(latents):
+            with selective_recompute():
+                return plain(latents)
+
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     with _tracing():
         _cast(vae, dt)
         z = torch.randn(batch, vae_cfg.get("latent_channels", 4), resolution // factor, resolution // factor, dtype=dt)
         kinds = ["full"] if checkpoint else ["none"]
-        prof = profile_call(_decode_fn(vae), [z], kinds=kinds, exclude=list(vae.parameters()))
+        prof = profile_call(decode, [z], kinds=kinds, exclude=list(vae.parameters()))
     return {"decode": prof[kinds[0]]}
 
 
@@ -576,6 +587,7 @@ class PlanSpec:
     reserve_gb: float = 3.0  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
     reward: str | None = None  # None: aesthetic (CLIP ViT-L/14) for sd15/sdxl, colorfulness for tiny-sd
     checkpoint_decode: bool = True
+    selective_decode: bool = True  # MemoryPolicy.selective_decode
     checkpoint_reward: bool = True
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
     lv_inner: int = 2
@@ -728,7 +740,8 @@ class Planner:
         """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1)."""
         s = self.spec
         vae = _trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
-                     dtype=s.mixed_precision, checkpoint=s.checkpoint_decode)["decode"]
+                     dtype=s.mixed_precision, checkpoint=s.checkpoint_decode,
+                     selective=s.selective_decode)["decode"]
         rew = _trace("reward", s.use_cache, reward=s.reward, resolution=self.resolution, batch=1,
                      dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
         chunk = s.decode_chunk
@@ -907,9 +920,10 @@ def make_plan(**kwargs) -> Plan:
 
 
 def auto_reserve_bytes(model: str | None, resolution: int, batch_size: int, mixed_precision: str = "no",
-                       reward: str | None = None, checkpoint_decode: bool = True, checkpoint_reward: bool = True) -> int:
+                       reward: str | None = None, checkpoint_decode: bool = True, checkpoint_reward: bool = True,
+                       selective_decode: bool = True) -> int:
     """What `--recompute auto` should hold back for decode + reward (AutoRecompute(reserve_bytes=...))."""
     spec = PlanSpec(model=model, resolution=resolution, batch_size=batch_size, mixed_precision=mixed_precision,
                     reward=reward if reward in REWARD_BACKBONES else None, checkpoint_decode=checkpoint_decode,
-                    checkpoint_reward=checkpoint_reward)
+                    checkpoint_reward=checkpoint_reward, selective_decode=selective_decode)
     return Planner(spec).after_window_bytes(batch_size)

@@ -48,6 +48,14 @@ def _selective(fn, *args):
         return fn(*args)
 
 
+def _in_selective_mode(fn):
+    def run(*args):
+        with selective_recompute():
+            return fn(*args)
+
+    return run
+
+
 # window_pos -> how that call is run
 CALL_KINDS: dict[str, Callable] = {
     "none": lambda fn, *args: fn(*args),
@@ -59,9 +67,14 @@ CALL_KINDS: dict[str, Callable] = {
 class MemoryPolicy:
     name = "base"
 
-    def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1):
+    def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1,
+                 selective_decode: bool = True):
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
+        # Decode with the VAE's modules in selective mode (selective.py; the trainer installs it on
+        # the VAE): its GroupNorm / SiLU outputs and the inputs of its frozen convolutions are not
+        # kept for backward, in the checkpoint's recompute or, unchecked, in the forward.
+        self.selective_decode = selective_decode
         # Samples per checkpointed decode chunk (0 = the whole batch in one). The VAE decoder's
         # activations at 512-1024 px rival a UNet call's; decoding the batch sample by sample
         # (each its own checkpoint) makes its recompute peak that of one image, not of the batch.
@@ -83,6 +96,8 @@ class MemoryPolicy:
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
         with component("vae"):
+            if self.selective_decode:
+                fn = _in_selective_mode(fn)
             if not self.checkpoint_decode:
                 return fn(*args)
             batch = args[0].shape[0]

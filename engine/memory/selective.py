@@ -27,6 +27,11 @@ it sets an instance-level `forward` on eligible modules that falls back to the c
 (stock diffusers, or a `--kernels triton` subclass) whenever selective mode is off or the module
 does not match the pattern (a LoRA-wrapped conv, dropout > 0, scale-shift time norm, an
 up/down-sampling resnet, ZeRO-3 partitioned parameters).
+
+The same applies to a VAE (`MemoryPolicy.selective_decode`): its ResnetBlock2Ds and its frozen
+convolutions. A frozen convolution's backward needs only its weight, yet torch's convolution saves
+its input regardless; `_FrozenConv` saves nothing (the 2x-upsampled input of every upsampler conv
+is the largest such tensor).
 """
 from __future__ import annotations
 
@@ -151,8 +156,7 @@ def norm_act_project(x: torch.Tensor, norm: nn.GroupNorm, act: str | None, proj:
     """proj(act(norm(x))) for a GroupNorm `norm` and a plain nn.Conv2d or nn.Linear `proj` (a
     linear sees the (B, H*W, C) tokens), saving only x for backward."""
     if isinstance(proj, nn.Conv2d):
-        spec = _Spec(norm.num_groups, norm.eps, act, "conv", tuple(proj.stride), tuple(proj.padding),
-                     tuple(proj.dilation), proj.groups)
+        spec = _conv_spec(proj, act, "conv", norm.num_groups, norm.eps)
     else:
         spec = _Spec(norm.num_groups, norm.eps, act, "linear")
     return _NormActProject.apply(x, norm.weight, norm.bias, proj.weight, proj.bias, spec)
@@ -184,6 +188,40 @@ def geglu_gate(h: torch.Tensor) -> torch.Tensor:
     return _GegluGate.apply(h)
 
 
+# ---------------------------------------------------------------------- frozen convolutions
+
+class _FrozenConv(torch.autograd.Function):
+    """conv2d with a frozen weight: its backward needs the weight only, but torch's convolution
+    saves the input regardless (the VAE's, the LoRA UNet's upsampler, proj_out, shortcut convs).
+    Saves nothing; backward computes the input gradient from the input's shape."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: _Spec):
+        out = F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
+        ctx.save_for_backward(weight)
+        ctx.spec, ctx.x_shape, ctx.x_dtype, ctx.out_dtype = spec, x.shape, x.dtype, out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        spec, dt = ctx.spec, ctx.out_dtype
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight.to(dt), grad_out.to(dt), spec.stride, spec.padding,
+                                            spec.dilation, spec.conv_groups)
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
+def _conv_spec(conv: nn.Conv2d, act=None, kind="conv", groups=0, eps=0.0) -> _Spec:
+    return _Spec(groups, eps, act, kind, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def _conv_forward(self, x, *args, **kwargs):
+    frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+    if not is_active() or not frozen or not _plain_proj(self) or args or kwargs or _partitioned(self):
+        return type(self).forward(self, x, *args, **kwargs)
+    return _FrozenConv.apply(x, self.weight, self.bias, _conv_spec(self))
+
+
 # ---------------------------------------------------------------------- installation
 
 def _plain_group_norm(m) -> bool:
@@ -205,7 +243,7 @@ def _partitioned(module: nn.Module) -> bool:
 
 def _resnet_eligible(m) -> bool:
     dropout_off = (not m.training) or float(getattr(m.dropout, "p", 0.0)) == 0.0
-    return (m.time_embedding_norm == "default" and m.upsample is None and m.downsample is None
+    return (m.time_embedding_norm != "scale_shift" and m.upsample is None and m.downsample is None
             and isinstance(m.nonlinearity, nn.SiLU) and dropout_off
             and _plain_group_norm(m.norm1) and _plain_group_norm(m.norm2)
             and _plain_proj(m.conv1) and _plain_proj(m.conv2))
@@ -214,13 +252,14 @@ def _resnet_eligible(m) -> bool:
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if not is_active() or not _resnet_eligible(self) or _partitioned(self):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
-    # the sequence of diffusers' ResnetBlock2D.forward for time_embedding_norm="default"
+    # the sequence of diffusers' ResnetBlock2D.forward for time_embedding_norm "default" (UNets)
+    # and "group" (VAEs: the time embedding, if any, is not added)
     hidden = norm_act_project(input_tensor, self.norm1, "silu", self.conv1)
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
-    if temb is not None:
+    if temb is not None and self.time_embedding_norm == "default":
         hidden = hidden + temb
     hidden = norm_act_project(hidden, self.norm2, "silu", self.conv2)
     if self.conv_shortcut is not None:
@@ -248,8 +287,8 @@ def _continuous_inputs(self, hidden_states):
 
 
 def install(unet: nn.Module) -> int:
-    """Give the UNet's eligible modules their selective forward (idempotent). Returns how many
-    modules have it."""
+    """Give the eligible modules of a UNet or VAE their selective forward (idempotent). Returns
+    how many modules have it."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -262,6 +301,8 @@ def install(unet: nn.Module) -> int:
             name, fn = "forward", _geglu_forward
         elif isinstance(m, Transformer2DModel) and getattr(m, "is_input_continuous", False):
             name, fn = "_operate_on_continuous_inputs", _continuous_inputs
+        elif type(m) is nn.Conv2d:
+            name, fn = "forward", _conv_forward
         else:
             continue
         if name not in m.__dict__:

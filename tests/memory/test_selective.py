@@ -163,3 +163,59 @@ def test_inactive_or_no_grad_is_the_stock_path():
     with torch.no_grad(), selective_recompute():
         y = call()
     assert y.grad_fn is None
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 1, 1), (1, 2, 2, 3)])
+def test_frozen_conv_saves_nothing_and_matches_autograd(stride, padding, dilation, groups):
+    g = torch.Generator().manual_seed(_seed())
+    conv = nn.Conv2d(6, 9, 3, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+    conv.requires_grad_(False)
+    x = torch.randn(2, 6, 9, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        w = torch.randn(conv(x).shape, generator=g, dtype=torch.float64)
+    ref_out, ref = _grads(lambda: conv(x), [x], w)
+    install(conv)
+
+    def selective():
+        with selective_recompute():
+            return conv(x)
+
+    out, got = _grads(selective, [x], w)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
+    assert _saved_bytes(selective, list(conv.parameters())) == 0
+    assert _saved_bytes(lambda: conv(x), list(conv.parameters())) == x.untyped_storage().nbytes()
+    conv.requires_grad_(True)  # a trainable conv keeps the stock path (its weight gradient needs x)
+    assert _saved_bytes(selective, list(conv.parameters())) == x.untyped_storage().nbytes()
+
+
+def test_vae_decode_selective_equals_stock():
+    """A VAE decoder (ResnetBlock2D with time_embedding_norm="group", upsamplers, mid-block
+    attention): same image and latent gradient, fewer saved bytes."""
+    from diffusers import AutoencoderKL
+
+    seed = _seed()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 24),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=4).double().requires_grad_(False)
+    install(vae)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 20, 28, generator=g, dtype=torch.float64)
+
+    def stock():
+        return vae.decode(z).sample
+
+    def selective():
+        with selective_recompute():
+            return stock()
+
+    ref_out, ref = _grads(stock, [z], w)
+    out, got = _grads(selective, [z], w)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-9, atol=1e-12)
+    params = list(vae.parameters())
+    assert _saved_bytes(selective, params) < 0.5 * _saved_bytes(stock, params)
