@@ -92,7 +92,8 @@ def worker(args) -> dict:
             trainer.policy = AutoRecompute(budget_bytes=budget, reserve_bytes=reserve,
                                            checkpoint_decode=trainer.policy.checkpoint_decode,
                                            checkpoint_reward=trainer.policy.checkpoint_reward,
-                                           selective_decode=trainer.policy.selective_decode)
+                                           selective_decode=trainer.policy.selective_decode,
+                                           selective_recompute=trainer.policy.selective_recompute)
         trainer.train_step()  # warm-up: optimizer state now exists, as in every later step
         t0 = time.perf_counter()
         timed = trainer.train_step()

@@ -81,6 +81,7 @@ class MemoryConfig:
     memory_budget: str = ""  # for --recompute auto: bytes or "40GB"
     checkpoint_decode: bool = True
     selective_decode: bool = True  # VAE GroupNorm/SiLU outputs and frozen-conv inputs recomputed, not kept
+    selective_recompute: bool = True  # `full` steps recompute the UNet in selective mode
     checkpoint_reward: bool = True
     gradient_checkpointing: bool = True  # diffusers alias; False means --recompute none
 

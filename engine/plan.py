@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=sorted(REWARD_BACKBONES), default=None,
                    help="which reward backbone the image gradient crosses (default: aesthetic; colorfulness for tiny-sd)")
     p.add_argument("--no-checkpoint-decode", dest="checkpoint_decode", action="store_false")
+    p.add_argument("--no-selective-recompute", dest="selective_recompute", action="store_false",
+                   help="`full` recomputes each UNet call with plain checkpoints, not in selective mode")
     p.add_argument("--no-selective-decode", dest="selective_decode", action="store_false",
                    help="keep the VAE decoder's GroupNorm/SiLU outputs and frozen-conv inputs for backward")
     p.add_argument("--no-checkpoint-reward", dest="checkpoint_reward", action="store_false")

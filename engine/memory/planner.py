@@ -47,7 +47,7 @@ from . import measure
 from .recompute import CALL_KINDS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PLANNER_VERSION = 7
+PLANNER_VERSION = 8
 
 # Recompute cost of one window step under each kind, in UNet forwards. `selective` re-runs the
 # elementwise and normalisation ops only: memory-bound, a small fraction of a forward's time.
@@ -69,16 +69,6 @@ class CallProfile:
         """The profile at `factor` times the traced batch: activations are proportional to the
         batch (weights are excluded; batch-independent bytes are a few hundred at most)."""
         return CallProfile(*(int(round(v * factor)) for v in (self.retained, self.fwd_peak, self.bwd_peak, self.saved)))
-
-
-def derive_checkpointed(profiles: dict[str, CallProfile]) -> dict[str, CallProfile]:
-    """`full` from the traced `nograd` and `none` calls: a checkpointed call keeps nothing, runs
-    its forward like a no-grad call, and its backward first recomputes the forward with grad (so
-    peaks like a `none` backward)."""
-    out = dict(profiles)
-    if "nograd" in profiles and "none" in profiles:
-        out.setdefault("full", CallProfile(0, profiles["nograd"].fwd_peak, profiles["none"].bwd_peak))
-    return out
 
 
 def _graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -588,6 +578,7 @@ class PlanSpec:
     reward: str | None = None  # None: aesthetic (CLIP ViT-L/14) for sd15/sdxl, colorfulness for tiny-sd
     checkpoint_decode: bool = True
     selective_decode: bool = True  # MemoryPolicy.selective_decode
+    selective_recompute: bool = True  # MemoryPolicy.selective_recompute: `full` recomputes in selective mode
     checkpoint_reward: bool = True
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
     lv_inner: int = 2
@@ -731,10 +722,13 @@ class Planner:
         cross = [c.get("projection_dim", c["hidden_size"]) for c in self.model.text_encoders]
         unet_cfg = dict(self.model.unet)
         unet_cfg["_latent_factor"] = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
+        full = "full" if s.selective_recompute else "full_plain"
         traced = _trace("unet", s.use_cache, unet_cfg=unet_cfg, kind_model=self.model.kind, cross_dims=cross,
                         resolution=self.resolution, batch=1, cfg=s.guidance_scale > 1.0, dtype=s.mixed_precision,
-                        rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", "none", "selective"])
-        return derive_checkpointed({k: v.scaled(batch) for k, v in traced.items()})
+                        rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", "none", "selective", full])
+        traced = dict(traced)
+        traced["full"] = traced.pop(full)
+        return {k: v.scaled(batch) for k, v in traced.items()}
 
     def after_window(self, batch: int) -> tuple[CallProfile, CallProfile]:
         """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1)."""

@@ -9,6 +9,9 @@ is the whole guided noise prediction of one step. Decode and reward go through
 Policies (`--recompute`):
     none            keep every activation of every window step (the baseline).
     full            checkpoint every UNet call: keep its inputs, recompute it during backward.
+                    The recompute runs the UNet in selective mode (below), so the backward of one
+                    call peaks at `selective`'s level, not `none`'s (`--selective_recompute false`:
+                    a plain checkpoint).
                     Memory is flat in the window size; costs one extra UNet forward per step.
     selective       keep the outputs of convolutions, linears and attention; drop the
                     cheap-but-large tensors a call would save (GroupNorm and SiLU outputs feeding
@@ -48,6 +51,18 @@ def _selective(fn, *args):
         return fn(*args)
 
 
+def _both_selective():
+    return selective_recompute(), selective_recompute()
+
+
+def _checkpointed_selective(fn, *args):
+    """`full` whose forward and recompute run the UNet in selective mode: the recomputed call
+    saves what `selective` saves, so the backward of one call peaks lower than a plain
+    checkpoint's, for elementwise recompute work."""
+    ensure_installed(getattr(fn, "unet", None))
+    return _checkpointed(fn, *args, context_fn=_both_selective)
+
+
 def _in_selective_mode(fn):
     def run(*args):
         with selective_recompute():
@@ -60,7 +75,8 @@ def _in_selective_mode(fn):
 CALL_KINDS: dict[str, Callable] = {
     "none": lambda fn, *args: fn(*args),
     "selective": _selective,
-    "full": _checkpointed,
+    "full": _checkpointed_selective,
+    "full_plain": _checkpointed,  # `full` with --selective_recompute false
 }
 
 
@@ -68,7 +84,9 @@ class MemoryPolicy:
     name = "base"
 
     def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1,
-                 selective_decode: bool = True):
+                 selective_decode: bool = True, selective_recompute: bool = True):
+        # `full` steps recompute in selective mode (CALL_KINDS["full"]); False: plain checkpoints
+        self.selective_recompute = selective_recompute
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
         # Decode with the VAE's modules in selective mode (selective.py; the trainer installs it on
@@ -90,8 +108,11 @@ class MemoryPolicy:
         raise NotImplementedError
 
     def unet_call(self, fn: Callable, *args, window_pos: int = 0):
+        kind = self.call_kind(window_pos)
+        if kind == "full" and not self.selective_recompute:
+            kind = "full_plain"
         with component("unet"):
-            return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
+            return CALL_KINDS[kind](fn, *args)
 
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
@@ -197,7 +218,12 @@ class AutoRecompute(MemoryPolicy):
         key = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
                     for a in args)
         if key not in self._profiles:
-            self._profiles[key] = planner.profile_call(fn, args, kinds=self.kinds)
+            plain = "full" in self.kinds and not self.selective_recompute
+            kinds = [("full_plain" if k == "full" and plain else k) for k in self.kinds]
+            prof = planner.profile_call(fn, args, kinds=kinds)
+            if plain:
+                prof["full"] = prof.pop("full_plain")
+            self._profiles[key] = prof
         live = measure.live_bytes(device) or 0
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
         self.last_plan = planner.plan_window(self.window_size, self._profiles[key], self.memory_budget - live,
