@@ -28,11 +28,13 @@ import time
 
 ROWS = [
     # (method, K, recompute)
-    ("draft", "1", "none"), ("draft", "1", "full"), ("draft", "1", "selective"),
-    ("draft", "full", "none"), ("draft", "full", "full"), ("draft", "full", "selective"), ("draft", "full", "auto"),
-    ("refl", "-", "none"), ("refl", "-", "full"),
+    ("draft", "1", "none"), ("draft", "1", "lean"), ("draft", "1", "full"), ("draft", "1", "selective"),
+    ("draft", "full", "none"), ("draft", "full", "lean"), ("draft", "full", "full"), ("draft", "full", "selective"),
+    ("draft", "full", "auto"),
+    ("refl", "-", "none"), ("refl", "-", "selective"),
     ("alignprop", "-", "full"), ("alignprop", "-", "selective"),
 ]
+POLICIES = ("none", "lean", "full", "selective")
 
 
 def _config(args, method, K, recompute, out_dir, budget=None):
@@ -92,8 +94,7 @@ def worker(args) -> dict:
             trainer.policy = AutoRecompute(budget_bytes=budget, reserve_bytes=reserve,
                                            checkpoint_decode=trainer.policy.checkpoint_decode,
                                            checkpoint_reward=trainer.policy.checkpoint_reward,
-                                           selective_decode=trainer.policy.selective_decode,
-                                           selective_recompute=trainer.policy.selective_recompute)
+                                           selective_decode=trainer.policy.selective_decode)
         trainer.train_step()  # warm-up: optimizer state now exists, as in every later step
         t0 = time.perf_counter()
         timed = trainer.train_step()
@@ -120,7 +121,7 @@ def worker(args) -> dict:
 
 
 def timing_worker(args) -> dict:
-    """Step seconds of none / selective / full in ONE process, interleaved, median of `reps`: on a
+    """Step seconds of each fixed policy in ONE process, interleaved, median of `reps`: on a
     shared machine, separate processes at different times see different load; interleaving in one
     process cancels most of it."""
     import statistics
@@ -132,13 +133,13 @@ def timing_worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     method, K = args.timing.split(",")
-    policies = ("none", "selective", "full")
+    policies = POLICIES
     times = {p: [] for p in policies}
     with tempfile.TemporaryDirectory() as out:
         trainer = ReFLTrainer(_config(args, method, K, "none", out)).setup()
         trainer.train_step()
         for rep in range(args.reps):
-            order = policies[rep % 3:] + policies[: rep % 3]
+            order = policies[rep % len(policies):] + policies[: rep % len(policies)]
             for pol in order:
                 trainer.policy = build_policy(pol)
                 t0 = time.perf_counter()
@@ -146,7 +147,7 @@ def timing_worker(args) -> dict:
                 times[pol].append(time.perf_counter() - t0)
     med = {p: statistics.median(v) for p, v in times.items()}
     return dict(method=method, K=K, steps=args.steps, reps=args.reps, seconds=times, median_seconds=med,
-                selective_over_none=med["selective"] / med["none"], full_over_none=med["full"] / med["none"])
+                over_none={p: med[p] / med["none"] for p in policies})
 
 
 def main(argv=None) -> int:
@@ -230,24 +231,21 @@ def render(records, timings=()) -> str:
                      f"{r['step_seconds']:7.2f}")
     by = {(r["method"], r["K"], r["recompute"]): r for r in records}
     lines.append("")
-    for pol in ("none", "full", "selective"):
+    for pol in POLICIES:
         a, b = by.get(("draft", "full", pol)), by.get(("draft", "1", pol))
         if a and b:
             lines.append(f"flat in K ({pol:9s}): peak(K=full) / peak(K=1) = {a['peak_bytes'] / b['peak_bytes']:.3f}")
     for K in ("1", "full"):
-        sel, full, none = (by.get(("draft", K, p)) for p in ("selective", "full", "none"))
-        if sel and full:
-            lines.append(f"draft K={K:4s}: selective / full peak = {sel['peak_bytes'] / full['peak_bytes']:.3f}; "
-                         f"selective / none peak = {sel['peak_bytes'] / none['peak_bytes']:.3f}" if none else "")
-        if sel and none:
-            lines.append(f"draft K={K:4s}: step time selective / none = {sel['step_seconds'] / none['step_seconds']:.3f}; "
-                         f"full / none = {full['step_seconds'] / none['step_seconds']:.3f} (separate processes: "
-                         "noisy on a shared machine; the interleaved timing below is the comparison)" if full else "")
+        row = {p: by.get(("draft", K, p)) for p in POLICIES}
+        if row["selective"] and row["full"]:
+            lines.append(f"draft K={K:4s}: selective / full peak = "
+                         f"{row['selective']['peak_bytes'] / row['full']['peak_bytes']:.3f}"
+                         + (f"; lean / none peak = {row['lean']['peak_bytes'] / row['none']['peak_bytes']:.3f}"
+                            if row["lean"] and row["none"] else ""))
     for t in timings:
         med = t["median_seconds"]
         lines.append(f"step time, {t['method']} K={t['K']} (one process, interleaved, median of {t['reps']}): "
-                     f"none {med['none']:.2f}s, selective {med['selective']:.2f}s "
-                     f"({t['selective_over_none']:.3f}x), full {med['full']:.2f}s ({t['full_over_none']:.3f}x)")
+                     + ", ".join(f"{p} {med[p]:.2f}s ({t['over_none'][p]:.3f}x none)" for p in med))
     if records:
         worst = max(records, key=lambda r: abs(r["planner_error"]))
         lines.append(f"planner: worst error {100 * worst['planner_error']:+.1f}% "

@@ -77,11 +77,10 @@ class OptimConfig:
 
 @dataclass
 class MemoryConfig:
-    recompute: str = "full"  # none | full | selective | auto
+    recompute: str = "selective"  # none | lean | full | selective | auto (engine/memory/recompute.py)
     memory_budget: str = ""  # for --recompute auto: bytes or "40GB"
     checkpoint_decode: bool = True
     selective_decode: bool = True  # VAE GroupNorm/SiLU outputs and frozen-conv inputs recomputed, not kept
-    selective_recompute: bool = True  # `full` steps recompute the UNet in selective mode
     checkpoint_reward: bool = True
     gradient_checkpointing: bool = True  # diffusers alias; False means --recompute none
 
@@ -345,13 +344,13 @@ def validate(cfg: TrainConfig) -> None:
     if o.learning_rate <= 0:
         raise ConfigError("--learning_rate must be > 0")
     if not mem.gradient_checkpointing:
-        if mem.recompute not in ("full", "none"):
+        if mem.recompute not in (MemoryConfig.recompute, "none"):
             raise ConfigError(
                 f"--gradient_checkpointing false conflicts with --recompute {mem.recompute}; drop one of them"
             )
         mem.recompute = "none"
-    if mem.recompute not in ("none", "full", "selective", "auto"):
-        raise ConfigError(f"unknown --recompute {mem.recompute!r}; choose none, full, selective or auto")
+    if mem.recompute not in ("none", "lean", "full", "selective", "auto"):
+        raise ConfigError(f"unknown --recompute {mem.recompute!r}; choose none, lean, full, selective or auto")
     if mem.recompute == "auto" and not mem.memory_budget:
         raise ConfigError("--recompute auto needs --memory_budget (e.g. 70GB)")
     if mem.memory_budget:

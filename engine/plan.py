@@ -37,12 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
     p.add_argument("--offload", action="store_true", help="DeepSpeed CPU offload (optimizer; and parameters at --zero 3)")
-    p.add_argument("--recompute", choices=POLICIES, default="full")
+    p.add_argument("--recompute", choices=POLICIES, default="selective")
     p.add_argument("--reward", choices=sorted(REWARD_BACKBONES), default=None,
                    help="which reward backbone the image gradient crosses (default: aesthetic; colorfulness for tiny-sd)")
     p.add_argument("--no-checkpoint-decode", dest="checkpoint_decode", action="store_false")
-    p.add_argument("--no-selective-recompute", dest="selective_recompute", action="store_false",
-                   help="`full` recomputes each UNet call with plain checkpoints, not in selective mode")
     p.add_argument("--no-selective-decode", dest="selective_decode", action="store_false",
                    help="keep the VAE decoder's GroupNorm/SiLU outputs and frozen-conv inputs for backward")
     p.add_argument("--no-checkpoint-reward", dest="checkpoint_reward", action="store_false")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--model", "/nonexistent/model"], "no such directory"),
     (["--prompts", "/nonexistent/prompts.txt"], "no such file"),
     (["--method", "refl", "--K", "3"], "--K applies to --method draft only"),
-    (["--gradient_checkpointing", "false", "--recompute", "selective"], "conflicts with --recompute"),
+    (["--gradient_checkpointing", "false", "--recompute", "lean"], "conflicts with --recompute"),
     (["--recompute", "auto"], "--recompute auto needs --memory_budget"),
     (["--learning_rate", "abc"], "--learning_rate expects float"),
     (["--no_such_flag", "1"], "unrecognized arguments"),

@@ -47,12 +47,13 @@ from . import measure
 from .recompute import CALL_KINDS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PLANNER_VERSION = 8
+PLANNER_VERSION = 9
 
-# Recompute cost of one window step under each kind, in UNet forwards. `selective` re-runs the
-# elementwise and normalisation ops only: memory-bound, a small fraction of a forward's time.
-RECOMPUTE_COST = {"none": 0.0, "selective": 0.15, "full": 1.0}
-WINDOW_KINDS = ("none", "selective", "full")
+# Recompute cost of one window step under each kind, in UNet forwards. `lean` re-runs normalisation
+# and elementwise ops only (memory-bound; measured no slower than `none` on CPU); `selective` is a
+# `full` checkpoint plus that.
+RECOMPUTE_COST = {"none": 0.0, "lean": 0.05, "full": 1.0, "selective": 1.05}
+WINDOW_KINDS = ("none", "lean", "full", "selective")
 GiB = 2**30
 
 
@@ -89,7 +90,7 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = ("none", "selective", "full"),
+def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = WINDOW_KINDS,
                  grad_into_params: bool = False, inputs_require_grad: bool = True,
                  exclude: Sequence[torch.Tensor] = ()) -> dict[str, CallProfile]:
     """Profile one call of fn(*args) under each memory kind (see CALL_KINDS, plus "nograd").
@@ -183,15 +184,15 @@ def plan_window(window_size: int, profiles: dict[str, CallProfile], available: i
     """Choose per window position what to keep so the step fits in `available` bytes (above those
     live at window start) with the least recomputation.
 
-    Positions are grouped: the most-recomputed kinds first, the fully kept steps last — backward
-    visits the last steps first and frees their activations before it needs to recompute the early
-    ones. Every split (n_none, n_selective, rest checkpointed) is tried; ties go to the lower peak.
-    If nothing fits, the lowest-peak plan is returned with fits=False.
+    Positions are grouped in the order full, selective, lean, none: backward visits the last steps
+    first and frees their activations before it recomputes the early ones, so the kinds that keep
+    more go last; of the two checkpointed kinds, `selective` (lower backward peak) sits where more
+    latents are already kept. Every split is tried (for each number of `none` and `lean` steps, the
+    fewest `selective` ones that fit); ties go to the lower peak. If nothing fits, the lowest-peak
+    plan is returned with fits=False.
     """
     W = int(window_size)
     kinds = [k for k in (kinds or profiles) if k in profiles and k in WINDOW_KINDS]
-    ckpt = "full" if "full" in kinds else None
-    keep_kinds = [k for k in ("none", "selective") if k in kinds]
     best, lowest = None, None
     if W == 0:
         return WindowPlan([], after, 0, "VAE decode / reward", 0.0, after <= available)
@@ -209,16 +210,24 @@ def plan_window(window_size: int, profiles: dict[str, CallProfile], available: i
             return True
         return False
 
-    n_none_range = range(W, -1, -1) if "none" in keep_kinds else [0]
-    for n_none in n_none_range:
+    has = set(kinds)
+    for n_none in range(W, -1, -1) if "none" in has else [0]:
         rest = W - n_none
-        sel_range = range(rest, -1, -1) if "selective" in keep_kinds else [0]
-        for n_sel in sel_range:
-            n_ckpt = rest - n_sel
-            if n_ckpt and ckpt is None:
+        for n_lean in range(rest, -1, -1) if "lean" in has else [0]:
+            n_ckpt = rest - n_lean
+            if n_ckpt and not has & {"full", "selective"}:
                 continue
-            if consider([(ckpt, n_ckpt), ("selective", n_sel), ("none", n_none)]):
-                break  # fewer selective steps (more checkpointed) only cost more at this n_none
+            if "full" not in has:
+                sel_range = [n_ckpt]
+            else:
+                sel_range = range(0, n_ckpt + 1) if "selective" in has else [0]
+            fitted = False
+            for n_sel in sel_range:  # the fewest selective steps (the cheaper full ones) that fit
+                if consider([("full", n_ckpt - n_sel), ("selective", n_sel), ("lean", n_lean), ("none", n_none)]):
+                    fitted = True
+                    break
+            if fitted:
+                break  # fewer lean steps (more checkpointed) only cost more at this n_none
     chosen = best or lowest
     cost, peak, blocks, kept, phase = chosen
     kinds_out = [k for k, n in blocks for _ in range(n)]
@@ -554,7 +563,7 @@ def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoi
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 METHODS = ("refl", "draft", "draft-lv", "alignprop")
-POLICIES = ("none", "selective", "full", "auto")
+POLICIES = ("none", "lean", "full", "selective", "auto")
 
 
 @dataclass
@@ -572,13 +581,12 @@ class PlanSpec:
     optimizer: str = "adamw"
     zero: int = 0
     offload: bool = False
-    recompute: str = "full"
+    recompute: str = "selective"
     budget_gb: float | None = None  # GiB; None = detected GPU or 80
     reserve_gb: float = 3.0  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
     reward: str | None = None  # None: aesthetic (CLIP ViT-L/14) for sd15/sdxl, colorfulness for tiny-sd
     checkpoint_decode: bool = True
     selective_decode: bool = True  # MemoryPolicy.selective_decode
-    selective_recompute: bool = True  # MemoryPolicy.selective_recompute: `full` recomputes in selective mode
     checkpoint_reward: bool = True
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
     lv_inner: int = 2
@@ -722,12 +730,9 @@ class Planner:
         cross = [c.get("projection_dim", c["hidden_size"]) for c in self.model.text_encoders]
         unet_cfg = dict(self.model.unet)
         unet_cfg["_latent_factor"] = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
-        full = "full" if s.selective_recompute else "full_plain"
         traced = _trace("unet", s.use_cache, unet_cfg=unet_cfg, kind_model=self.model.kind, cross_dims=cross,
                         resolution=self.resolution, batch=1, cfg=s.guidance_scale > 1.0, dtype=s.mixed_precision,
-                        rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", "none", "selective", full])
-        traced = dict(traced)
-        traced["full"] = traced.pop(full)
+                        rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", *WINDOW_KINDS])
         return {k: v.scaled(batch) for k, v in traced.items()}
 
     def after_window(self, batch: int) -> tuple[CallProfile, CallProfile]:
@@ -832,7 +837,7 @@ class Planner:
         for pol in POLICIES:
             policies[pol] = self.peak(B, pol, state)[0]
         recommended = None
-        for pol in ("none", "selective", "auto", "full"):
+        for pol in ("none", "lean", "auto", "full", "selective"):
             p, wp, _ = self.peak(B, pol, state)
             if p <= usable and (pol != "auto" or wp.fits):
                 recommended = pol if pol != "auto" else f"auto ({_counts_text(wp.counts)})"
@@ -871,7 +876,7 @@ class Planner:
         B = s.batch_size
         accum = lambda b: f" with --gradient_accumulation_steps {math.ceil(B / b)} for the same effective batch"  # noqa: E731
         out = []
-        for pol in ("selective", "auto", "full"):
+        for pol in ("lean", "auto", "full", "selective"):
             if pol == s.recompute:
                 continue
             peak, wplan, _ = self.peak(B, pol, state)
@@ -879,7 +884,7 @@ class Planner:
                 out.append(f"--recompute {pol} (peak {peak / GiB:.1f} GiB)")
                 break
         else:
-            for pol in dict.fromkeys((s.recompute, "full")):
+            for pol in dict.fromkeys((s.recompute, "selective")):
                 mb = self.max_batch(pol, state)
                 if 0 < mb < B:
                     out.append(f"--recompute {pol} --batch-size {mb}{accum(mb)}")
@@ -890,12 +895,12 @@ class Planner:
             variants.append(("--zero 3 --offload", dict(offload=True, zero=3)))
         for text, kw in variants:
             st = self.state_bytes(**kw)
-            if self.peak(B, "full", st)[0] <= usable:
-                out.append(f"{text} --recompute full")
+            if self.peak(B, "selective", st)[0] <= usable:
+                out.append(f"{text} --recompute selective")
             else:
-                mb = self.max_batch("full", st)
+                mb = self.max_batch("selective", st)
                 if mb > 0:
-                    out.append(f"{text} --recompute full --batch-size {mb}{accum(mb)}")
+                    out.append(f"{text} --recompute selective --batch-size {mb}{accum(mb)}")
         if s.rank == 0:
             out.append("LoRA (--rank 8) instead of full fine-tuning: the gradients and optimizer state shrink "
                        "to the adapter's")

@@ -6,23 +6,26 @@ calls from the first window step: 0, 1, ...), and `policy.end_window()` after th
 is the whole guided noise prediction of one step. Decode and reward go through
 `policy.decode_call` / `policy.reward_call`. This is the one pluggable place for the memory policy.
 
-Policies (`--recompute`):
+Policies (`--recompute`), cheapest in recompute first:
     none            keep every activation of every window step (the baseline).
-    full            checkpoint every UNet call: keep its inputs, recompute it during backward.
-                    The recompute runs the UNet in selective mode (below), so the backward of one
-                    call peaks at `selective`'s level, not `none`'s (`--selective_recompute false`:
-                    a plain checkpoint).
-                    Memory is flat in the window size; costs one extra UNet forward per step.
-    selective       keep the outputs of convolutions, linears and attention; drop the
+    lean            keep the outputs of convolutions, linears and attention; drop the
                     cheap-but-large tensors a call would save (GroupNorm and SiLU outputs feeding
-                    a convolution or projection, GEGLU's GELU output) and recompute them inside
-                    the backward of the op that needs them (selective.py). Costs elementwise
-                    work only; keeps about 0.65 of `none`'s activations per step (tiny-sd) — for
-                    every window step, so it is not flat in K — and lowers the backward peak
-                    with them, since nothing is rematerialised as a whole.
+                    a convolution or projection, GEGLU's GELU output, the inputs of frozen
+                    convolutions) and recompute them inside the backward of the op that needs
+                    them (selective.py). Elementwise recompute only — no slower than `none` —
+                    and about 0.63 of `none`'s activations per step (tiny-sd, LoRA; 0.66 for
+                    SD1.5); kept for every window step, so not flat in K.
+    full            checkpoint every UNet call: keep its input latent, recompute the call during
+                    backward. Flat in the window size; one extra UNet forward per step; the
+                    backward of one call rematerialises everything `none` would keep.
+    selective       checkpoint every UNet call like `full`, and inside each recomputed call keep
+                    the outputs of convolutions, linears and attention and recompute the cheap
+                    ones as `lean` does: flat in K, and one call's backward peaks at `lean`'s
+                    level instead of `none`'s, for elementwise work on top of `full`.
     auto            given a byte budget, keep full activations for as many window steps as fit,
-                    selective ones for the next, and checkpoint the rest, minimising recompute.
-                    The plan comes from `planner.plan_window` on a measured profile of one call.
+                    `lean` ones for the next, and checkpoint the rest (`full`, or `selective`
+                    where `full`'s backward would not fit), minimising recompute. The plan comes
+                    from `planner.plan_window` on a measured profile of one call.
 
 Every call is tagged for `measure.LiveBytesTracker` ("unet", "vae", "reward") so a measured peak
 can be broken down by component.
@@ -44,7 +47,7 @@ def _checkpointed(fn, *args, **kwargs):
     return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
-def _selective(fn, *args):
+def _lean(fn, *args):
     # `fn` is the guided noise prediction of make_eps_fn, which carries its UNet
     ensure_installed(getattr(fn, "unet", None))
     with selective_recompute():
@@ -55,10 +58,9 @@ def _both_selective():
     return selective_recompute(), selective_recompute()
 
 
-def _checkpointed_selective(fn, *args):
-    """`full` whose forward and recompute run the UNet in selective mode: the recomputed call
-    saves what `selective` saves, so the backward of one call peaks lower than a plain
-    checkpoint's, for elementwise recompute work."""
+def _selective(fn, *args):
+    """A checkpoint whose forward and recompute run the UNet in selective mode: the recomputed
+    call saves what `lean` saves, so its backward peaks lower than a plain checkpoint's."""
     ensure_installed(getattr(fn, "unet", None))
     return _checkpointed(fn, *args, context_fn=_both_selective)
 
@@ -74,9 +76,9 @@ def _in_selective_mode(fn):
 # window_pos -> how that call is run
 CALL_KINDS: dict[str, Callable] = {
     "none": lambda fn, *args: fn(*args),
+    "lean": _lean,
+    "full": _checkpointed,
     "selective": _selective,
-    "full": _checkpointed_selective,
-    "full_plain": _checkpointed,  # `full` with --selective_recompute false
 }
 
 
@@ -84,9 +86,7 @@ class MemoryPolicy:
     name = "base"
 
     def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1,
-                 selective_decode: bool = True, selective_recompute: bool = True):
-        # `full` steps recompute in selective mode (CALL_KINDS["full"]); False: plain checkpoints
-        self.selective_recompute = selective_recompute
+                 selective_decode: bool = True):
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
         # Decode with the VAE's modules in selective mode (selective.py; the trainer installs it on
@@ -108,11 +108,8 @@ class MemoryPolicy:
         raise NotImplementedError
 
     def unet_call(self, fn: Callable, *args, window_pos: int = 0):
-        kind = self.call_kind(window_pos)
-        if kind == "full" and not self.selective_recompute:
-            kind = "full_plain"
         with component("unet"):
-            return CALL_KINDS[kind](fn, *args)
+            return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
 
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
@@ -150,6 +147,13 @@ class FullRecompute(MemoryPolicy):
         return "full"
 
 
+class LeanRecompute(MemoryPolicy):
+    name = "lean"
+
+    def call_kind(self, window_pos):
+        return "lean"
+
+
 class SelectiveRecompute(MemoryPolicy):
     name = "selective"
 
@@ -160,9 +164,9 @@ class SelectiveRecompute(MemoryPolicy):
 class AutoRecompute(MemoryPolicy):
     """Keep as many window steps' activations as `memory_budget` allows.
 
-    At the first call of a window it profiles one call of `fn` on the real inputs under `none`,
-    `selective` and `full` (bytes kept after forward, peak during forward and during backward; a
-    single extra forward/backward per input shape, gradients taken with autograd.grad so nothing
+    At the first call of a window it profiles one call of `fn` on the real inputs under each of
+    `kinds` (bytes kept after forward, peak during forward and during backward; one extra
+    forward/backward per kind and input shape, gradients taken with autograd.grad so nothing
     accumulates into .grad), then `planner.plan_window` picks per window position what to keep.
 
     budget_bytes    total bytes the step may use on the device (alias: memory_budget).
@@ -176,7 +180,7 @@ class AutoRecompute(MemoryPolicy):
     name = "auto"
 
     def __init__(self, budget_bytes: int | str | None = None, reserve_bytes: int = 0,
-                 kinds: tuple[str, ...] = ("none", "selective", "full"), memory_budget: int | str | None = None,
+                 kinds: tuple[str, ...] = ("none", "lean", "full", "selective"), memory_budget: int | str | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         budget = budget_bytes if budget_bytes is not None else memory_budget
@@ -200,7 +204,7 @@ class AutoRecompute(MemoryPolicy):
     def call_kind(self, window_pos):
         if self.plan is None:
             raise RuntimeError("AutoRecompute: no plan; the runner must call begin_window(window_size)")
-        return self.plan[window_pos] if window_pos < len(self.plan) else "full"
+        return self.plan[window_pos] if window_pos < len(self.plan) else "selective"
 
     def unet_call(self, fn, *args, window_pos=0):
         if not torch.is_grad_enabled():  # sampling without gradient: nothing to keep or plan
@@ -218,12 +222,7 @@ class AutoRecompute(MemoryPolicy):
         key = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
                     for a in args)
         if key not in self._profiles:
-            plain = "full" in self.kinds and not self.selective_recompute
-            kinds = [("full_plain" if k == "full" and plain else k) for k in self.kinds]
-            prof = planner.profile_call(fn, args, kinds=kinds)
-            if plain:
-                prof["full"] = prof.pop("full_plain")
-            self._profiles[key] = prof
+            self._profiles[key] = planner.profile_call(fn, args, kinds=self.kinds)
         live = measure.live_bytes(device) or 0
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
         self.last_plan = planner.plan_window(self.window_size, self._profiles[key], self.memory_budget - live,
@@ -245,6 +244,7 @@ def _parse_bytes(value) -> int:
 
 POLICIES: dict[str, type[MemoryPolicy]] = {
     "none": NoRecompute,
+    "lean": LeanRecompute,
     "full": FullRecompute,
     "selective": SelectiveRecompute,
     "auto": AutoRecompute,

@@ -274,7 +274,8 @@ def _geglu_forward(self, hidden_states, *args, **kwargs):
 
 
 def _continuous_inputs(self, hidden_states):
-    if not is_active() or _partitioned(self) or not (_plain_group_norm(self.norm) and _plain_proj(self.proj_in)):
+    if (not is_active() or not (_plain_group_norm(self.norm) and _plain_proj(self.proj_in))
+            or _partitioned(self.norm) or _partitioned(self.proj_in)):
         return type(self)._operate_on_continuous_inputs(self, hidden_states)
     batch, _, height, width = hidden_states.shape
     out = norm_act_project(hidden_states, self.norm, None, self.proj_in)

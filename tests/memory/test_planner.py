@@ -54,7 +54,7 @@ def _planner_unet_profile(batch, cfg, x_grad, resolution=32):
     unet_cfg = dict(tiny_sd_configs()["unet"], _latent_factor=2)
     return planner._trace_unet(unet_cfg=unet_cfg, kind_model="sd15", cross_dims=[32], resolution=resolution,
                                batch=batch, cfg=cfg, dtype="no", rank=4, lora_targets="to_q,to_k,to_v,to_out.0",
-                               x_grad=x_grad, kinds=["nograd", "none", "selective", "full", "full_plain"])
+                               x_grad=x_grad, kinds=["nograd", "none", "lean", "full", "selective"])
 
 
 @pytest.mark.parametrize("cfg,x_grad", [(True, True), (False, False)])
@@ -66,7 +66,7 @@ def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad):
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     x = torch.randn(batch, 4, 16, 16)
-    kinds = ["nograd", "none", "selective", "full", "full_plain"]
+    kinds = ["nograd", "none", "lean", "full", "selective"]
     real = planner.profile_call(_eps_fn(unet, batch, cfg), [x, torch.tensor(500)], kinds=kinds,
                                 grad_into_params=True, inputs_require_grad=x_grad, exclude=list(unet.parameters()))
     traced = _planner_unet_profile(batch, cfg, x_grad)
@@ -78,10 +78,11 @@ def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad):
     with measure.SavedTensorCounter(exclude=list(unet.parameters())) as counter:
         _eps_fn(unet, batch, cfg)(x.clone().requires_grad_(x_grad), torch.tensor(500))
     assert abs(counter.bytes - traced["none"].saved) <= 0.005 * counter.bytes
-    # `full` recomputing in selective mode peaks in backward where `selective` does, below a plain
-    # checkpoint's (which rematerialises everything `none` saves)
-    assert real["full"].bwd_peak < 0.85 * real["full_plain"].bwd_peak
-    assert real["full"].retained == real["full_plain"].retained == 0
+    # `selective` (a checkpoint recomputing in lean mode) peaks in backward below a plain
+    # checkpoint, which rematerialises everything `none` saves
+    assert real["selective"].bwd_peak < 0.85 * real["full"].bwd_peak
+    assert real["selective"].retained == real["full"].retained == 0
+    assert real["lean"].retained < 0.75 * real["none"].retained
 
 
 def test_meta_trace_equals_fake_tensor_trace():
@@ -98,7 +99,7 @@ def test_meta_trace_equals_fake_tensor_trace():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         x = torch.randn(2, 4, 16, 16)
-        fake = planner.profile_call(_eps_fn(unet, 2, True), [x, torch.tensor(500)], kinds=["none", "selective"],
+        fake = planner.profile_call(_eps_fn(unet, 2, True), [x, torch.tensor(500)], kinds=["none", "lean", "selective"],
                                     grad_into_params=True, exclude=list(unet.parameters()))
     meta = _planner_unet_profile(2, True, True)
     for kind in fake:
@@ -108,7 +109,7 @@ def test_meta_trace_equals_fake_tensor_trace():
 
 def test_activations_proportional_to_batch():
     one, three = _planner_unet_profile(1, True, True), _planner_unet_profile(3, True, True)
-    for kind in ("none", "selective"):
+    for kind in ("none", "lean", "selective"):
         for f in ("retained", "fwd_peak", "bwd_peak"):
             a, b = getattr(one[kind].scaled(3), f), getattr(three[kind], f)
             assert abs(a - b) <= 0.01 * b, (kind, f, a, b)
@@ -134,13 +135,15 @@ def test_plan_window_matches_brute_force():
         R = rng.randint(500, 1000)
         profiles = {
             "none": CallProfile(R, R + rng.randint(0, 200), R + rng.randint(50, 300)),
-            "selective": CallProfile(int(R * rng.uniform(0.4, 0.8)), R, R + rng.randint(50, 300)),
+            "lean": CallProfile(int(R * rng.uniform(0.4, 0.8)), R, R + rng.randint(50, 300)),
         }
         profiles["full"] = CallProfile(0, rng.randint(50, 200), profiles["none"].bwd_peak)
+        # a checkpoint recomputing in lean mode: forward as full's, backward as lean's
+        profiles["selective"] = CallProfile(0, profiles["full"].fwd_peak, profiles["lean"].bwd_peak)
         W, latent, after = rng.randint(1, 5), rng.randint(1, 20), rng.randint(0, 1500)
         available = rng.randint(R, (W + 1) * R + after)
         best = None
-        for seq in itertools.product(("none", "selective", "full"), repeat=W):
+        for seq in itertools.product(("none", "lean", "full", "selective"), repeat=W):
             peak = _simulate(seq, profiles, latent, after)
             cost = sum(planner.RECOMPUTE_COST[k] for k in seq)
             if peak <= available and (best is None or cost < best - 1e-9):
