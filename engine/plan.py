@@ -101,7 +101,12 @@ def render(plan) -> str:
 
 
 def main(argv=None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    # peft imports bitsandbytes, which warns that Hugging Face's optional `kernels` package is
+    # missing (4-bit CPU GEMMs, never used here): noise in a planner's output (as in train.py)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     fields = vars(args).copy()
     fields["lora_targets"] = fields.pop("lora_target_modules")
     fields.pop("json")
