@@ -168,7 +168,14 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions for the step-time comparison")
     p.add_argument("--no-timing", dest="do_timing", action="store_false", help="skip the interleaved step-time runs")
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--from-json", dest="from_json", default="", help="print the report of a saved --json file")
     args = p.parse_args(argv)
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(render(saved["records"], saved["timing"]))
+        return 0
 
     if args.row:  # inside the subprocess
         print("RESULT " + json.dumps(worker(args)))
@@ -244,8 +251,10 @@ def render(records, timings=()) -> str:
                             if row["lean"] and row["none"] else ""))
     for t in timings:
         med = t["median_seconds"]
-        lines.append(f"step time, {t['method']} K={t['K']} (one process, interleaved, median of {t['reps']}): "
-                     + ", ".join(f"{p} {med[p]:.2f}s ({t['over_none'][p]:.3f}x none)" for p in med))
+        low = {p: min(v) for p, v in t["seconds"].items()}
+        lines.append(f"step time, {t['method']} K={t['K']} (one process, interleaved, {t['reps']} runs each): "
+                     + ", ".join(f"{p} median {med[p]:.2f}s ({med[p] / med['none']:.3f}x none), "
+                                 f"min {low[p]:.2f}s ({low[p] / low['none']:.3f}x)" for p in med))
     if records:
         worst = max(records, key=lambda r: abs(r["planner_error"]))
         lines.append(f"planner: worst error {100 * worst['planner_error']:+.1f}% "
