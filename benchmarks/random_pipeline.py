@@ -6,7 +6,8 @@ the tiny preset's (its ids fit the real vocabulary, and prompts only set the con
 Weights are seeded; bytes and shapes, not images, are what this is for.
 
     python benchmarks/random_pipeline.py --out /tmp/sd15-random
-    python benchmarks/memory.py --model /tmp/sd15-random --resolution 256 --steps 4 --rows 'draft,1,full;...'
+    python benchmarks/memory.py --model /tmp/sd15-random --resolution 256 --steps 4 --batch-size 1 \
+        --threads 2 --no-timing --rows 'draft,1,full;draft,1,selective' --json out.json
 """
 from __future__ import annotations
 
