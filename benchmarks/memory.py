@@ -146,8 +146,7 @@ def timing_worker(args) -> dict:
                 trainer.train_step()
                 times[pol].append(time.perf_counter() - t0)
     med = {p: statistics.median(v) for p, v in times.items()}
-    return dict(method=method, K=K, steps=args.steps, reps=args.reps, seconds=times, median_seconds=med,
-                over_none={p: med[p] / med["none"] for p in policies})
+    return dict(method=method, K=K, steps=args.steps, reps=args.reps, seconds=times, median_seconds=med)
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PLANNER_VERSION = 9
 
 # Recompute cost of one window step under each kind, in UNet forwards. `lean` re-runs normalisation
-# and elementwise ops only (memory-bound; measured no slower than `none` on CPU); `selective` is a
+# and elementwise ops only (memory-bound; 1.06-1.07x `none`'s time on CPU); `selective` is a
 # `full` checkpoint plus that.
 RECOMPUTE_COST = {"none": 0.0, "lean": 0.05, "full": 1.0, "selective": 1.05}
 WINDOW_KINDS = ("none", "lean", "full", "selective")
@@ -221,13 +221,11 @@ def plan_window(window_size: int, profiles: dict[str, CallProfile], available: i
                 sel_range = [n_ckpt]
             else:
                 sel_range = range(0, n_ckpt + 1) if "selective" in has else [0]
-            fitted = False
-            for n_sel in sel_range:  # the fewest selective steps (the cheaper full ones) that fit
-                if consider([("full", n_ckpt - n_sel), ("selective", n_sel), ("lean", n_lean), ("none", n_none)]):
-                    fitted = True
-                    break
-            if fitted:
-                break  # fewer lean steps (more checkpointed) only cost more at this n_none
+            # the fewest selective steps (the cheaper full ones) that fit; once one does, fewer lean
+            # steps (more checkpointed) only cost more at this n_none
+            if any(consider([("full", n_ckpt - n_sel), ("selective", n_sel), ("lean", n_lean), ("none", n_none)])
+                   for n_sel in sel_range):
+                break
     chosen = best or lowest
     cost, peak, blocks, kept, phase = chosen
     kinds_out = [k for k, n in blocks for _ in range(n)]
@@ -502,7 +500,7 @@ def _decode_fn(vae):
 
 
 def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool, selective: bool = False):
-    from .selective import install, selective_recompute
+    from .selective import in_selective_mode, install
 
     dt = _dtype(dtype)
     vae = _meta_vae(vae_cfg)
@@ -510,11 +508,7 @@ def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoin
     decode = _decode_fn(vae)
     if selective:  # as MemoryPolicy.decode_call with selective_decode
         install(vae)
-        plain = decode
-
-        def decode(latents):
-            with selective_recompute():
-                return plain(latents)
+        decode = in_selective_mode(decode)
 
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     with _tracing():

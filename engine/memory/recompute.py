@@ -12,8 +12,8 @@ Policies (`--recompute`), cheapest in recompute first:
                     cheap-but-large tensors a call would save (GroupNorm and SiLU outputs feeding
                     a convolution or projection, GEGLU's GELU output, the inputs of frozen
                     convolutions) and recompute them inside the backward of the op that needs
-                    them (selective.py). Elementwise recompute only — no slower than `none` —
-                    and about 0.63 of `none`'s activations per step (tiny-sd, LoRA; 0.66 for
+                    them (selective.py). Elementwise recompute only (1.06-1.07x `none`'s step
+                    time at K=full on CPU) and about 0.63 of `none`'s activations per step (tiny-sd, LoRA; 0.66 for
                     SD1.5); kept for every window step, so not flat in K.
     full            checkpoint every UNet call: keep its input latent, recompute the call during
                     backward. Flat in the window size; one extra UNet forward per step; the
@@ -38,7 +38,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .measure import component
-from .selective import ensure_installed, selective_recompute
+from .selective import ensure_installed, in_selective_mode, selective_recompute
 
 
 def _checkpointed(fn, *args, **kwargs):
@@ -50,8 +50,7 @@ def _checkpointed(fn, *args, **kwargs):
 def _lean(fn, *args):
     # `fn` is the guided noise prediction of make_eps_fn, which carries its UNet
     ensure_installed(getattr(fn, "unet", None))
-    with selective_recompute():
-        return fn(*args)
+    return in_selective_mode(fn)(*args)
 
 
 def _both_selective():
@@ -63,14 +62,6 @@ def _selective(fn, *args):
     call saves what `lean` saves, so its backward peaks lower than a plain checkpoint's."""
     ensure_installed(getattr(fn, "unet", None))
     return _checkpointed(fn, *args, context_fn=_both_selective)
-
-
-def _in_selective_mode(fn):
-    def run(*args):
-        with selective_recompute():
-            return fn(*args)
-
-    return run
 
 
 # window_pos -> how that call is run
@@ -115,7 +106,7 @@ class MemoryPolicy:
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
         with component("vae"):
             if self.selective_decode:
-                fn = _in_selective_mode(fn)
+                fn = in_selective_mode(fn)
             if not self.checkpoint_decode:
                 return fn(*args)
             batch = args[0].shape[0]

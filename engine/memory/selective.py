@@ -65,6 +65,15 @@ def selective_recompute(enabled: bool = True):
         _state.active = prev
 
 
+def in_selective_mode(fn):
+    """fn, run in selective mode (so a checkpoint's forward and recompute of it both are)."""
+    def run(*args):
+        with selective_recompute():
+            return fn(*args)
+
+    return run
+
+
 # ---------------------------------------------------------------------- autocast state
 
 def _autocast_state(device: torch.device):
@@ -123,7 +132,6 @@ class _NormActProject(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, norm_w, norm_b, proj_w, proj_b = ctx.saved_tensors
         spec, needs = ctx.spec, ctx.needs_input_grad
-        leaves = []
         with torch.enable_grad(), _autocast(ctx.autocast):
             xd = x.detach().requires_grad_(needs[0])
             nw = None if norm_w is None else norm_w.detach().requires_grad_(needs[1])
