@@ -91,8 +91,10 @@ class OutputConfig:
     checkpointing_steps: int = 0  # 0 = only at the end
     checkpoints_total_limit: int = 3
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # replace the run an existing --output_dir holds
     sample_every: int = 0  # 0 = only before and after training
-    report_to: str = "jsonl"  # jsonl | tensorboard
+    report_to: str = "none"  # tensorboard | wandb | all | none (metrics.jsonl is always written)
+    tracker_project_name: str = "refl-engine"  # the wandb project
     progress: bool = True
 
 
@@ -355,8 +357,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--recompute auto needs --memory_budget (e.g. 70GB)")
     if mem.memory_budget:
         parse_memory(mem.memory_budget)
-    if cfg.output.report_to not in ("jsonl", "tensorboard", "none"):
-        raise ConfigError("--report_to must be jsonl, tensorboard or none")
+    if cfg.output.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise ConfigError(f"--report_to must be tensorboard, wandb, all or none, got {cfg.output.report_to!r}")
     p = cfg.data.prompts
     if not p.startswith("builtin:") and not os.path.isfile(p):
         raise ConfigError(f"--prompts {p!r}: no such file; give a .txt (one prompt a line) or .jsonl, or builtin:toy")
