@@ -47,6 +47,13 @@ class MethodConfig:
     reward: str = "colorfulness"
     reward_output: str = "raw"  # raw | rescaled (the [0, 1] form ImageReFL trains on)
     reward_scale: float = 1.0  # loss = -reward_scale * reward
+    reward_loss: str = "linear"  # linear: -reward_scale * r | relu: reward_scale * relu(threshold - r) (ImageReward script)
+    reward_loss_threshold: float = 2.0
+    handover_step: int = -1  # ImageReFL: step index where the noised real latent enters; -1 = 3/4 of N (30 of 40)
+    refl_every: int = 4  # ImageReFL: every n-th rollout is a classic ReFL one from pure noise; 0 = never
+    diffusion_loss_weight: float = 1e-5  # ImageReFL: weight of ||eps - eps_theta(x_t', t', c)||^2
+    kl_coeff: float = 0.0  # DRaFT+ penalty coeff * ||eps_theta - eps_base||^2 on the window steps (LoRA only)
+    pretrain_loss_coeff: float = 0.0  # diffusion loss on --train_data_dir pairs, added to every method's loss
 
 
 @dataclass
@@ -54,6 +61,9 @@ class DataConfig:
     prompts: str = "builtin:toy"  # builtin:toy, a .txt file (one prompt a line) or a .jsonl with "prompt"
     sample_prompts: str = ""  # prompts for the sample grids ("" = the first prompts of `prompts`)
     num_sample_images: int = 8
+    train_data_dir: str = ""  # image-caption pairs: a folder with metadata.jsonl (file_name, text) or COCO captions
+    coco_captions: str = ""  # COCO captions json (images + annotations); images in --train_data_dir or beside it
+    caption_column: str = ""  # metadata.jsonl caption field; "" = text, caption or prompt
 
 
 @dataclass
@@ -96,6 +106,11 @@ class OutputConfig:
     report_to: str = "none"  # tensorboard | wandb | all | none (metrics.jsonl is always written)
     tracker_project_name: str = "refl-engine"  # the wandb project
     progress: bool = True
+    eval_every: int = 0  # held-out reward and diversity every n steps; 0 = off
+    eval_prompts: str = ""  # held-out prompts ("" = the last --eval_num_prompts of --prompts)
+    eval_num_prompts: int = 4
+    eval_images_per_prompt: int = 4
+    eval_embedding: str = "pixels"  # diversity embedding: pixels, or a DINOv2/CLIP vision model dir or hub id
 
 
 @dataclass
@@ -118,7 +133,7 @@ class TrainConfig:
         return cfg
 
 
-METHODS = ("refl", "draft", "draft-lv", "alignprop")
+METHODS = ("refl", "draft", "draft-lv", "alignprop", "imagerefl")
 ALIASES = {
     "pretrained_model_name_or_path": "model",
     "num_train_steps": "max_train_steps",
@@ -310,8 +325,9 @@ def validate(cfg: TrainConfig) -> None:
     if m.num_inference_steps < 1:
         raise ConfigError("--num_inference_steps must be >= 1")
     parse_K(m.K, m.num_inference_steps)
-    if m.method == "refl":
+    if m.method in ("refl", "imagerefl"):
         parse_stop_range(m.stop_range, m.num_inference_steps)
+    validate_extras(cfg)
     if m.method != "draft" and str(m.K).lower() != "full" and m.method != "draft-lv":
         raise ConfigError(
             f"--K applies to --method draft only; {m.method} sets its own window "
@@ -362,3 +378,46 @@ def validate(cfg: TrainConfig) -> None:
     p = cfg.data.prompts
     if not p.startswith("builtin:") and not os.path.isfile(p):
         raise ConfigError(f"--prompts {p!r}: no such file; give a .txt (one prompt a line) or .jsonl, or builtin:toy")
+
+
+def handover_index(handover_step: int, num_steps: int) -> int:
+    """ImageReFL's hand-over step index: -1 = the paper's 30 of 40, scaled to N."""
+    return round(0.75 * num_steps) if handover_step < 0 else handover_step
+
+
+def validate_extras(cfg: TrainConfig) -> None:
+    """ImageReFL, the regularizers, the image-caption data and training-time evaluation."""
+    m, d, out = cfg.method, cfg.data, cfg.output
+    n = m.num_inference_steps
+    if m.reward_loss not in ("linear", "relu"):
+        raise ConfigError(f"--reward_loss must be linear or relu, got {m.reward_loss!r}")
+    for name in ("diffusion_loss_weight", "kl_coeff", "pretrain_loss_coeff"):
+        if not getattr(m, name) >= 0:
+            raise ConfigError(f"--{name} must be >= 0")
+    if m.refl_every < 0 or m.refl_every == 1:
+        raise ConfigError("--refl_every must be 0 (never) or >= 2 (every n-th step a ReFL step from noise)")
+    if m.method == "imagerefl":
+        h = handover_index(m.handover_step, n)
+        if not 0 <= h < n:
+            raise ConfigError(f"--handover_step {m.handover_step} must be in 0..{n - 1} (--num_inference_steps) or -1")
+        lo, hi = parse_stop_range(m.stop_range, n)
+        if hi < h:
+            raise ConfigError(f"--stop_range {lo}:{hi} ends before --handover_step {h}; the stop step must come after "
+                              "the hand-over")
+        if not (d.train_data_dir or d.coco_captions):
+            raise ConfigError("--method imagerefl trains on real images: give --train_data_dir (a folder with "
+                              "metadata.jsonl, or COCO captions); `python -m refl_engine.toyworld.make_dataset` makes one")
+    if m.pretrain_loss_coeff > 0 and not (d.train_data_dir or d.coco_captions):
+        raise ConfigError("--pretrain_loss_coeff needs image-caption pairs: give --train_data_dir")
+    if m.kl_coeff > 0 and cfg.model.rank == 0:
+        raise ConfigError("--kl_coeff needs LoRA (--rank > 0): the base prediction is the same UNet with its "
+                          "adapter switched off")
+    if d.train_data_dir and not os.path.isdir(d.train_data_dir):
+        raise ConfigError(f"--train_data_dir {d.train_data_dir!r}: no such folder")
+    if d.coco_captions and not os.path.isfile(d.coco_captions):
+        raise ConfigError(f"--coco_captions {d.coco_captions!r}: no such file")
+    if out.eval_every < 0:
+        raise ConfigError("--eval_every must be >= 0 (0 = off)")
+    if out.eval_num_prompts < 1 or out.eval_images_per_prompt < 2:
+        raise ConfigError("--eval_num_prompts must be >= 1 and --eval_images_per_prompt >= 2 (diversity compares "
+                          "images of one prompt)")

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError
+
+log = logging.getLogger("refl_engine")
 
 _COLORS = "red green blue yellow orange purple pink white black gray".split()
 _SHAPES = "circle square triangle star ring".split()
@@ -52,3 +57,145 @@ def load_prompts(spec: str) -> list[str]:
     if not prompts:
         raise ConfigError(f"prompt file {spec!r} holds no prompts")
     return prompts
+
+
+# ---------------------------------------------------------------- image-caption datasets
+
+CAPTION_COLUMNS = ("text", "caption", "prompt")  # diffusers' imagefolder default first
+
+
+def _read_imagefolder(root: Path, caption_column: str) -> list[tuple[Path, str]]:
+    """metadata.jsonl of the diffusers `imagefolder` layout: one JSON object a line with
+    `file_name` (relative to the folder) and a caption column."""
+    records = []
+    text = (root / "metadata.jsonl").read_text(encoding="utf-8")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: not a JSON object with a 'file_name' field") from None
+        columns = (caption_column,) if caption_column else CAPTION_COLUMNS
+        caption = next((row[c] for c in columns if c in row), None)
+        if caption is None:
+            raise ConfigError(f"{root / 'metadata.jsonl'}:{n}: no caption column ({'/'.join(columns)}); "
+                              "set --caption_column")
+        if isinstance(caption, list):  # several captions per image: the first
+            caption = caption[0] if caption else ""
+        records.append((root / name, str(caption)))
+    return records
+
+
+def _read_coco(captions_json: Path, image_dir: Path) -> list[tuple[Path, str]]:
+    """COCO captions layout: {"images": [{"id", "file_name"}], "annotations": [{"image_id",
+    "caption"}]}; every (image, caption) annotation is one record."""
+    try:
+        data = json.loads(captions_json.read_text(encoding="utf-8"))
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        return [(image_dir / files[a["image_id"]], str(a["caption"]).strip()) for a in data["annotations"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read COCO captions {str(captions_json)!r} ({e.__class__.__name__}: {e}); "
+                          "it needs 'images' (id, file_name) and 'annotations' (image_id, caption)"
+                          .splitlines()[0]) from None
+
+
+def find_records(train_data_dir: str, coco_captions: str = "", caption_column: str = "") -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from --train_data_dir: a folder with metadata.jsonl, or with a
+    COCO captions json (--coco_captions FILE, else the one *.json in the folder holding
+    'annotations')."""
+    root = Path(train_data_dir).expanduser() if train_data_dir else None
+    if coco_captions:
+        captions = Path(coco_captions).expanduser()
+        if not captions.is_file():
+            raise ConfigError(f"--coco_captions {coco_captions!r}: no such file")
+        records = _read_coco(captions, root or captions.parent)
+    else:
+        if root is None or not root.is_dir():
+            raise ConfigError(f"--train_data_dir {train_data_dir!r}: no such folder; give a folder of images with a "
+                              "metadata.jsonl (file_name + text) or a COCO captions json")
+        if (root / "metadata.jsonl").is_file():
+            records = _read_imagefolder(root, caption_column)
+        else:
+            coco = [p for p in sorted(root.glob("*.json")) if '"annotations"' in p.read_text(errors="ignore")]
+            if len(coco) != 1:
+                raise ConfigError(f"--train_data_dir {train_data_dir!r} has no metadata.jsonl and "
+                                  f"{'no' if not coco else 'several'} COCO captions json; add a metadata.jsonl "
+                                  "or name the json with --coco_captions")
+            records = _read_coco(coco[0], root)
+    if not records:
+        raise ConfigError(f"--train_data_dir {train_data_dir or coco_captions!r} holds no image-caption pairs")
+    return records
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """(3, resolution, resolution) float in [0, 1]: RGB, the shorter side resized to `resolution`
+    (bicubic, as the diffusers training examples), then the center crop."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(resolution, resolution, 3).permute(2, 0, 1).float() / 255.0
+
+
+class ImageCaptionDataset:
+    """Real image-caption pairs for ImageReFL and the pre-training loss; this rank's shard only
+    (records rank, rank + world_size, ...). Unreadable images are skipped, counted and warned
+    about once each."""
+
+    def __init__(self, train_data_dir: str, resolution: int, coco_captions: str = "", caption_column: str = "",
+                 rank: int = 0, world_size: int = 1):
+        records = find_records(train_data_dir, coco_captions, caption_column)
+        missing = sum(1 for p, _ in records[:1000] if not p.is_file())
+        if missing == min(len(records), 1000):
+            raise ConfigError(f"--train_data_dir {train_data_dir!r}: none of the listed images exist "
+                              f"(e.g. {records[0][0]}); file_name is relative to the folder")
+        self.records = records[rank::world_size]
+        if not self.records:
+            raise ConfigError(f"--train_data_dir holds {len(records)} pairs, fewer than the {world_size} ranks")
+        self.resolution = resolution
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str] | None:
+        path, caption = self.records[i]
+        try:
+            return load_image(path, self.resolution), caption
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for missing/corrupt files
+            self.bad.add(i)
+            log.warning("skipping unreadable image %s (%s); %d skipped so far", path, e.__class__.__name__,
+                        len(self.bad))
+            return None
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """A random batch (B, 3, R, R) in [0, 1] with its captions, drawn with `generator`."""
+        images, captions = [], []
+        while len(images) < batch_size:
+            if len(self.bad) == len(self.records):
+                raise ConfigError("every image of --train_data_dir is unreadable")
+            i = int(torch.randint(len(self.records), (1,), generator=generator))
+            if i in self.bad:
+                continue
+            item = self[i]
+            if item is not None:
+                images.append(item[0])
+                captions.append(item[1])
+        return torch.stack(images), captions
+
+
+def image_dataset(cfg, resolution: int, rank: int = 0, world_size: int = 1) -> ImageCaptionDataset | None:
+    """The run's image-caption dataset, or None when no --train_data_dir / --coco_captions is set."""
+    d = cfg.data
+    if not (getattr(d, "train_data_dir", "") or getattr(d, "coco_captions", "")):
+        return None
+    return ImageCaptionDataset(d.train_data_dir, resolution, d.coco_captions, d.caption_column, rank, world_size)
