@@ -1,8 +1,11 @@
 """Prompt sources."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -28,9 +31,30 @@ def toy_prompts() -> list[str]:
     return prompts
 
 
+PROMPT_FIELDS = ("prompt", "caption")  # the field (jsonl) or column (csv) a prompt is read from
+
+
+def _visible(text: str) -> bool:
+    """Whether the text has a character that shows: not whitespace, not a format character
+    (zero-width space/joiners, BOM, bidi marks: Unicode category Cf), not a control character."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc") for c in text)
+
+
+def _prompt_of(row, where: str) -> str:
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: not a JSON object; write one {{\"prompt\": \"...\"}} object a line")
+    for key in PROMPT_FIELDS:
+        if key in row:
+            if not isinstance(row[key], str):
+                raise ConfigError(f"{where}: {key!r} is {type(row[key]).__name__}, not a string")
+            return row[key]
+    raise ConfigError(f"{where}: no 'prompt' or 'caption' field (found: {', '.join(map(str, row)) or 'none'})")
+
+
 def load_prompts(spec: str) -> list[str]:
     """builtin:toy | a .txt file with one prompt a line | a .jsonl file with a "prompt" (or
-    "caption") field a line."""
+    "caption") field a line | a .csv file with a header and a "prompt" (or "caption") column.
+    Lines with nothing visible (whitespace, zero-width characters) are dropped."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name != "toy":
@@ -38,25 +62,61 @@ def load_prompts(spec: str) -> list[str]:
         return toy_prompts()
     path = Path(spec)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read prompt file {spec!r} ({e.__class__.__name__}); give a readable UTF-8 "
-                          ".txt or .jsonl file") from None
+                          ".txt, .jsonl or .csv file") from None
+    suffix = path.suffix.lower()
     prompts = []
-    if path.suffix == ".jsonl":
+    if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                prompts.append(str(row.get("prompt", row.get("caption"))))
-            except (json.JSONDecodeError, AttributeError):
-                raise ConfigError(f"{spec}:{n}: not a JSON object with a 'prompt' field") from None
+            except json.JSONDecodeError:
+                raise ConfigError(f"{spec}:{n}: not valid JSON; write one {{\"prompt\": \"...\"}} object a line") from None
+            prompts.append(_prompt_of(row, f"{spec}:{n}"))
+    elif suffix == ".csv":
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            columns = {c.strip().lower(): c for c in reader.fieldnames or () if c}
+            key = next((columns[c] for c in PROMPT_FIELDS if c in columns), None)
+            if key is None:
+                raise ConfigError(f"{spec}: no 'prompt' or 'caption' column in the header "
+                                  f"({', '.join(reader.fieldnames or ()) or 'empty'}); the first row names the columns")
+            prompts = [row[key] or "" for row in reader]
+        except csv.Error as e:
+            raise ConfigError(f"{spec}:{reader.line_num}: not readable CSV ({e})") from None
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = text.splitlines()
+    prompts = [p.strip() for p in prompts if _visible(p)]
     if not prompts:
         raise ConfigError(f"prompt file {spec!r} holds no prompts")
     return prompts
+
+
+def sample_prompts(data, prompts: list[str]) -> list[str]:
+    """The sample grids' prompts: --validation_prompt drawn --num_sample_images times (diffusers'
+    validation), else the first --num_sample_images of --sample_prompts (default: the training prompts)."""
+    if data.validation_prompt:
+        return [data.validation_prompt] * data.num_sample_images
+    return (load_prompts(data.sample_prompts) if data.sample_prompts else prompts)[: data.num_sample_images]
+
+
+def warn_long_prompts(prompts: list[str], tokenizer, what: str = "--prompts") -> int:
+    """Log once how many prompts the text encoder will cut at its length limit (the tokenizer's
+    model_max_length, 77 tokens for CLIP); returns that number."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not limit or limit > 100_000:  # transformers' "no limit" sentinel is a huge int
+        return 0
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        first = prompts[long[0]]
+        log.warning("%d of %d %s are longer than the text encoder's %d tokens and are cut there (e.g. %d tokens: "
+                    "%r)", len(long), len(prompts), what, limit, lengths[long[0]], first[:80])
+    return len(long)
 
 
 # ---------------------------------------------------------------- image-caption datasets
@@ -129,21 +189,22 @@ def find_records(train_data_dir: str, coco_captions: str = "", caption_column: s
     return records
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """(3, resolution, resolution) float in [0, 1]: RGB, the shorter side resized to `resolution`
-    (bicubic, as the diffusers training examples), then the center crop."""
+def load_image(path: Path, resolution: int | tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] for resolution H = W or (H, W): RGB, resized (bicubic, as the
+    diffusers training examples) to the smallest size that covers (H, W), then the center crop."""
     from PIL import Image
 
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
-        s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        s = max(height / h, width / w)
+        im = im.resize((max(width, round(w * s)), max(height, round(h * s))), Image.BICUBIC)
         w, h = im.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
+        left, top = (w - width) // 2, (h - height) // 2
+        im = im.crop((left, top, left + width, top + height))
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(resolution, resolution, 3).permute(2, 0, 1).float() / 255.0
+    return data.view(height, width, 3).permute(2, 0, 1).float() / 255.0
 
 
 class ImageCaptionDataset:
@@ -151,7 +212,7 @@ class ImageCaptionDataset:
     (records rank, rank + world_size, ...). Unreadable images are skipped, counted and warned
     about once each."""
 
-    def __init__(self, train_data_dir: str, resolution: int, coco_captions: str = "", caption_column: str = "",
+    def __init__(self, train_data_dir: str, resolution: int | tuple[int, int], coco_captions: str = "", caption_column: str = "",
                  rank: int = 0, world_size: int = 1):
         records = find_records(train_data_dir, coco_captions, caption_column)
         missing = sum(1 for p, _ in records[:1000] if not p.is_file())
@@ -178,7 +239,7 @@ class ImageCaptionDataset:
             return None
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """A random batch (B, 3, R, R) in [0, 1] with its captions, drawn with `generator`."""
+        """A random batch (B, 3, H, W) in [0, 1] with its captions, drawn with `generator`."""
         images, captions = [], []
         while len(images) < batch_size:
             if len(self.bad) == len(self.records):
@@ -193,7 +254,7 @@ class ImageCaptionDataset:
         return torch.stack(images), captions
 
 
-def image_dataset(cfg, resolution: int, rank: int = 0, world_size: int = 1) -> ImageCaptionDataset | None:
+def image_dataset(cfg, resolution: int | tuple[int, int], rank: int = 0, world_size: int = 1) -> ImageCaptionDataset | None:
     """The run's image-caption dataset, or None when no --train_data_dir / --coco_captions is set."""
     d = cfg.data
     if not (getattr(d, "train_data_dir", "") or getattr(d, "coco_captions", "")):

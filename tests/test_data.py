@@ -81,3 +81,15 @@ def test_coco_json_without_annotations_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="annotations") as e:
         find_records(str(tmp_path), coco_captions=str(tmp_path / "c.json"))
     assert "\n" not in str(e.value)
+
+
+def test_non_square_resolution_crops_the_center(tmp_path):
+    # 32 x 32, a red band in rows 12..19: at (8, 16) the image is resized to 16 x 16 and rows
+    # 4..11 kept, so the band (rows 6..9 after resizing) sits in the middle of the crop.
+    px = np.zeros((32, 32, 3), np.uint8)
+    px[12:20, :, 0] = 255
+    Image.fromarray(px).save(tmp_path / "x.png")
+    img = load_image(tmp_path / "x.png", (8, 16))
+    assert img.shape == (3, 8, 16)
+    assert torch.allclose(img[0, 3:5], torch.ones(2, 16), atol=2 / 255)
+    assert float(img[0, 0].max()) < 0.05 and float(img[0, 7].max()) < 0.05

@@ -4,9 +4,10 @@ from __future__ import annotations
 from .alignprop import AlignProp
 from .base import Method, Rollout, Sampler
 from .draft import DRaFT, DRaFTLV
+from .imagerefl import ImageReFL
 from .refl import ReFL
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ReFL, DRaFT, DRaFTLV, AlignProp)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ReFL, DRaFT, DRaFTLV, AlignProp, ImageReFL)}
 
 
 def build_method(cfg) -> Method:

@@ -1,0 +1,105 @@
+"""Combined generation against diffusers' own StableDiffusionPipeline: hand-over N is the base
+model alone (its CFG), hand-over 0 the fine-tuned one alone (its CFG); LoRA keeps one UNet."""
+import gc
+
+import pytest
+import torch
+
+from refl_engine.checkpoint import export_lora
+from refl_engine.generate import combined_generate, load_combined, parse_handovers, prompt_seed_grid
+from refl_engine.config import ConfigError
+from refl_engine.models.load import load_pipeline_components
+from refl_engine.models.lora import add_lora
+from refl_engine.sampling import randn
+
+N = 4
+PROMPTS = ["a red circle on a blue background", "a painting of a sky with a yellow star"]
+SEEDS = [3, 4]
+
+
+def _unets():
+    from diffusers import UNet2DConditionModel
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, UNet2DConditionModel))
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """An exported LoRA with non-zero weights (a trained adapter's stand-in)."""
+    c = load_pipeline_components(None)
+    add_lora(c.unet, 4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in c.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return export_lora(c.unet, tmp_path_factory.mktemp("lora"))
+
+
+def _pipeline_images(unet, guidance):
+    """diffusers' pipeline from the same start noise: the independent reference."""
+    from diffusers import StableDiffusionPipeline
+
+    c = load_pipeline_components(None)
+    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
+                                   scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    shape = (4, c.native_resolution // c.vae_scale_factor, c.native_resolution // c.vae_scale_factor)
+    latents = torch.stack([randn(shape, torch.Generator().manual_seed(s)) for s in SEEDS])
+    return pipe(PROMPTS, num_inference_steps=N, guidance_scale=guidance, latents=latents, output_type="pt",
+                eta=0.0).images
+
+
+def _close(a, b):
+    assert a.shape == b.shape
+    err = float((a - b).abs().max())
+    assert err <= 1e-6 + 1e-6 * float(b.abs().max()), err
+
+
+def test_lora_handover_ends_match_the_pipeline_with_one_unet(lora_file):
+    before = _unets()
+    model = load_combined(str(lora_file))
+    assert model.base_unet is None and _unets() - before == 1  # no second UNet for the base
+    base_count = sum(p.numel() for p in load_pipeline_components(None).unet.parameters())
+    lora_count = sum(p.numel() for n, p in model.unet.named_parameters() if "lora_" in n)
+    assert lora_count > 0 and sum(p.numel() for p in model.unet.parameters()) == base_count + lora_count
+
+    base_only = combined_generate(model, PROMPTS, SEEDS, handover=N, num_inference_steps=N,
+                                  base_guidance_scale=7.5, guidance_scale=1.0)
+    tuned_only = combined_generate(model, PROMPTS, SEEDS, handover=0, num_inference_steps=N,
+                                   base_guidance_scale=7.5, guidance_scale=1.0)
+    half = combined_generate(model, PROMPTS, SEEDS, handover=N // 2, num_inference_steps=N)
+    # the base reference: a fresh model without any adapter
+    _close(base_only, _pipeline_images(load_pipeline_components(None).unet, 7.5))
+    # the fine-tuned reference: the LoRA loaded by diffusers' own loader, no CFG
+    ref = load_pipeline_components(None)
+    ref.unet.load_lora_adapter(str(lora_file), prefix="unet", adapter_name="default")
+    _close(tuned_only, _pipeline_images(ref.unet, 1.0))
+    # the adapter is on again after the base steps, and the mixed run is neither end
+    assert float((tuned_only - base_only).abs().max()) > 1e-3
+    assert float((half - base_only).abs().max()) > 1e-4 and float((half - tuned_only).abs().max()) > 1e-4
+
+
+def test_full_finetune_loads_a_second_unet(tmp_path):
+    c = load_pipeline_components(None)
+    with torch.no_grad():
+        c.unet.conv_out.weight.mul_(1.5)
+    c.unet.save_pretrained(tmp_path / "unet")
+    model = load_combined(str(tmp_path / "unet"))
+    assert model.base_unet is not None and model.base_unet is not model.unet
+    _close(combined_generate(model, PROMPTS, SEEDS, N, N), _pipeline_images(load_pipeline_components(None).unet, 7.5))
+    _close(combined_generate(model, PROMPTS, SEEDS, 0, N, guidance_scale=1.0), _pipeline_images(c.unet, 1.0))
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    for spec in ("x", "5", "-1", ""):
+        with pytest.raises(ConfigError) as e:
+            parse_handovers(spec, N)
+        assert "\n" not in str(e.value)
+    assert parse_handovers("0,2,4", N) == [0, 2, 4]
+    with pytest.raises(ConfigError, match="no such file"):
+        load_combined(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="is not a training output dir"):
+        load_combined(str(tmp_path))
+    assert prompt_seed_grid(["a", "b", "c"], 2, 3, 10) == (["a"] * 3 + ["b"] * 3, [10, 11, 12] * 2)

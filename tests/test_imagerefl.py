@@ -1,0 +1,261 @@
+"""ImageReFL and the regularizers on the tiny float64 model: gradient only through the stop
+step (and the diffusion loss's call), the diffusion term as configured, the 3:1 alternation,
+the KL penalty (zero for a zero-initialized adapter, positive after a step, gradient equal to
+finite differences), relu reward loss."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from refl_engine.config import MethodConfig, handover_index
+from refl_engine.memory.recompute import FullRecompute, NoRecompute
+from refl_engine.methods import Sampler, build_method
+from refl_engine.models.conditioning import Conditioning, make_eps_fn
+from refl_engine.models.load import tiny_sd_configs
+from refl_engine.regularizers import KLPenalty, adapter_disabled, attach_regularizers, reward_objective, watch_rollout
+from refl_engine.rewards.toy import Colorfulness
+from refl_engine.sampling import DDIMSchedule
+
+N = 4
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    cfgs = tiny_sd_configs()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**dict(cfgs["unet"], sample_size=4)).double()
+    vae = AutoencoderKL(**dict(cfgs["vae"], sample_size=8)).double().requires_grad_(False)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(20)  # so the trajectory depends strongly on the weights
+    cond = Conditioning(torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 7, 32, dtype=torch.float64))
+    return unet, vae, cond, DDIMScheduler(**cfgs["scheduler"])
+
+
+def _directional_check(params, loss_fn, seed=11, h=1e-4):
+    """Autograd's derivative of loss_fn() along a seeded random direction vs central differences."""
+    for p in params:
+        p.grad = None
+    loss = loss_fn()
+    loss.backward()
+    gen = torch.Generator().manual_seed(seed)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    norm = torch.sqrt(sum((d**2).sum() for d in direction))
+    direction = [d / norm for d in direction]
+    analytic = float(sum((p.grad * d).sum() for p, d in zip(params, direction)))
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        plus = float(loss_fn())
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        minus = float(loss_fn())
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    numeric = (plus - minus) / (2 * h)
+    assert abs(analytic) > 1e-10, "degenerate test: the loss does not depend on the weights"
+    roundoff = 64 * torch.finfo(torch.float64).eps * abs(float(loss.detach())) / h
+    assert abs(analytic - numeric) < 1e-5 * abs(numeric) + roundoff, (analytic, numeric, roundoff)
+
+
+def _imagerefl(**kw):
+    cfg = MethodConfig(method="imagerefl", num_inference_steps=N, guidance_scale=2.0, handover_step=1,
+                       stop_range="3:3", refl_every=4, **kw)
+    return build_method(cfg)
+
+
+def _real_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=g), torch.randn(2, 4, 4, 4, dtype=torch.float64,
+                                                                                   generator=g)
+
+
+@pytest.mark.parametrize("policy", [FullRecompute(), NoRecompute()], ids=["checkpointed", "no-checkpoint"])
+def test_imagerefl_gradient_flows_only_through_the_stop_step(tiny64, policy):
+    """The loss is reward(x0_hat at the stop step) + w * diffusion loss at t'. Its gradient must be
+    the derivative of that objective with the no-grad steps t'..stop-1 held at the current weights:
+    finite differences where those steps run a frozen copy agree with autograd."""
+    unet, vae, cond, sched = tiny64
+    schedule = DDIMSchedule.from_scheduler(sched, N)
+    x0_real, eps = _real_batch()
+    frozen = copy.deepcopy(unet)
+
+    def loss_fn(weight=1e-1):
+        method = _imagerefl(diffusion_loss_weight=weight)
+        live, stale = make_eps_fn(unet, cond, 2.0), make_eps_fn(frozen, cond, 2.0)
+        calls = []
+
+        def eps_fn(x, t):  # steps 1, 2 run without gradient (frozen weights); the stop step 3 and
+            calls.append(t)  # its recomputation in backward run the live weights
+            return live(x, t) if len(calls) >= 3 else stale(x, t)
+
+        method.set_real_batch(x0_real, make_eps_fn(unet, Conditioning(cond.cond), 1.0))
+        rollout = method.rollout(Sampler(eps_fn, schedule, policy), eps, torch.Generator().manual_seed(0))
+        assert rollout.window_size == 2 and rollout.window.stop == 3
+        reward = Colorfulness()((vae.decode(rollout.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])
+        terms = method.regularize({"rollout": rollout})
+        return method.loss([reward]) + terms["diffusion_loss"]
+
+    _directional_check(list(unet.parameters()), loss_fn)
+
+
+def test_no_grad_steps_build_no_graph(tiny64):
+    unet, vae, cond, sched = tiny64
+    schedule = DDIMSchedule.from_scheduler(sched, N)
+    x0_real, eps = _real_batch()
+    method = _imagerefl(diffusion_loss_weight=0.0)
+    live = make_eps_fn(unet, cond, 2.0)
+    grad_flags = []
+
+    def eps_fn(x, t):
+        grad_flags.append(torch.is_grad_enabled())
+        return live(x, t)
+
+    method.set_real_batch(x0_real, make_eps_fn(unet, Conditioning(cond.cond), 1.0))
+    rollout = method.rollout(Sampler(eps_fn, schedule, FullRecompute()), eps, torch.Generator().manual_seed(0))
+    # hand-over at step 1, stop at 3: steps 1 and 2 without gradient, the stop call with it
+    assert grad_flags == [False, False, True]
+    assert rollout.window_size == 1 == method.grad_calls(N) and float(rollout.diffusion_loss) == 0.0
+
+
+def test_diffusion_term_is_the_configured_multiple_of_the_denoising_loss(tiny64):
+    unet, vae, cond, sched = tiny64
+    schedule = DDIMSchedule.from_scheduler(sched, N)
+    x0_real, eps = _real_batch()
+    weight = 3e-5
+    method = _imagerefl(diffusion_loss_weight=weight)
+    method.set_real_batch(x0_real, make_eps_fn(unet, Conditioning(cond.cond), 1.0))
+    rollout = method.rollout(Sampler(make_eps_fn(unet, cond, 2.0), schedule, NoRecompute()), eps,
+                             torch.Generator().manual_seed(0))
+    # by hand: x_t' from the scheduler's alphas at the hand-over timestep, the conditional eps
+    t = int(sched.timesteps[1])
+    a = float(sched.alphas_cumprod[t])
+    x_t = a**0.5 * x0_real + (1 - a) ** 0.5 * eps
+    with torch.no_grad():
+        pred = unet(x_t, torch.tensor(t), encoder_hidden_states=cond.cond).sample
+    expected = weight * float(((pred - eps) ** 2).mean())
+    got = float(method.regularize({"rollout": rollout})["diffusion_loss"].detach())
+    assert expected > 0 and abs(got - expected) <= 1e-12 + 1e-10 * expected
+    assert method.grad_calls(N) == 2 == rollout.window_size
+
+
+def test_every_fourth_step_is_classic_refl():
+    method = _imagerefl()
+    drawn = []
+    fake = SimpleNamespace(
+        step=0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), unet=None, text=None,
+        dataset=SimpleNamespace(sample=lambda b, g: (drawn.append(b), (torch.zeros(b, 3, 8, 8), ["cap"] * b))[1]),
+        components=SimpleNamespace(vae=None))
+    method.cond_fn = None
+    kinds = []
+    for step in range(12):
+        fake.step = step
+        refl = method.is_refl_step(step)
+        kinds.append(refl)
+        if refl:
+            assert method.prepare_batch(fake, ["p", "q"]) == ["p", "q"] and method.x0_real is None
+    assert kinds.count(True) == 3 and [i for i, k in enumerate(kinds) if k] == [3, 7, 11]
+    never = _imagerefl()
+    never.cfg.refl_every = 0
+    assert not any(never.is_refl_step(s) for s in range(12))
+
+
+def test_handover_default_and_stop_draws():
+    assert handover_index(-1, 40) == 30 and handover_index(-1, 20) == 15 and handover_index(7, 20) == 7
+    cfg = MethodConfig(method="imagerefl", num_inference_steps=20)
+    method = build_method(cfg)
+    method.x0_real = torch.zeros(1)
+    g = torch.Generator().manual_seed(0)
+    stops = {method.window(20, 2, g).stop for _ in range(200)}
+    assert stops == set(range(15, 20))  # uniform over [hand-over, N - 1] within the last 10 steps
+
+
+# ---------------------------------------------------------------- regularizers
+
+def _lora_unet(tiny64):
+    from refl_engine.models.lora import add_lora
+
+    unet = copy.deepcopy(tiny64[0])
+    params = add_lora(unet, 2)
+    with torch.no_grad():  # peft's gaussian init already zeroes B; make it explicit
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    return unet, params
+
+
+def _kl_loss(unet, tiny64, kl, policy=NoRecompute(), method="draft"):
+    _, vae, cond, sched = tiny64
+    m = build_method(MethodConfig(method=method, num_inference_steps=N, guidance_scale=2.0, K="full"))
+    m.add_regularizer("kl", 1.0, kl)
+    schedule = DDIMSchedule.from_scheduler(sched, N)
+    x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sampler = watch_rollout(m, Sampler(make_eps_fn(unet, cond, 2.0), schedule, policy))
+    rollout = m.rollout(sampler, x_T, torch.Generator().manual_seed(0))
+    return m.regularize({"rollout": rollout})["kl"], rollout
+
+
+def test_kl_is_zero_for_a_zero_adapter_and_positive_after_a_step(tiny64):
+    unet, params = _lora_unet(tiny64)
+    kl = KLPenalty()
+    value, rollout = _kl_loss(unet, tiny64, kl)
+    assert float(value.detach()) == 0.0 and rollout.window_size == N
+    # one reward step moves the adapter off zero
+    opt = torch.optim.SGD(params, lr=1e-2)
+    vae = tiny64[1]
+    m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="2"))
+    schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
+    x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ro = m.rollout(Sampler(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
+                   torch.Generator().manual_seed(0))
+    loss = m.loss([Colorfulness()((vae.decode(ro.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after, _ = _kl_loss(unet, tiny64, KLPenalty())
+    assert float(after) > 1e-12
+    # the adapter is back on after the base calls: the fine-tuned output differs from the base one
+    assert unet.active_adapters() == ["default"]
+
+
+@pytest.mark.parametrize("policy", [FullRecompute(), NoRecompute()], ids=["checkpointed", "no-checkpoint"])
+def test_kl_gradient_matches_finite_differences(tiny64, policy):
+    """KL with the base output a fixed target (recorded once): its autograd derivative equals
+    central differences of coeff * mean ||out_theta(x_t(theta)) - target||^2."""
+    unet, params = _lora_unet(tiny64)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move off the B = 0 point so the penalty is not flat
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    targets = []
+
+    def record(x, t):  # the real base output (adapter off), kept to replay as a fixed target
+        with adapter_disabled(unet):
+            targets.append(make_eps_fn(unet, tiny64[2], 2.0)(x, t))
+        return targets[-1]
+
+    _kl_loss(unet, tiny64, KLPenalty(base_fn=record), policy)
+    assert len(targets) == N
+
+    def loss_fn():
+        replay = iter(targets)
+        value, _ = _kl_loss(unet, tiny64, KLPenalty(base_fn=lambda x, t: next(replay)), policy)
+        return value
+
+    _directional_check(params, loss_fn, seed=4)
+
+
+def test_relu_reward_loss():
+    cfg = MethodConfig(reward_loss="relu", reward_loss_threshold=2.0)
+    r = torch.tensor([1.5, 2.5, -1.0], dtype=torch.float64)
+    assert torch.equal(reward_objective(r, cfg), -torch.tensor([0.5, 0.0, 3.0], dtype=torch.float64))
+    assert torch.equal(reward_objective(r, MethodConfig()), r)
+    m = build_method(MethodConfig(method="refl", reward_loss="relu", reward_scale=1e-3))
+    assert abs(float(m.loss([reward_objective(r, m.cfg)])) - 1e-3 * 3.5 / 3) < 1e-15
+
+
+def test_attach_registers_the_configured_terms():
+    m = build_method(MethodConfig(method="refl", kl_coeff=0.1, pretrain_loss_coeff=0.5))
+    attach_regularizers(m, m.cfg)
+    assert {k: w for k, (w, _) in m.regularizers.items()} == {"kl": 0.1, "pretrain_loss": 0.5}
