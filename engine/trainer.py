@@ -25,7 +25,7 @@ from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components
 from .models.lora import add_lora, has_lora
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
-from .sampling import DDIMSchedule, Window, run_trajectory
+from .sampling import DDIMSchedule, Window, randn, run_trajectory
 
 log = logging.getLogger("refl_engine")
 
@@ -220,7 +220,7 @@ class ReFLTrainer:
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         shape = (batch_size, self.unet.config.in_channels, self.latent_size, self.latent_size)
-        return torch.randn(shape, generator=generator).to(self.device)
+        return randn(shape, generator, self.device)
 
     def sampler(self, prompts: list[str]) -> Sampler:
         g = self.cfg.method.guidance_scale
@@ -242,7 +242,7 @@ class ReFLTrainer:
             terms = self.method.regularize({"trainer": self, "prompts": prompts, "rollout": rollout})
             for value in terms.values():
                 loss = loss + value
-        reward = torch.stack([r.detach() for r in rewards]).mean(0)
+        reward = rewards[0].detach()  # the sampled image's (DRaFT-LV's copies only feed the loss)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(reward).all())
         if finite:
             scaled = loss / accum

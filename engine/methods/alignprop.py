@@ -10,7 +10,13 @@ from .base import Method, randint
 class AlignProp(Method):
     name = "alignprop"
 
+    def k_max(self, num_steps: int) -> int:
+        return self.cfg.alignprop_k_max or num_steps  # bounds checked by config.validate
+
     def window(self, num_steps, batch_size, generator):
-        k_max = self.cfg.alignprop_k_max or num_steps
-        ks = randint(self.cfg.alignprop_k_min, k_max, generator, size=batch_size)
+        ks = randint(self.cfg.alignprop_k_min, self.k_max(num_steps), generator, size=batch_size)
         return Window(starts=[num_steps - k for k in ks])
+
+    def grad_calls(self, num_steps):
+        # The batch runs from its earliest start, so a step's calls are its largest draw: at most k_max.
+        return self.k_max(num_steps)

@@ -1,27 +1,38 @@
-"""A method is a window policy plus a loss (METHODS.md). The trainer asks the method for a
-rollout — the latents x0 whose reward is the objective, with the window's graph attached — and
-then for the loss of their rewards."""
+"""A method is a gradient window plus a loss. The trainer asks the method for a rollout — the
+latents whose reward is the objective, with the window's graph attached — and then for the loss
+of their rewards.
+
+The method is the only source of which UNet calls carry gradient:
+    window(N, B, generator)  this step's draw: which trajectory steps carry gradient;
+    grad_calls(N) -> int     the most grad-carrying UNet calls one rollout can make at N inference
+                             steps (the max over draws: AlignProp's K = k_max, ReFL's one call,
+                             DRaFT-LV's 1 + n). The memory planner and `--recompute auto` size
+                             the window from it;
+    rollout(...)             opens the policy's window for this draw's calls and always closes it.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..sampling import DDIMSchedule, EpsFn, Window, run_trajectory
 from ..memory.recompute import MemoryPolicy
+from ..sampling import DDIMSchedule, EpsFn, Window, run_trajectory
 
 
 @dataclass
 class Rollout:
-    x0s: list[torch.Tensor]  # latents to decode and reward (DRaFT-LV: one per inner loop)
+    # Latents to decode and reward. x0s[0] is the sampled image (its reward is the one logged);
+    # DRaFT-LV appends its re-noised and re-denoised copies.
+    x0s: list[torch.Tensor]
     window: Window
-    window_size: int  # grad-carrying UNet calls made
+    window_size: int  # grad-carrying UNet calls made (<= grad_calls(N))
 
 
 @dataclass
 class Sampler:
-    """What a method needs to roll out: the guided noise prediction, the schedule, the policy."""
+    """What a method needs to roll out: the guided model output, the schedule, the policy."""
 
     eps_fn: EpsFn
     schedule: DDIMSchedule
@@ -43,12 +54,18 @@ class Method:
     def window(self, num_steps: int, batch_size: int, generator: torch.Generator) -> Window:
         raise NotImplementedError
 
+    def grad_calls(self, num_steps: int) -> int:
+        """The most grad-carrying UNet calls one rollout makes at `num_steps` inference steps."""
+        raise NotImplementedError(f"{type(self).__name__} must say how many UNet calls carry gradient")
+
     def rollout(self, sampler: Sampler, x_T: torch.Tensor, generator: torch.Generator) -> Rollout:
         n = len(sampler.schedule)
         window = self.window(n, x_T.shape[0], generator)
-        x0 = run_trajectory(sampler.eps_fn, sampler.schedule, x_T, window, sampler.policy, sampler.eta,
-                            generator=generator)
-        return Rollout([x0], window, window.size(n))
+        size = window.size(n)
+        with sampler.policy.window(size):
+            x0 = run_trajectory(sampler.eps_fn, sampler.schedule, x_T, window, sampler.policy, sampler.eta,
+                                generator=generator)
+        return Rollout([x0], window, size)
 
     def loss(self, rewards: list[torch.Tensor]) -> torch.Tensor:
         """-scale * mean reward (averaged over the rollout's latents)."""

@@ -14,3 +14,6 @@ class ReFL(Method):
         lo, hi = parse_stop_range(self.cfg.stop_range, num_steps)
         stop = randint(lo, hi, generator)[0]
         return Window(starts=[stop] * batch_size, stop=stop)
+
+    def grad_calls(self, num_steps):
+        return 1  # the stop step's call; the steps after it are never run
