@@ -28,11 +28,13 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from .window import CallProfile
 
 _local = threading.local()
 
@@ -305,3 +307,76 @@ class SavedTensorCounter:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
         self._keep.clear()
+
+
+# ---------------------------------------------------------------- one call, profiled
+
+def _graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors (parameters) that receive gradient from `roots`."""
+    leaves, seen, stack = [], set(), [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def profile_call(fn: Callable, args: Sequence, call_kinds: Mapping[str, Callable | None],
+                 grad_into_params: bool = False, inputs_require_grad: bool = True,
+                 exclude: Sequence[torch.Tensor] = ()) -> dict[str, CallProfile]:
+    """Profile one call of fn(*args) under each memory kind: `call_kinds` maps a kind's name to
+    how it calls (`recompute.CALL_KINDS`), and the name "nograd" (value unused) profiles a call
+    under torch.no_grad().
+
+    Works on real tensors (`--recompute auto` calibrating on the device) and on FakeTensors (the
+    planner). Floating-point tensor args are made leaves that require grad when
+    `inputs_require_grad` (a window step whose latent carries gradient). Backward either takes
+    torch.autograd.grad (nothing accumulates into .grad; the parameter gradients it returns are not
+    counted, they are the `grads` component) or, with `grad_into_params`, runs .backward() into
+    .grad buffers the caller has already allocated (the steady state of training).
+    """
+    args = [a.detach().requires_grad_(inputs_require_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            else a for a in args]
+    out: dict[str, CallProfile] = {}
+    for kind, call in call_kinds.items():
+        tracker = LiveBytesTracker(include_existing=False)
+        with tracker:
+            with tracker.window() as fw:
+                if kind == "nograd":
+                    with torch.no_grad():
+                        y = fn(*args)
+                else:
+                    counter = SavedTensorCounter(exclude=exclude) if kind == "none" else None
+                    with counter or contextlib.nullcontext():
+                        y = call(fn, *args)
+            y_bytes = _storage_bytes(y)
+            retained = tracker.live - y_bytes
+            if kind == "nograd" or y.grad_fn is None:
+                out[kind] = CallProfile(0, fw["peak"], 0)
+                del y
+                continue
+            grad_out = torch.ones_like(y)
+            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            params = [p for p in _graph_leaves([y]) if not any(p is a for a in inputs)]
+            with tracker.window() as bw:
+                if grad_into_params:
+                    y.backward(grad_out)
+                    param_grad_bytes = 0
+                else:
+                    grads = torch.autograd.grad(y, inputs + params, grad_out, allow_unused=True)
+                    param_grad_bytes = sum(_storage_bytes(g) for g in grads[len(inputs):] if g is not None)
+                    del grads
+            for a in inputs:
+                a.grad = None
+            out[kind] = CallProfile(retained, fw["peak"], bw["peak"] - y_bytes - param_grad_bytes,
+                                    counter.bytes if counter is not None else 0)
+            del y, grad_out
+    return out

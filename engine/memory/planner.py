@@ -17,8 +17,9 @@ against FakeTensorMode and both against the tracker on a real model. Each call i
 at batch 1 (activations are proportional to the batch; the planner scales). `full` is derived
 from the `none` and no-grad traces. A step is then composed: parameters, gradients and optimizer
 state, plus the largest of the phase peaks of the window (each window position's retained bytes
-stacked, then the backward of the last one), the VAE decode and the reward. `plan_window` is the
-shared optimiser that `--recompute auto` uses too. Traces are cached on disk
+stacked, then the backward of the last one), the VAE decode and the reward. `window.plan_window`
+is the shared optimiser that `--recompute auto` uses too (runtime code: this module imports the
+runtime, never the other way). Traces are cached on disk
 ($REFL_ENGINE_CACHE or ~/.cache/refl-engine/planner), so a repeated plan takes seconds.
 
 Precision model (stated, not measured on GPU here): with --mixed_precision bf16/fp16 activations
@@ -46,191 +47,20 @@ import torch
 
 from . import measure
 from .recompute import CALL_KINDS
+from .window import (RECOMPUTE_COST, WINDOW_KINDS, CallProfile, WindowPlan, _window_peak,  # noqa: F401
+                     plan_window)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PLANNER_VERSION = 9
 
-# Recompute cost of one window step under each kind, in UNet forwards. `lean` re-runs normalisation
-# and elementwise ops only (memory-bound; 1.06-1.07x `none`'s time on CPU); `selective` is a
-# `full` checkpoint plus that.
-RECOMPUTE_COST = {"none": 0.0, "lean": 0.05, "full": 1.0, "selective": 1.05}
-WINDOW_KINDS = ("none", "lean", "full", "selective")
 GiB = 2**30
 
 
 # ====================================================================== call profiles
 
-@dataclass
-class CallProfile:
-    retained: int
-    fwd_peak: int
-    bwd_peak: int
-    saved: int = 0  # saved-for-backward bytes (autograd's own, `none` only), params excluded
-
-    def scaled(self, factor: float) -> "CallProfile":
-        """The profile at `factor` times the traced batch: activations are proportional to the
-        batch (weights are excluded; batch-independent bytes are a few hundred at most)."""
-        return CallProfile(*(int(round(v * factor)) for v in (self.retained, self.fwd_peak, self.bwd_peak, self.saved)))
-
-
-def _graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors (parameters) that receive gradient from `roots`."""
-    leaves, seen, stack = [], set(), [r.grad_fn for r in roots if r.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves.append(node.variable)
-        stack.extend(n for n, _ in node.next_functions)
-    return leaves
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
-
-
-def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = WINDOW_KINDS,
-                 grad_into_params: bool = False, inputs_require_grad: bool = True,
-                 exclude: Sequence[torch.Tensor] = ()) -> dict[str, CallProfile]:
-    """Profile one call of fn(*args) under each memory kind (see CALL_KINDS, plus "nograd").
-
-    Works on real tensors (`--recompute auto` calibrating on the device) and on FakeTensors (the
-    planner). Floating-point tensor args are made leaves that require grad when
-    `inputs_require_grad` (a window step whose latent carries gradient). Backward either takes
-    torch.autograd.grad (nothing accumulates into .grad; the parameter gradients it returns are not
-    counted, they are the `grads` component) or, with `grad_into_params`, runs .backward() into
-    .grad buffers the caller has already allocated (the steady state of training).
-    """
-    args = [a.detach().requires_grad_(inputs_require_grad) if isinstance(a, torch.Tensor) and a.is_floating_point()
-            else a for a in args]
-    out: dict[str, CallProfile] = {}
-    for kind in kinds:
-        tracker = measure.LiveBytesTracker(include_existing=False)
-        with tracker:
-            with tracker.window() as fw:
-                if kind == "nograd":
-                    with torch.no_grad():
-                        y = fn(*args)
-                else:
-                    counter = measure.SavedTensorCounter(exclude=exclude) if kind == "none" else None
-                    with counter or contextlib.nullcontext():
-                        y = CALL_KINDS[kind](fn, *args)
-            y_bytes = _storage_bytes(y)
-            retained = tracker.live - y_bytes
-            if kind == "nograd" or y.grad_fn is None:
-                out[kind] = CallProfile(0, fw["peak"], 0)
-                del y
-                continue
-            grad_out = torch.ones_like(y)
-            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            params = [p for p in _graph_leaves([y]) if not any(p is a for a in inputs)]
-            with tracker.window() as bw:
-                if grad_into_params:
-                    y.backward(grad_out)
-                    param_grad_bytes = 0
-                else:
-                    grads = torch.autograd.grad(y, inputs + params, grad_out, allow_unused=True)
-                    param_grad_bytes = sum(_storage_bytes(g) for g in grads[len(inputs):] if g is not None)
-                    del grads
-            for a in inputs:
-                a.grad = None
-            out[kind] = CallProfile(retained, fw["peak"], bw["peak"] - y_bytes - param_grad_bytes,
-                                    counter.bytes if counter is not None else 0)
-            del y, grad_out
-    return out
-
-
-# ====================================================================== the window optimiser
-
-@dataclass
-class WindowPlan:
-    kinds: list[str]  # per window position
-    peak: int  # bytes above the live bytes at window start, including `after`
-    window_kept: int  # bytes kept for backward at the end of the window forward
-    phase: str  # which phase sets the peak
-    recompute_cost: float  # UNet forwards of recomputation
-    fits: bool
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {k: self.kinds.count(k) for k in dict.fromkeys(self.kinds)}
-
-
-def _window_peak(blocks: list[tuple[str, int]], profiles: dict[str, CallProfile], latent_bytes: int,
-                 after: int) -> tuple[int, int, str]:
-    """Peak of a window whose positions run `blocks` [(kind, count), ...] in order, then `after`
-    (decode + reward peak) on top of everything kept. Returns (peak, kept, phase)."""
-    kept = latent_bytes  # x_T's successor chain: each step's input latent stays referenced
-    best, phase = 0, ""
-    for kind, n in blocks:
-        if n == 0:
-            continue
-        p = profiles[kind]
-        per_step = p.retained + latent_bytes
-        before_last = kept + per_step * (n - 1)
-        for value, name in ((before_last + p.fwd_peak, f"forward of a '{kind}' step"),
-                            (before_last + p.bwd_peak, f"backward of a '{kind}' step")):
-            if value > best:
-                best, phase = value, name
-        kept = before_last + per_step
-    if kept + after > best:
-        best, phase = kept + after, "VAE decode / reward"
-    return best, kept, phase
-
-
-def plan_window(window_size: int, profiles: dict[str, CallProfile], available: int, after: int = 0,
-                latent_bytes: int = 0, kinds: Sequence[str] | None = None) -> WindowPlan:
-    """Choose per window position what to keep so the step fits in `available` bytes (above those
-    live at window start) with the least recomputation; exact over every choice of kinds.
-
-    Step j's forward and its backward both peak at P_j + c_j, where P_j is what the steps before
-    it keep (each keeps s = retained + one latent) and c = max(fwd_peak, bwd_peak): backward visits
-    the last step first and frees its activations before it reaches the earlier ones. For a given
-    count of each kind the order that minimises max_j(P_j + c_j) puts the kinds in decreasing
-    c - s (swap two neighbours that break this order and neither of their peaks rises), so
-    every count vector (n_full, n_selective, n_lean, n_none) is evaluated once in that order:
-    C(W + 3, 3) vectors, 23,426 at W = 50. The cheapest that fits wins, ties to the lower peak;
-    if nothing fits, the lowest-peak plan is returned with fits=False.
-    """
-    W = int(window_size)
-    if W == 0:
-        return WindowPlan([], after, 0, "VAE decode / reward", 0.0, after <= available)
-    names = [k for k in (kinds or profiles) if k in profiles and k in WINDOW_KINDS]
-    # decreasing c - s; ties keep the kinds that recompute more first
-    order = sorted(names, key=lambda k: (-(max(profiles[k].fwd_peak, profiles[k].bwd_peak)
-                                           - profiles[k].retained - latent_bytes), -RECOMPUTE_COST[k]))
-    step_kept = [profiles[k].retained + latent_bytes for k in order]
-    step_peak = [max(profiles[k].fwd_peak, profiles[k].bwd_peak) for k in order]
-    step_cost = [RECOMPUTE_COST[k] for k in order]
-    best = lowest = None  # (cost, peak, counts)
-
-    def counts():  # every (n_1, ..., n_k) summing to W: stars and bars over k - 1 bar positions
-        k = len(order)
-        for bars in itertools.combinations(range(W + k - 1), k - 1):
-            edges = (-1,) + bars + (W + k - 1,)
-            yield tuple(edges[i + 1] - edges[i] - 1 for i in range(k))
-
-    for ns in counts():
-        cost = sum(c * n for c, n in zip(step_cost, ns))
-        if best is not None and cost > best[0]:
-            continue
-        kept, peak = latent_bytes, 0
-        for s, c, n in zip(step_kept, step_peak, ns):
-            if n:
-                peak = max(peak, kept + s * (n - 1) + c)
-                kept += s * n
-        peak = max(peak, kept + after)
-        if lowest is None or (peak, cost) < (lowest[1], lowest[0]):
-            lowest = (cost, peak, ns)
-        if peak <= available and (best is None or (cost, peak) < (best[0], best[1])):
-            best = (cost, peak, ns)
-    cost, _, ns = best or lowest
-    blocks = list(zip(order, ns))
-    peak, kept, phase = _window_peak(blocks, profiles, latent_bytes, after)
-    kinds_out = [k for k, n in blocks for _ in range(n)]
-    return WindowPlan(kinds_out, peak, kept, phase, cost, best is not None)
+def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = WINDOW_KINDS, **kwargs) -> dict[str, CallProfile]:
+    """`measure.profile_call` with the memory kinds named as `--recompute` names them."""
+    return measure.profile_call(fn, args, {k: CALL_KINDS.get(k) for k in kinds}, **kwargs)
 
 
 # ====================================================================== model specs

@@ -1,14 +1,10 @@
 """Memory policies: how a UNet call inside the gradient window keeps (or drops) its activations.
 
-The gradient window is a context: the method's rollout opens `with policy.window(size):`, where
-`size` is the number of grad-carrying UNet calls it will make (the method is the only source of
-that number), and every grad-carrying UNet call of the step, DRaFT-LV's re-noised ones included,
-is `policy.unet_call(fn, *args)` inside it. A call's window position is the number of calls before
-it (0, 1, ...); more calls than declared, fewer at a normal exit, or a call outside a window raise.
-The window is closed on every exit path (ReFL's early return, exceptions). Subclasses hook
-`begin_window(size)` / `end_window()`. `fn(*args)` is the whole guided model output of one step.
-Decode and reward go through `policy.decode_call` / `policy.reward_call`. This is the one
-pluggable place for the memory policy.
+The trajectory runner calls `policy.begin_window(window_size)` before the first grad-carrying step,
+`policy.unet_call(fn, *args, window_pos=i)` for each grad-carrying UNet call (window_pos counts
+calls from the first window step: 0, 1, ...), and `policy.end_window()` after the last. `fn(*args)`
+is the whole guided noise prediction of one step. Decode and reward go through
+`policy.decode_call` / `policy.reward_call`. This is the one pluggable place for the memory policy.
 
 Policies (`--recompute`), cheapest in recompute first:
     none            keep every activation of every window step (the baseline).
@@ -36,14 +32,15 @@ can be broken down by component.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import measure
 from .measure import component
 from .selective import ensure_installed, in_selective_mode, selective_recompute
+from .window import plan_window
 
 
 def _checkpointed(fn, *args, **kwargs):
@@ -94,52 +91,16 @@ class MemoryPolicy:
         # (each its own checkpoint) makes its recompute peak that of one image, not of the batch.
         self.decode_chunk = int(decode_chunk)
 
-    # [declared size, calls made] while a gradient window is open
-    _open: list[int] | None = None
-
-    @contextmanager
-    def window(self, size: int):
-        """The gradient window of one rollout: exactly `size` grad-carrying UNet calls, closed on
-        every exit path."""
-        if self._open is not None:
-            raise RuntimeError("a gradient window is already open on this policy")
-        self._open = [int(size), 0]
-        self.begin_window(int(size))
-        try:
-            yield self
-            made = self._open[1]
-            if made != size:
-                raise RuntimeError(f"the window was opened for {size} grad-carrying UNet calls and {made} were made")
-        finally:
-            self._open = None
-            self.end_window()
-
-    @property
-    def in_window(self) -> bool:
-        return self._open is not None
-
     def begin_window(self, window_size: int) -> None:
-        """Hook: the window opens with `window_size` grad-carrying UNet calls to come."""
+        """Called by the runner before the first grad-carrying UNet call of a trajectory."""
 
     def end_window(self) -> None:
-        """Hook: the window closed (normally or not)."""
+        """Called by the runner after the last one."""
 
     def call_kind(self, window_pos: int) -> str:
         raise NotImplementedError
 
-    def _next_window_pos(self) -> int:
-        if self._open is None:
-            raise RuntimeError("a grad-carrying UNet call outside a gradient window; open one with policy.window(size)")
-        size, pos = self._open
-        if pos >= size:
-            raise RuntimeError(f"grad-carrying UNet call {pos + 1} in a window opened for {size}: the method's "
-                               "window and its rollout disagree")
-        self._open[1] = pos + 1
-        return pos
-
-    def unet_call(self, fn: Callable, *args):
-        """The next grad-carrying UNet call of the open window, run as `call_kind` says."""
-        window_pos = self._next_window_pos()
+    def unet_call(self, fn: Callable, *args, window_pos: int = 0):
         with component("unet"):
             return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
 
@@ -234,28 +195,28 @@ class AutoRecompute(MemoryPolicy):
         self.plan = None
 
     def call_kind(self, window_pos):
-        if not torch.is_grad_enabled():  # sampling without gradient: nothing to keep or plan
-            return "none"
         if self.plan is None:
-            raise RuntimeError("AutoRecompute: no plan; calls must run inside policy.window(size)")
-        return self.plan[window_pos]
+            raise RuntimeError("AutoRecompute: no plan; the runner must call begin_window(window_size)")
+        return self.plan[window_pos] if window_pos < len(self.plan) else "selective"
 
-    def unet_call(self, fn, *args):
-        if self.plan is None and torch.is_grad_enabled() and self.in_window:
-            self._make_plan(fn, args)  # on the first call's real inputs
-        return super().unet_call(fn, *args)
+    def unet_call(self, fn, *args, window_pos=0):
+        if not torch.is_grad_enabled():  # sampling without gradient: nothing to keep or plan
+            return fn(*args)
+        if self.plan is None:
+            if self.window_size is None:
+                raise RuntimeError("AutoRecompute needs begin_window(window_size) before the first unet_call")
+            self._make_plan(fn, args)
+        return super().unet_call(fn, *args, window_pos=window_pos)
 
     def _make_plan(self, fn, args):
-        from . import measure, planner
-
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         key = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
                     for a in args)
         if key not in self._profiles:
-            self._profiles[key] = planner.profile_call(fn, args, kinds=self.kinds)
+            self._profiles[key] = measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in self.kinds})
         live = measure.live_bytes(device) or 0
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
-        self.last_plan = planner.plan_window(self.window_size, self._profiles[key], self.memory_budget - live,
+        self.last_plan = plan_window(self.window_size, self._profiles[key], self.memory_budget - live,
                                              after=self.reserve_bytes, latent_bytes=latent)
         self.plan = self.last_plan.kinds
 
