@@ -1,10 +1,14 @@
 """Memory policies: how a UNet call inside the gradient window keeps (or drops) its activations.
 
-The trajectory runner calls `policy.begin_window(window_size)` before the first grad-carrying step,
-`policy.unet_call(fn, *args, window_pos=i)` for each grad-carrying UNet call (window_pos counts
-calls from the first window step: 0, 1, ...), and `policy.end_window()` after the last. `fn(*args)`
-is the whole guided noise prediction of one step. Decode and reward go through
-`policy.decode_call` / `policy.reward_call`. This is the one pluggable place for the memory policy.
+The gradient window is a context: the method's rollout opens `with policy.window(size):`, where
+`size` is the number of grad-carrying UNet calls it will make (the method is the only source of
+that number), and every grad-carrying UNet call of the step, DRaFT-LV's re-noised ones included,
+is `policy.unet_call(fn, *args)` inside it. A call's window position is the number of calls before
+it (0, 1, ...); more calls than declared, fewer at a normal exit, or a call outside a window raise.
+The window is closed on every exit path (ReFL's early return, exceptions). Subclasses hook
+`begin_window(size)` / `end_window()`. `fn(*args)` is the whole guided model output of one step.
+Decode and reward go through `policy.decode_call` / `policy.reward_call`. This is the one
+pluggable place for the memory policy.
 
 Policies (`--recompute`), cheapest in recompute first:
     none            keep every activation of every window step (the baseline).
@@ -25,13 +29,14 @@ Policies (`--recompute`), cheapest in recompute first:
     auto            given a byte budget, keep full activations for as many window steps as fit,
                     `lean` ones for the next, and checkpoint the rest (`full`, or `selective`
                     where `full`'s backward would not fit), minimising recompute. The plan comes
-                    from `planner.plan_window` on a measured profile of one call.
+                    from `window.plan_window` on a measured profile of one call.
 
 Every call is tagged for `measure.LiveBytesTracker` ("unet", "vae", "reward") so a measured peak
 can be broken down by component.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -91,16 +96,52 @@ class MemoryPolicy:
         # (each its own checkpoint) makes its recompute peak that of one image, not of the batch.
         self.decode_chunk = int(decode_chunk)
 
+    # [declared size, calls made] while a gradient window is open
+    _open: list[int] | None = None
+
+    @contextmanager
+    def window(self, size: int):
+        """The gradient window of one rollout: exactly `size` grad-carrying UNet calls, closed on
+        every exit path."""
+        if self._open is not None:
+            raise RuntimeError("a gradient window is already open on this policy")
+        self._open = [int(size), 0]
+        self.begin_window(int(size))
+        try:
+            yield self
+            made = self._open[1]
+            if made != size:
+                raise RuntimeError(f"the window was opened for {size} grad-carrying UNet calls and {made} were made")
+        finally:
+            self._open = None
+            self.end_window()
+
+    @property
+    def in_window(self) -> bool:
+        return self._open is not None
+
     def begin_window(self, window_size: int) -> None:
-        """Called by the runner before the first grad-carrying UNet call of a trajectory."""
+        """Hook: the window opens with `window_size` grad-carrying UNet calls to come."""
 
     def end_window(self) -> None:
-        """Called by the runner after the last one."""
+        """Hook: the window closed (normally or not)."""
 
     def call_kind(self, window_pos: int) -> str:
         raise NotImplementedError
 
-    def unet_call(self, fn: Callable, *args, window_pos: int = 0):
+    def _next_window_pos(self) -> int:
+        if self._open is None:
+            raise RuntimeError("a grad-carrying UNet call outside a gradient window; open one with policy.window(size)")
+        size, pos = self._open
+        if pos >= size:
+            raise RuntimeError(f"grad-carrying UNet call {pos + 1} in a window opened for {size}: the method's "
+                               "window and its rollout disagree")
+        self._open[1] = pos + 1
+        return pos
+
+    def unet_call(self, fn: Callable, *args):
+        """The next grad-carrying UNet call of the open window, run as `call_kind` says."""
+        window_pos = self._next_window_pos()
         with component("unet"):
             return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
 
@@ -160,7 +201,7 @@ class AutoRecompute(MemoryPolicy):
     At the first call of a window it profiles one call of `fn` on the real inputs under each of
     `kinds` (bytes kept after forward, peak during forward and during backward; one extra
     forward/backward per kind and input shape, gradients taken with autograd.grad so nothing
-    accumulates into .grad), then `planner.plan_window` picks per window position what to keep.
+    accumulates into .grad), then `window.plan_window` picks per window position what to keep.
 
     budget_bytes    total bytes the step may use on the device (alias: memory_budget).
     reserve_bytes   bytes to hold back for what comes after the window (VAE decode and reward
@@ -184,7 +225,7 @@ class AutoRecompute(MemoryPolicy):
         self.kinds = kinds
         self.window_size: int | None = None
         self.plan: list[str] | None = None
-        self.last_plan = None  # planner.WindowPlan of the latest window, for logs and tests
+        self.last_plan = None  # window.WindowPlan of the latest window, for logs and tests
         self._profiles: dict = {}
 
     def begin_window(self, window_size: int) -> None:
@@ -195,18 +236,16 @@ class AutoRecompute(MemoryPolicy):
         self.plan = None
 
     def call_kind(self, window_pos):
-        if self.plan is None:
-            raise RuntimeError("AutoRecompute: no plan; the runner must call begin_window(window_size)")
-        return self.plan[window_pos] if window_pos < len(self.plan) else "selective"
-
-    def unet_call(self, fn, *args, window_pos=0):
         if not torch.is_grad_enabled():  # sampling without gradient: nothing to keep or plan
-            return fn(*args)
+            return "none"
         if self.plan is None:
-            if self.window_size is None:
-                raise RuntimeError("AutoRecompute needs begin_window(window_size) before the first unet_call")
-            self._make_plan(fn, args)
-        return super().unet_call(fn, *args, window_pos=window_pos)
+            raise RuntimeError("AutoRecompute: no plan; calls must run inside policy.window(size)")
+        return self.plan[window_pos]
+
+    def unet_call(self, fn, *args):
+        if self.plan is None and torch.is_grad_enabled() and self.in_window:
+            self._make_plan(fn, args)  # on the first call's real inputs
+        return super().unet_call(fn, *args)
 
     def _make_plan(self, fn, args):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
