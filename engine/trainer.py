@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -339,35 +340,44 @@ class ReFLTrainer:
         self.unet.train(was_training)
         return images.float().cpu()
 
-    def save_samples(self, tag: str) -> float:
+    def save_samples(self, tag: str, tracking=None) -> float:
+        """The sample grid for the current weights (fixed prompts and seeds) to samples/<tag>.png
+        (captioned) and samples/<tag>-full.png (full resolution), and to the trackers."""
         from .viz import save_grid
 
         images = self.generate(self.sample_prompts)
         rewards = self.reward(images.to(self.device), self.sample_prompts).float().cpu()
         save_grid(images, self.sample_prompts, rewards.tolist(), self.out / "samples" / f"{tag}.png",
                   title=f"{tag}: mean {self.reward.name} {rewards.mean():.4f}")
+        if tracking is not None:
+            captions = [f"{p} | {self.reward.name} {r:.4f}" for p, r in zip(self.sample_prompts, rewards.tolist())]
+            tracking.log_images("samples", images, captions, self.step)
+            tracking.log({"sample_reward_mean": float(rewards.mean())}, self.step)
         return float(rewards.mean())
 
     def state_for_checkpoint(self) -> dict:
+        """Everything resume needs, gathered: the trainable weights (None for full fine-tuning,
+        whose checkpoint keeps the whole UNet as its unet/ export), optimizer, RNG, counters."""
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         optim = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
         if self.scaler:
             optim["scaler"] = self.scaler.state_dict()
-        trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        trainable = ({n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+                     if has_lora(self.unet) else None)
         return dict(trainable=trainable, optimizer=optim, rng=rng,
                     state={"config": self.cfg.to_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row})
 
     def save_checkpoint(self) -> Path | None:
+        """checkpoints/checkpoint-<step>, exports included, in one atomic rename (main process)."""
         if not self.is_main:
             return None
         s = self.state_for_checkpoint()
-        path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, s["trainable"], s["optimizer"], s["rng"],
-                                    s["state"], keep_last=self.cfg.output.checkpoints_total_limit)
-        if has_lora(self.unet):
-            ckpt.export_lora(self.unet, path / "lora")
-        return path
+        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, trainable=s["trainable"],
+                                    optimizer_state=s["optimizer"], rng_state=s["rng"], state=s["state"],
+                                    export=lambda folder: ckpt.export_weights(self.unet, folder),
+                                    keep_last=self.cfg.output.checkpoints_total_limit)
 
     def resume(self, spec: str) -> bool:
         path = ckpt.resolve_checkpoint(spec, self.out / "checkpoints")
@@ -399,20 +409,36 @@ class ReFLTrainer:
     # ------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        from .tracking import Trackers, check_report_to, start_trackers
+
+        cfg = self.cfg
+        out = Path(cfg.output.output_dir)
+        if self.is_main:  # cheap checks of the output side before minutes of loading
+            check_report_to(cfg.output.report_to)
+            _claim_output_dir(out, resume=bool(cfg.output.resume_from_checkpoint),
+                              overwrite=cfg.output.overwrite_output_dir)
         self.setup()
-        cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         if cfg.output.resume_from_checkpoint:
             self.resume(cfg.output.resume_from_checkpoint)
         metrics_path = out / "metrics.jsonl"
+        tracking = Trackers([])
         if self.is_main:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            self.history = _read_history(metrics_path, upto=self.step)
-            _write_history(metrics_path, self.history)  # drop rows past the resumed step
-        writer = _tensorboard(out) if cfg.output.report_to == "tensorboard" and self.is_main else None
+            self.history = _history_upto(metrics_path, self.step)
+            tracking = start_trackers(cfg.output.report_to, out, cfg.to_dict(), project=cfg.output.tracker_project_name,
+                                      resume_step=self.step)
+        try:
+            summary = self._loop(out, metrics_path, tracking)
+        finally:
+            tracking.finish()
+        return summary
+
+    def _loop(self, out: Path, metrics_path: Path, tracking) -> dict:
+        cfg = self.cfg
         reward_before = None
         if self.is_main and self.step == 0:
-            reward_before = self.save_samples("step-000000")
+            reward_before = self.save_samples("step-000000", tracking)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.optim.max_train_steps, initial=self.step, desc=f"{cfg.method.method}",
@@ -427,50 +453,91 @@ class ReFLTrainer:
                 self.history.append(metrics)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                if writer:
-                    for k, v in metrics.items():
-                        if isinstance(v, (int, float)) and k != "step":
-                            writer.add_scalar(k, v, self.step)
+                tracking.log(metrics, self.step)
                 every = cfg.output.checkpointing_steps
                 if every and self.step % every == 0 and self.step < cfg.optim.max_train_steps:
                     self.save_checkpoint()
                 if cfg.output.sample_every and self.step % cfg.output.sample_every == 0:
-                    self.save_samples(f"step-{self.step:06d}")
+                    self.save_samples(f"step-{self.step:06d}", tracking)
         bar.close()
-        summary = {}
-        if self.is_main:
-            self.save_checkpoint()
-            reward_after = self.save_samples(f"step-{self.step:06d}")
-            if reward_before is None:
-                reward_before = _reward_before(out)
-            from .viz import plot_reward_curve
+        if not self.is_main:
+            return {}
+        self.save_checkpoint()
+        weights = ckpt.publish_weights(self.unet, out)  # the diffusers examples' layout
+        reward_after = self.save_samples(f"step-{self.step:06d}", tracking)
+        if reward_before is None:
+            reward_before = _reward_before(out)
+        from .viz import plot_reward_curve
 
-            plot_reward_curve(self.history, out / "reward_curve.png", self.reward.name)
-            secs = [m["seconds"] for m in self.history]
-            summary = dict(
-                method=cfg.method.method, K=cfg.method.K, model=self.components.path, reward=self.reward.name,
-                steps=self.step, num_inference_steps=cfg.method.num_inference_steps,
-                sample_reward_before=reward_before, sample_reward_after=reward_after,
-                train_reward_first=self.history[0]["reward_mean"] if self.history else None,
-                train_reward_last10=(sum(m["reward_mean"] for m in self.history[-10:]) / len(self.history[-10:])
-                                     if self.history else None),
-                median_seconds_per_step=sorted(secs)[len(secs) // 2] if secs else None,
-                skipped_steps=sum(1 for m in self.history if m.get("skipped")),
-                wall_seconds=time.perf_counter() - t_start,
-                outputs=dict(samples=str(out / "samples"), reward_curve=str(out / "reward_curve.png"),
-                             metrics=str(metrics_path), checkpoints=str(out / "checkpoints")),
-            )
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if writer:
-            writer.close()
+        plot_reward_curve(self.history, out / "reward_curve.png", self.reward.name)
+        secs = [m["seconds"] for m in self.history]
+        summary = dict(
+            method=cfg.method.method, K=cfg.method.K, model=self.components.path, reward=self.reward.name,
+            steps=self.step, num_inference_steps=cfg.method.num_inference_steps,
+            sample_reward_before=reward_before, sample_reward_after=reward_after,
+            train_reward_first=self.history[0]["reward_mean"] if self.history else None,
+            train_reward_last10=(sum(m["reward_mean"] for m in self.history[-10:]) / len(self.history[-10:])
+                                 if self.history else None),
+            median_seconds_per_step=sorted(secs)[len(secs) // 2] if secs else None,
+            skipped_steps=sum(1 for m in self.history if m.get("skipped")),
+            wall_seconds=time.perf_counter() - t_start,
+            outputs=dict(weights=str(weights), samples=str(out / "samples"), reward_curve=str(out / "reward_curve.png"),
+                         metrics=str(metrics_path), checkpoints=str(out / "checkpoints")),
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
 
-def _read_history(path: Path, upto: int) -> list[dict]:
+# What a run writes into its output folder: a folder holding any of these holds a run.
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "metrics.abandoned.jsonl", "summary.json", "reward_curve.png",
+               "tracking.json", ckpt.LORA_WEIGHTS, "unet", "checkpoints", "samples", "tensorboard", "wandb")
+
+
+def _claim_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """A new run does not write into another run's folder unless told to: resuming continues
+    that run, --overwrite_output_dir removes its outputs first (other files are left alone)."""
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(found[:3])}); continue it with "
+                          "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
+                          "another --output_dir")
+    log.warning("--overwrite_output_dir: removing the previous run's %s from %s", ", ".join(found), out)
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _history_upto(path: Path, step: int) -> list[dict]:
+    """The metrics rows up to `step` (the resumed step). Rows past it are the continuation this
+    run replaces: they are moved, with a warning, to metrics.abandoned.jsonl, not thrown away."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            moved.append(line)
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(row)
+        else:
+            moved.append(line)
+    if moved:
+        abandoned = path.with_name("metrics.abandoned.jsonl")
+        with open(abandoned, "a") as f:
+            f.write("".join(line + "\n" for line in moved))
+        log.warning("resuming at step %d: %d rows of %s past it moved to %s", step, len(moved), path.name,
+                    abandoned.name)
+        _write_history(path, kept)
+    return kept
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -487,11 +554,3 @@ def _reward_before(out: Path):
     if grid.exists():
         return json.loads(grid.read_text()).get("mean_reward")
     return None
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--report_to tensorboard needs the tensorboard package; pip install tensorboard") from None
-    return SummaryWriter(str(out / "tensorboard"))

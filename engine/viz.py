@@ -1,4 +1,7 @@
-"""Sample grids and the reward curve (matplotlib, headless)."""
+"""Sample grids and the reward curve (matplotlib, headless).
+
+A sample grid is saved twice: `<tag>.png`, small tiles captioned with prompt and reward, to look
+at; and `<tag>-full.png`, the images at the resolution they were generated, side by side."""
 from __future__ import annotations
 
 import json
@@ -6,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -25,10 +29,40 @@ def _atomic_savefig(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def image_grid(images: torch.Tensor, cols: int = 4, pad: int = 2) -> torch.Tensor:
+    """(B, 3, H, W) -> one (3, rows*H + gaps, cols*W + gaps) image, row-major, white gaps of `pad`."""
+    n, c, h, w = images.shape
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    grid = images.new_ones(c, rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = images[i]
+    return grid
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8, rounded as diffusers' numpy_to_pil does."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def save_image(image: torch.Tensor, path: Path) -> Path:
+    """(3, H, W) in [0, 1] -> a PNG at exactly that size."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    Image.fromarray(to_uint8(image)).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def save_grid(images: torch.Tensor, prompts: list[str], rewards: list[float], path: Path, title: str = "",
               cols: int = 4) -> Path:
-    """A grid of images (B, 3, H, W) in [0, 1], each captioned with its prompt and reward; a JSON
-    file beside the PNG keeps the numbers."""
+    """A grid of images (B, 3, H, W) in [0, 1], each captioned with its prompt and reward, at `path`;
+    the same images uncaptioned at full resolution at `<stem>-full.png`; a JSON file beside the
+    PNG keeps the numbers."""
+    save_image(image_grid(images, cols), path.with_name(f"{path.stem}-full.png"))
     plt = _pyplot()
     n = images.shape[0]
     cols = min(cols, n)

@@ -27,10 +27,5 @@ def add_lora(unet, rank: int, alpha: float = 0.0, target_modules: str = "to_q,to
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def trainable_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name (LoRA weights only when an adapter is present)."""
-    return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
-
-
 def has_lora(unet) -> bool:
     return bool(getattr(unet, "peft_config", None))
