@@ -2,8 +2,9 @@
 
 `metrics.jsonl` in the output folder is the run's own record and is always written (by the
 trainer); a tracker sends the same numbers, the sample images and the run config to TensorBoard
-(torch's SummaryWriter; event files in `<output_dir>/tensorboard`) and/or Weights & Biases (the
-wandb library; the project is `--tracker_project_name`, local files in `<output_dir>/wandb`).
+(torch's SummaryWriter; event files in `--logging_dir`, `<output_dir>/tensorboard` by default)
+and/or Weights & Biases (the wandb library; the project is `--tracker_project_name`, local files
+in `<output_dir>/wandb`).
 A resumed run continues the same wandb run (its id is kept in `<output_dir>/tracking.json`) and
 drops the TensorBoard events past the step it resumes from. Only the main process tracks.
 """
@@ -139,12 +140,13 @@ class Trackers:
 
 
 def start_trackers(report_to: str, out: Path, config: dict, project: str = "refl-engine",
-                   resume_step: int = 0) -> Trackers:
-    """Open the trackers `report_to` names for the run in `out` and log its config."""
+                   resume_step: int = 0, logging_dir: str = "tensorboard") -> Trackers:
+    """Open the trackers `report_to` names for the run in `out` and log its config. TensorBoard
+    writes to `logging_dir`, inside `out` when relative (as the diffusers examples' --logging_dir)."""
     trackers = []
     for name in backends(report_to):
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(out / "tensorboard", resume_step))
+            trackers.append(TensorBoardTracker(out / logging_dir, resume_step))
         else:
             trackers.append(WandbTracker(out, project, _wandb_run_id(out)))
     tracking = Trackers(trackers)
