@@ -44,7 +44,7 @@ def _umask() -> int:
     return mask
 
 
-def _finish_tree(path: Path) -> None:
+def finish_tree(path: Path) -> None:
     """Give every file and folder under `path` the mode a plain open()/mkdir() would (some writers,
     safetensors among them, create 0600 files) and flush it all to disk before the rename."""
     mask = _umask()
@@ -82,7 +82,7 @@ def _temp_sibling(final: Path, kind: str) -> Path:
     raise FileExistsError(f"cannot create a temporary folder beside {final}")
 
 
-def _install(tmp: Path, final: Path) -> None:
+def install(tmp: Path, final: Path) -> None:
     """Move the complete folder `tmp` to `final`. An existing `final` is renamed aside first and
     removed only once the new one is in place, so some complete copy is always on disk."""
     aside = None
@@ -102,8 +102,8 @@ def write_atomically(final: str | os.PathLike, fill: Callable[[Path], None]) -> 
     tmp = _temp_sibling(final, "tmp")
     try:
         fill(tmp)
-        _finish_tree(tmp)
-        _install(tmp, final)
+        finish_tree(tmp)
+        install(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -154,13 +154,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, trainable: dict[str, 
         (folder / "state.json").write_text(json.dumps(record, indent=2, default=str))
 
     final = write_atomically(root / f"checkpoint-{step}", fill)
-    _set_latest(root, final)
+    set_latest(root, final)
     if keep_last > 0:
         prune(root, keep_last, keep=final)
     return final
 
 
-def _set_latest(root: Path, path: Path) -> None:
+def set_latest(root: Path, path: Path) -> None:
+    """Point `root/latest` at checkpoint `path` (replaced in one rename)."""
     tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     tmp.write_text(path.name + "\n")
     os.replace(tmp, root / LATEST)
@@ -258,10 +259,10 @@ def publish_weights(unet, out_dir: str | os.PathLike) -> Path:
     tmp = _temp_sibling(out_dir / "export", "tmp")
     try:
         export_weights(unet, tmp)
-        _finish_tree(tmp)
+        finish_tree(tmp)
         for item in list(tmp.iterdir()):
             if item.is_dir():
-                _install(item, out_dir / item.name)
+                install(item, out_dir / item.name)
             else:
                 os.replace(item, out_dir / item.name)
     finally:

@@ -107,7 +107,7 @@ def test_lora_exports_apply_alpha_in_a_stock_pipeline(tiny_sd_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     # alpha != rank: training scales the adapters by alpha / r = 4; the export must carry it.
-    cfg = make_config(tmp_path, rank=4, lora_alpha=16, max_train_steps=1, learning_rate=5e-2)
+    cfg = make_config(tmp_path, rank=4, lora_alpha=16, max_train_steps=1, learning_rate=5e-2, num_inference_steps=2)
     trainer = ReFLTrainer(cfg)
     trainer.train()
     out = Path(cfg.output.output_dir)
@@ -130,7 +130,7 @@ def test_lora_exports_apply_alpha_in_a_stock_pipeline(tiny_sd_dir, tmp_path):
 def test_full_finetune_exports_a_loadable_unet_and_resumes_from_it(tiny_sd_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    cfg = make_config(tmp_path, rank=0, max_train_steps=1, learning_rate=1e-3)
+    cfg = make_config(tmp_path, rank=0, max_train_steps=1, learning_rate=1e-3, num_inference_steps=2)
     trainer = ReFLTrainer(cfg)
     trainer.train()
     out = Path(cfg.output.output_dir)
@@ -169,7 +169,7 @@ def test_output_dir_of_another_run_is_refused_before_loading(tmp_path):
 
 
 def test_overwrite_output_dir_replaces_the_previous_run(tiny_sd_dir, tmp_path):
-    cfg = make_config(tmp_path, max_train_steps=1, overwrite_output_dir=True)
+    cfg = make_config(tmp_path, max_train_steps=1, overwrite_output_dir=True, num_inference_steps=2)
     out = Path(cfg.output.output_dir)
     _save(out / "checkpoints", 7)
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
@@ -181,11 +181,13 @@ def test_overwrite_output_dir_replaces_the_previous_run(tiny_sd_dir, tmp_path):
 
 
 def test_resume_from_an_earlier_checkpoint_keeps_its_own_newest(tiny_sd_dir, tmp_path):
-    ReFLTrainer(make_config(tmp_path, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=3)).train()
+    fast = dict(num_inference_steps=2, num_sample_images=1)
+    ReFLTrainer(make_config(tmp_path, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=3,
+                            **fast)).train()
     out = tmp_path / "run"
     assert _names(out / "checkpoints") == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     # Go back to step 1 and train to step 2 keeping one checkpoint: the one just written.
-    cfg = make_config(tmp_path, max_train_steps=2, checkpoints_total_limit=1,
+    cfg = make_config(tmp_path, max_train_steps=2, checkpoints_total_limit=1, **fast,
                       resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-1"))
     ReFLTrainer(cfg).train()
     assert _names(out / "checkpoints") == ["checkpoint-2"]
