@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import numerics
 import refl_kernels
 from refl_kernels import reference
 
@@ -62,12 +63,13 @@ def _check(got, ref64, plain, dtype, names=("out", "dq", "dk", "dv")):
         err = (g.double() - r).abs().max().item()
         torch_err = (p.double() - r).abs().max().item()
         bound = 2 * torch_err + ATOL[dtype] * max(1.0, r.abs().max().item())
+        numerics.record(name, err / bound)
         assert err <= bound, f"{name}: kernel error {err:.3g} > 2 x torch error {torch_err:.3g} + atol"
 
 
 @pytest.mark.parametrize("B,H,Nq,Nk,D,dtype", CASES)
-def test_attention_matches_float64_reference(B, H, Nq, Nk, D, dtype, poisoned):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+def test_attention_matches_float64_reference(B, H, Nq, Nk, D, dtype, poisoned, seed):
+    gen = torch.Generator().manual_seed(seed)
     q, k, v, do = _inputs(B, H, Nq, Nk, D, dtype, gen)
     got = _run(lambda a, b, c: refl_kernels.attention(a, b, c, backend="triton"), q, k, v, do)
     ref64 = _run(reference.attention, q, k, v, do, torch.float64)
@@ -75,18 +77,18 @@ def test_attention_matches_float64_reference(B, H, Nq, Nk, D, dtype, poisoned):
     _check(got, ref64, plain, dtype)
 
 
-def test_saved_log_sum_exp(poisoned):
-    q, k, v, _ = _inputs(2, 2, 77, 129, 40, torch.float32, torch.Generator().manual_seed(torch.seed() % 2**31))
+def test_saved_log_sum_exp(poisoned, seed):
+    q, k, v, _ = _inputs(2, 2, 77, 129, 40, torch.float32, torch.Generator().manual_seed(seed))
     out, lse = attn_mod.attention_forward(q, k, v, 1 / math.sqrt(40))
     ref = reference.attention_lse(q.double(), k.double())
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 77)
-    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)  # lse >= log(Nk) ~ 5: not near zero
 
 
-def test_custom_scale_and_non_contiguous_inputs(poisoned):
+def test_custom_scale_and_non_contiguous_inputs(poisoned, seed):
     """diffusers hands over (B, N, H, D) tensors transposed to (B, H, N, D): strided views."""
     B, H, Nq, Nk, D = 2, 3, 33, 77, 40
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Nq, H, D, generator=gen).transpose(1, 2)
     kv = torch.randn(B, Nk, 2 * H, D, generator=gen)
     k, v = kv[:, :, :H].transpose(1, 2), kv[:, :, H:].transpose(1, 2)
@@ -111,7 +113,7 @@ def test_saves_no_score_matrix():
 
 
 def test_dispatch_and_backend_errors():
-    q = torch.randn(1, 2, 5, 16)
+    q = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(refl_kernels.attention(q, q, q, backend="sdpa"), reference.attention(q, q, q))
     torch.testing.assert_close(refl_kernels.attention(q, q, q, backend="auto"), reference.attention(q, q, q))
     with pytest.raises(ValueError, match="unknown attention backend"):
@@ -129,7 +131,7 @@ def test_cpu_dispatch_without_interpreter_uses_torch(monkeypatch):
     def no_triton(*args, **kwargs):
         raise AssertionError("auto dispatch on CPU ran the Triton kernel without TRITON_INTERPRET=1")
     monkeypatch.setattr(attn_mod, "attention", no_triton)
-    q = torch.randn(1, 2, 5, 16)
+    q = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(refl_kernels.attention(q, q, q), reference.attention(q, q, q))
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         refl_kernels.attention(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), backend="triton")

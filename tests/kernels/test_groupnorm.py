@@ -8,6 +8,7 @@ import importlib
 import pytest
 import torch
 
+import numerics
 import refl_kernels
 from refl_kernels import reference
 
@@ -46,6 +47,7 @@ def _check(got, ref64, plain, dtype):
         err = (g.double() - r).abs().max().item()
         torch_err = (p.double() - r).abs().max().item()
         bound = 2 * torch_err + ATOL[dtype] * max(1.0, r.abs().max().item())
+        numerics.record(name, err / bound)
         assert err <= bound, f"{name}: kernel error {err:.3g} > 2 x torch error {torch_err:.3g} + atol"
 
 
@@ -58,8 +60,8 @@ def _inputs(N, C, spatial, dtype, gen):
 
 
 @pytest.mark.parametrize("N,C,spatial,G,act,dtype", CASES)
-def test_group_norm_matches_float64_reference(N, C, spatial, G, act, dtype, poisoned):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_group_norm_matches_float64_reference(N, C, spatial, G, act, dtype, poisoned, seed):
+    gen = torch.Generator().manual_seed(seed)
     x, w, b, dy = _inputs(N, C, spatial, dtype, gen)
     got = _run(lambda a, c, d: refl_kernels.group_norm(a, G, c, d, activation=act, backend="triton"), x, w, b, dy)
     ref64 = _run(lambda a, c, d: reference.group_norm(a, G, c, d, activation=act), x, w, b, dy, torch.float64)
@@ -87,8 +89,8 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-def test_channels_last_and_no_affine(poisoned):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_channels_last_and_no_affine(poisoned, seed):
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 8, 5, 6, generator=gen).to(memory_format=torch.channels_last).requires_grad_()
     dy = torch.randn(2, 8, 5, 6, generator=gen)
     y = refl_kernels.group_norm(x, 4, activation="silu", backend="triton")
@@ -112,7 +114,7 @@ def test_saves_input_and_statistics_only():
 
 
 def test_argument_errors():
-    x = torch.randn(1, 6, 2, 2)
+    x = torch.randn(1, 6, 2, 2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="divide"):
         refl_kernels.group_norm(x, 4, backend="triton")
     with pytest.raises(ValueError, match="activation"):

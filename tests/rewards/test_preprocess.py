@@ -12,7 +12,7 @@ Measured on this machine, worst over 5 seeds x 6 sizes (normalized units, i.e. a
 
 The whole difference is PIL's 8-bit arithmetic: it resizes in two separable passes and rounds
 and clips to uint8 after each. Emulating that on top of our filter leaves at most one uint8 step
-(test_filter_is_pils_bicubic), so the filter itself is PIL's. The large maximum on noise images is
+per pass (test_filter_is_pils_bicubic), so the filter itself is PIL's. The large maximum on noise images is
 bicubic overshoot that PIL clips between its passes; it hits isolated pixels of images with
 pixel-scale noise, not the smooth images a diffusion model decodes. The tolerances asserted below
 are those measurements with headroom: smooth max 0.03 / mean 0.006, noise max 1.0 / mean 0.008.
@@ -71,13 +71,17 @@ def _torchvision_style_reference(arr, size=224):
     return normalize(x, CLIP_MEAN, CLIP_STD)[None]
 
 
-def _rng():
-    return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+def _rng(seed):
+    return np.random.default_rng(seed)
 
 
-def test_filter_is_pils_bicubic():
-    """With PIL's per-pass uint8 rounding emulated, our resize equals PIL's to one uint8 step."""
-    proc, rng = _clip_processor(), _rng()
+def test_filter_is_pils_bicubic(seed):
+    """With PIL's per-pass uint8 rounding emulated, our resize equals PIL's to one uint8 step per
+    pass: PIL's fixed-point weights can round a value across a half step the other way, so a pass
+    may differ by one step; at the output that is up to two steps where two first-pass pixels off
+    by one step with the same sign feed one pixel (over 60 seeds, 2 of ~54 million values, both
+    traced to such a pair). A wrong filter (no antialias, bilinear) is off by tens of steps."""
+    proc, rng = _clip_processor(), _rng(seed)
 
     def to_uint8_grid(t):
         return (t.clamp(0, 1) * 255).round() / 255
@@ -91,14 +95,14 @@ def test_filter_is_pils_bicubic():
         x = to_uint8_grid(F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False))
         ours = normalize(center_crop(x, 224, "floor"), CLIP_MEAN, CLIP_STD)
         diff = (ours - ref).abs()
-        assert diff.max() <= UINT8_STEP + 1e-4, (h, w, diff.max())
+        assert diff.max() <= 2 * UINT8_STEP + 1e-4, (h, w, diff.max())
         assert diff.mean() < 2e-4, (h, w, diff.mean())
 
 
 @pytest.mark.parametrize("kind, max_tol, mean_tol", [("smooth", 0.03, 0.006), ("noise", 1.0, 0.008)])
-def test_parity_with_clip_image_processor(kind, max_tol, mean_tol):
+def test_parity_with_clip_image_processor(kind, max_tol, mean_tol, seed):
     """aesthetic and PickScore: transformers' CLIPImageProcessor (floor crop offsets)."""
-    proc, rng, ours = _clip_processor(), _rng(), ImagePreprocess(224, crop_rounding="floor")
+    proc, rng, ours = _clip_processor(), _rng(seed), ImagePreprocess(224, crop_rounding="floor")
     make = _smooth if kind == "smooth" else _noise
     for h, w in SIZES:
         arr = make(h, w, rng)
@@ -108,9 +112,9 @@ def test_parity_with_clip_image_processor(kind, max_tol, mean_tol):
 
 
 @pytest.mark.parametrize("kind, max_tol, mean_tol", [("smooth", 0.03, 0.006), ("noise", 1.0, 0.008)])
-def test_parity_with_torchvision_style_pipeline(kind, max_tol, mean_tol):
+def test_parity_with_torchvision_style_pipeline(kind, max_tol, mean_tol, seed):
     """HPS (open_clip) and ImageReward (BLIP): torchvision's Resize/CenterCrop on PIL images."""
-    rng, ours = _rng(), ImagePreprocess(224, crop_rounding="round")
+    rng, ours = _rng(seed), ImagePreprocess(224, crop_rounding="round")
     make = _smooth if kind == "smooth" else _noise
     for h, w in SIZES:
         arr = make(h, w, rng)
@@ -119,23 +123,24 @@ def test_parity_with_torchvision_style_pipeline(kind, max_tol, mean_tol):
 
 
 def test_crop_rounding_matters_only_for_odd_margins():
-    x = torch.rand(1, 3, 224, 299)  # margin 75: floor -> 37, torchvision's round -> 38
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 224, 299, generator=g)  # margin 75: floor -> 37, torchvision's round -> 38
     assert not torch.equal(center_crop(x, 224, "floor"), center_crop(x, 224, "round"))
     assert torch.equal(center_crop(x, 224, "floor"), x[..., 37:261])
     assert torch.equal(center_crop(x, 224, "round"), x[..., 38:262])
-    y = torch.rand(1, 3, 224, 300)
+    y = torch.rand(1, 3, 224, 300, generator=g)
     assert torch.equal(center_crop(y, 224, "floor"), center_crop(y, 224, "round"))
 
 
-def test_square_generator_output_is_exact():
+def test_square_generator_output_is_exact(seed):
     """512 px squares (SD1.5 output): no crop, only the filter; 224 inputs pass through untouched."""
-    rng = _rng()
+    rng = _rng(seed)
     arr = _noise(224, 224, rng)
     ref = _clip_processor()(images=[Image.fromarray(arr)], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ImagePreprocess(224)(_as_tensor(arr)), ref, rtol=0, atol=1e-5)
 
 
-def test_against_real_torchvision_transforms():
+def test_against_real_torchvision_transforms(seed):
     """The official open_clip/BLIP transform objects themselves, where torchvision loads."""
     try:
         from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
@@ -143,7 +148,7 @@ def test_against_real_torchvision_transforms():
         pytest.skip(f"torchvision not importable here ({type(err).__name__}: {str(err)[:100]})")
     official = Compose([Resize(224, interpolation=InterpolationMode.BICUBIC), CenterCrop(224), ToTensor(),
                         Normalize(CLIP_MEAN, CLIP_STD)])
-    rng, ours = _rng(), ImagePreprocess(224, crop_rounding="round")
+    rng, ours = _rng(seed), ImagePreprocess(224, crop_rounding="round")
     for h, w in SIZES:
         arr = _smooth(h, w, rng)
         ref = official(Image.fromarray(arr))[None]
@@ -152,7 +157,7 @@ def test_against_real_torchvision_transforms():
         assert diff.max() <= 0.03 and diff.mean() <= 0.006
 
 
-def test_preprocessing_gradient_is_exact():
+def test_preprocessing_gradient_is_exact(seed):
     pre = ImagePreprocess(size=8, crop_rounding="round")
-    x = torch.rand(1, 3, 13, 10, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(1, 3, 13, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: pre(t), (x,), eps=1e-6, atol=1e-7)
