@@ -83,14 +83,22 @@ def covariance_distance(s1, s2) -> float:
     return float(torch.linalg.matrix_norm(s1 - s2))
 
 
-def log_covariance_distance(s1, s2, eps: float = 1e-6) -> float:
-    """||log(s1 + eps I) - log(s2 + eps I)||_F: compares the spectra's spread on a log scale."""
+def log_covariance_distance(s1, s2, rel_eps: float = 1e-3) -> float:
+    """||log(s1 + eps I) - log(s2 + eps I)||_F: compares the spectra's spread on a log scale. eps is
+    rel_eps times the mean eigenvalue of the two, so a direction one set does not span (fewer
+    samples than dimensions) counts as a small variance, not as log(0)."""
+    eps = rel_eps * float(torch.trace(s1) + torch.trace(s2)) / (2 * s1.shape[0])
     log1 = _sym_fn(s1, lambda w: (w.clamp(min=0) + eps).log())
     log2 = _sym_fn(s2, lambda w: (w.clamp(min=0) + eps).log())
     return float(torch.linalg.matrix_norm(log1 - log2))
 
 
 def set_distances(generated: torch.Tensor, reference: torch.Tensor) -> dict:
+    for name, x in (("generated", generated), ("reference", reference)):
+        if x.shape[0] <= x.flatten(1).shape[1]:
+            log.warning("%d %s embeddings of dimension %d: the covariance is rank-deficient, so the set distances "
+                        "are dominated by it; use more images or a smaller embedding", x.shape[0], name,
+                        x.flatten(1).shape[1])
     mu1, s1 = mean_cov(generated)
     mu2, s2 = mean_cov(reference)
     return dict(frechet_distance=frechet_distance(mu1, s1, mu2, s2), covariance_distance=covariance_distance(s1, s2),
@@ -116,13 +124,13 @@ def _resize_center_crop(images: torch.Tensor, size: int, crop: int) -> torch.Ten
 
 
 class PixelEmbedder:
-    """The image itself, area-downsampled to 16 x 16 and mapped to [-1, 1]: a backbone-free
-    embedding for toy images (flat colors and one shape), where pixels are the features."""
+    """The image itself, area-downsampled to 8 x 8 and mapped to [-1, 1] (192 numbers): a
+    backbone-free embedding of color and layout for toy images (flat colors and one shape)."""
 
     name = "pixels"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return (F.adaptive_avg_pool2d(images.float(), 16) * 2 - 1).flatten(1)
+        return (F.adaptive_avg_pool2d(images.float(), 8) * 2 - 1).flatten(1)
 
 
 class HFVisionEmbedder:
@@ -252,7 +260,8 @@ class EvaluateArgs:
     handover: int = arg(0, "base-model steps before the fine-tuned model takes over", valid="[0, inf)")
     base_guidance_scale: float = arg(7.5, "classifier-free guidance of the base model's steps", valid="[0, inf)")
     num_prompts: int = arg(8, "P: prompts from --prompts", valid="[1, inf)")
-    images_per_prompt: int = arg(4, "M: images per prompt (seeds --seed .. --seed + M - 1)", valid="[2, inf)")
+    images_per_prompt: int = arg(4, "M: images per prompt (prompt p's image m has seed --seed + p M + m)",
+                                 valid="[2, inf)")
     rewards: str = arg("", "comma list of reward specs to score (as --reward); unset = --reward")
     reference_dir: str = arg("", "real images for the Frechet and covariance distances (an image folder); unset = "
                                  "--train_data_dir if given, else none")
@@ -286,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from refl_engine.config import parse_args
         from refl_engine.data import load_prompts
-        from refl_engine.generate import (CombinedModel, combined_generate, load_combined, load_reward,
+        from refl_engine.generate import (CombinedModel, check_ranges, combined_generate, load_combined, load_reward,
                                           parse_handovers, prompt_seed_grid)
 
         cfg, e = parse_args(argv, prog="refl-evaluate", extra=(EvaluateArgs,), description=__doc__.splitlines()[0])
+        check_ranges(e)
         n = cfg.method.num_inference_steps
-        handovers = parse_handovers(e.sweep_handover or str(e.handover), n)
+        handovers = parse_handovers(e.sweep_handover or str(e.handover), n,
+                                    "--sweep_handover" if e.sweep_handover else "--handover")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if e.finetuned:
             model = load_combined(e.finetuned, cfg.model.model, device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -185,24 +186,38 @@ class GenerateArgs:
                              "makes one grid each (e.g. 0,10,20)")
     base_guidance_scale: float = arg(7.5, "classifier-free guidance of the base model's steps", valid="[0, inf)")
     num_prompts: int = arg(4, "how many prompts of --prompts to use", valid="[1, inf)")
-    images_per_prompt: int = arg(2, "images per prompt (seeds --seed, --seed + 1, ...)", valid="[1, inf)")
+    images_per_prompt: int = arg(2, "images per prompt (prompt p's image m has seed --seed + p M + m)",
+                                 valid="[1, inf)")
 
 
-def parse_handovers(spec: str, num_steps: int) -> list[int]:
+def check_ranges(options) -> None:
+    """An entry point's own options against their declared `valid` ranges (one-line errors)."""
+    import dataclasses
+
+    from refl_engine.config import in_interval
+
+    for f in dataclasses.fields(options):
+        valid, value = f.metadata.get("valid"), getattr(options, f.name)
+        if valid and not (isinstance(value, (int, float)) and math.isfinite(value) and in_interval(value, valid)):
+            raise ConfigError(f"--{f.name} {value!r} is out of range; valid {valid}")
+
+
+def parse_handovers(spec: str, num_steps: int, flag: str = "--handover") -> list[int]:
     try:
         values = [int(v) for v in str(spec).split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--handover must be integers separated by commas, got {spec!r}") from None
+        raise ConfigError(f"{flag} must be integers separated by commas, got {spec!r}") from None
     if not values or any(not 0 <= v <= num_steps for v in values):
-        raise ConfigError(f"--handover {spec!r}: each value must be in 0..{num_steps} (--num_inference_steps)")
+        raise ConfigError(f"{flag} {spec!r}: each value must be in 0..{num_steps} (--num_inference_steps)")
     return values
 
 
 def prompt_seed_grid(prompts: list[str], num_prompts: int, images_per_prompt: int, seed: int):
-    """P prompts x M images: prompt p's image m has seed `seed + m` (the same M starts per prompt)."""
+    """P prompts x M images, prompt-major: prompt p's image m has seed `seed + p M + m`, so every
+    image of the set starts from its own noise."""
     chosen = prompts[:num_prompts]
     return ([p for p in chosen for _ in range(images_per_prompt)],
-            [seed + m for _ in chosen for m in range(images_per_prompt)])
+            [seed + i for i in range(len(chosen) * images_per_prompt)])
 
 
 def save_images(images: torch.Tensor, records: list[dict], out: Path) -> None:
@@ -227,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         from refl_engine.data import load_prompts
 
         cfg, g = parse_args(argv, prog="refl-generate", extra=(GenerateArgs,), description=__doc__.splitlines()[0])
+        check_ranges(g)
         if not g.finetuned:
             raise ConfigError("--finetuned is required: a training --output_dir, a LoRA .safetensors or a UNet folder")
         n = cfg.method.num_inference_steps

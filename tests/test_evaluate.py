@@ -49,7 +49,7 @@ def test_two_gaussians_match_the_closed_form():
     expected = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
     assert abs(frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-9 * expected
     assert abs(covariance_distance(s1, s2) - float(((a - b) ** 2).sum().sqrt())) < 1e-12
-    assert abs(log_covariance_distance(s1, s2, eps=0.0) - float(((a.log() - b.log()) ** 2).sum().sqrt())) < 1e-9
+    assert abs(log_covariance_distance(s1, s2, rel_eps=0.0) - float(((a.log() - b.log()) ** 2).sum().sqrt())) < 1e-9
     # non-commuting covariances: the distance is still symmetric
     r, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
     s3 = r @ torch.diag(b) @ r.T
@@ -97,3 +97,37 @@ def test_bad_embedding_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_embedder(str(tmp_path / "nothing"))
     assert "\n" not in str(e.value)
+
+
+def test_clip_score_is_100_times_the_clamped_cosine(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from refl_engine.evaluate import ClipScore
+    from refl_engine.models.load import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        projection_dim=8))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    score = ClipScore(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 28, 28, generator=g)
+    prompts = ["a red circle", "a blue sky", "a green tree"]
+    got = score(images, prompts)
+    # the reference: the model's own forward, whose logits are logit_scale * cosine
+    proc = CLIPImageProcessor.from_pretrained(tmp_path)
+    x = (images - torch.tensor(proc.image_mean).view(1, 3, 1, 1)) / torch.tensor(proc.image_std).view(1, 3, 1, 1)
+    ids = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = CLIPModel.from_pretrained(tmp_path)(pixel_values=x, **ids)
+    cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert float(cos.max()) > 0.05  # some scores are positive: the check is not of zeros
+    assert torch.allclose(got, 100 * cos.clamp(min=0), atol=1e-4)

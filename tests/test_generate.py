@@ -102,4 +102,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         load_combined(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="is not a training output dir"):
         load_combined(str(tmp_path))
-    assert prompt_seed_grid(["a", "b", "c"], 2, 3, 10) == (["a"] * 3 + ["b"] * 3, [10, 11, 12] * 2)
+    assert prompt_seed_grid(["a", "b", "c"], 2, 3, 10) == (["a"] * 3 + ["b"] * 3, [10, 11, 12, 13, 14, 15])
