@@ -12,7 +12,10 @@ DEMO_ARGS ?= --config demo --method draft --K full --output_dir outputs/demo
 
 .PHONY: install demo test bench clean
 
-install: $(STAMP)
+NATIVE_DIR := build/native
+NATIVE_LIB := $(NATIVE_DIR)/librefl_native.so
+
+install: $(STAMP) $(NATIVE_LIB)
 
 $(STAMP): pyproject.toml Makefile
 	@if [ ! -x $(PY) ]; then \
@@ -23,6 +26,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
+# The native ops (csrc/, CMakeLists.txt) against the venv's torch, rebuilt when a source changes.
+# Without cmake the build is skipped with a message, and refl_kernels uses torch's GroupNorm.
+$(NATIVE_LIB): $(STAMP) CMakeLists.txt $(wildcard csrc/*)
+	@if command -v cmake >/dev/null 2>&1; then \
+	  cmake -S . -B $(NATIVE_DIR) --log-level=NOTICE -DPython_EXECUTABLE=$(abspath $(PY)) && \
+	  cmake --build $(NATIVE_DIR) -j2 && touch $@; \
+	else echo "cmake not found: native ops not built; refl_kernels uses torch's GroupNorm"; fi
+
 demo: install
 	$(VENV)/bin/deepspeed --num_gpus 1 engine/train.py $(DEMO_ARGS)
 
@@ -30,7 +41,7 @@ test: install
 	$(VENV)/bin/pytest -q -n 2 tests
 
 bench: install
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_speed.py
 	$(PY) benchmarks/memory.py
 
 clean:

@@ -8,8 +8,12 @@ Backends ("auto" picks the first that applies):
     "triton"   the Triton kernels of this package: on CUDA tensors, or on CPU when the process
                runs Triton's interpreter (TRITON_INTERPRET=1 set before triton was imported, and
                still set at call time) - how the tests exercise them without a GPU;
-    "torch"    plain PyTorch: on CPU the auto choice; for attention this is PyTorch's SDPA, for
-               GroupNorm F.group_norm followed by F.silu;
+    "native"   GroupNorm only: the C++ op of csrc/ (refl_kernels.native; built by `make install`),
+               the auto choice on CPU when its library is loaded. On GPU auto keeps Triton: the
+               CUDA build of the op has not been timed against it (no GPU here);
+    "torch"    plain PyTorch: on CPU the auto choice for attention (and for GroupNorm when the
+               native library is absent); for attention this is PyTorch's SDPA, for GroupNorm
+               F.group_norm followed by F.silu;
     "sdpa"     torch.nn.functional.scaled_dot_product_attention (attention only);
     "xformers" xformers.ops.memory_efficient_attention (attention only; needs xformers and CUDA);
     "reference" the float64-capable unfused references of refl_kernels.reference.
@@ -24,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import native, reference
 
 try:  # triton is a Linux-only dependency; everything else here works without it
     from . import attention as _attention_mod
@@ -35,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on machines with
     _TRITON_IMPORT_ERROR = exc
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch", "sdpa", "xformers", "reference")
-GROUP_NORM_BACKENDS = ("auto", "triton", "torch", "reference")
+GROUP_NORM_BACKENDS = ("auto", "triton", "native", "torch", "reference")
 
 
 def triton_interpreting() -> bool:
@@ -91,11 +95,14 @@ def _resolve(backend: str, device: torch.device, allowed: tuple[str, ...], op: s
             return "triton"
         if device.type == "cpu" and triton_interpreting():
             return "triton"
+        if op == "group_norm" and device.type == "cpu" and native.available(device):
+            return "native"
         return "torch"
     reason = {
         "triton": triton_unavailable_reason,
         "xformers": xformers_unavailable_reason,
         "sdpa": sdpa_unavailable_reason,
+        "native": native.unavailable_reason,
     }.get(backend, lambda d: None)(device)
     if reason is not None:
         raise ValueError(f"{op} backend {backend!r} unavailable: {reason}")
@@ -128,6 +135,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         return _groupnorm_mod.group_norm(x, num_groups, weight, bias, eps, activation)
     if backend == "reference":
         return reference.group_norm(x, num_groups, weight, bias, eps, activation)
+    if backend == "native":
+        return native.group_norm(x, num_groups, weight, bias, eps, activation)
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     y = F.group_norm(x, num_groups, weight, bias, eps)

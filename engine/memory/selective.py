@@ -28,8 +28,11 @@ same model run the stock modules. Installed by `install(unet)`: it sets an insta
 `forward` on eligible modules that falls back to the class's `forward` (stock diffusers, or a
 `--kernels triton` subclass) whenever the mode is off or the module does not match the pattern
 (a LoRA-wrapped conv, dropout > 0, scale-shift time norm, an up/down-sampling resnet, ZeRO-3
-partitioned parameters). In the mode, ResNet blocks use torch's GroupNorm inside the Function
-rather than the Triton GroupNorm+SiLU kernel: the Function saves less (one tensor, not two).
+partitioned parameters). In the mode, ResNet blocks use a plain GroupNorm inside the Function
+rather than the Triton GroupNorm+SiLU kernel: the Function saves less (one tensor, not two). On
+CPU that GroupNorm(+SiLU) is the fused native op of refl_kernels.native when its library is built
+(forward and backward in one C++ kernel each; the backward reuses the forward's statistics), else
+torch's two ops.
 
 The same applies to a VAE (`MemoryPolicy.selective_decode`): its ResnetBlock2Ds and its frozen
 convolutions. A frozen convolution's backward needs only its weight, yet torch's convolution saves
@@ -46,6 +49,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from refl_kernels import native
 
 _state = threading.local()
 
@@ -116,13 +121,32 @@ def _project(a, weight, bias, spec: _Spec):
     return F.linear(_tokens(a), weight, bias)
 
 
+def _use_native(x: torch.Tensor) -> bool:
+    # The fused C++ GroupNorm(+SiLU) of refl_kernels.native, on CPU (on GPU its CUDA build has not
+    # been timed against torch's, so GPUs keep torch's GroupNorm here). Not under autocast, where
+    # torch runs GroupNorm in fp32 and this mode's forward stays bit-identical to the stock one
+    # only with the same ops; the trainer's CPU runs are fp32.
+    return (x.device.type == "cpu" and x.dtype in native.DTYPES and not torch.is_autocast_enabled("cpu")
+            and native.available("cpu"))
+
+
+def _native_norm_act(x, weight, bias, spec: _Spec):
+    return torch.ops.refl.group_norm_silu(x, weight, bias, spec.groups, spec.eps, spec.act == "silu")
+
+
 class _NormActProject(torch.autograd.Function):
-    """proj(act(group_norm(x))) saving x only (parameters are referenced, not copied)."""
+    """proj(act(group_norm(x))) saving x only (parameters are referenced, not copied; with the
+    native op also its per-(sample, group) fp32 mean and rstd, 8 bytes per group)."""
 
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, proj_w, proj_b, spec: _Spec):
-        out = _project(_norm_act(x, norm_w, norm_b, spec), proj_w, proj_b, spec)
-        ctx.save_for_backward(x, norm_w, norm_b, proj_w, proj_b)
+        stats = ()
+        if _use_native(x):
+            a, *stats = _native_norm_act(x, norm_w, norm_b, spec)
+        else:
+            a = _norm_act(x, norm_w, norm_b, spec)
+        out = _project(a, proj_w, proj_b, spec)
+        ctx.save_for_backward(x, norm_w, norm_b, proj_w, proj_b, *stats)
         ctx.spec = spec
         ctx.autocast = _autocast_state(x.device)
         ctx.out_dtype = out.dtype
@@ -130,13 +154,16 @@ class _NormActProject(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, norm_w, norm_b, proj_w, proj_b = ctx.saved_tensors
+        x, norm_w, norm_b, proj_w, proj_b, *stats = ctx.saved_tensors
         spec, needs = ctx.spec, ctx.needs_input_grad
-        with torch.enable_grad(), _autocast(ctx.autocast):
-            xd = x.detach().requires_grad_(needs[0])
-            nw = None if norm_w is None else norm_w.detach().requires_grad_(needs[1])
-            nb = None if norm_b is None else norm_b.detach().requires_grad_(needs[2])
-            a = _norm_act(xd, nw, nb, spec)
+        if stats:  # native: recompute the activation; its backward (below) uses the saved statistics
+            a = _native_norm_act(x, norm_w, norm_b, spec)[0]
+        else:
+            with torch.enable_grad(), _autocast(ctx.autocast):
+                xd = x.detach().requires_grad_(needs[0])
+                nw = None if norm_w is None else norm_w.detach().requires_grad_(needs[1])
+                nb = None if norm_b is None else norm_b.detach().requires_grad_(needs[2])
+                a = _norm_act(xd, nw, nb, spec)
         # the projection's backward, in the dtype its forward ran in (autocast casts both operands)
         dt = ctx.out_dtype
         a_in = a.detach().to(dt)
@@ -156,9 +183,13 @@ class _NormActProject(torch.autograd.Function):
                 grad_pw = g.reshape(-1, g.shape[-1]).t() @ tokens.reshape(-1, c)
             if proj_b is not None and needs[4]:
                 grad_pb = g.reshape(-1, g.shape[-1]).sum(0)
-        leaves = [t for t in (xd, nw, nb) if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(a, leaves, grad_a.to(a.dtype)) if leaves else ())
-        out = [next(grads) if t is not None and t.requires_grad else None for t in (xd, nw, nb)]
+        if stats:
+            grads = torch.ops.refl.group_norm_silu_backward(grad_a, x, norm_w, norm_b, *stats, spec.act == "silu")
+            out = [gr if need else None for gr, need in zip(grads, needs[:3])]
+        else:
+            leaves = [t for t in (xd, nw, nb) if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(a, leaves, grad_a.to(a.dtype)) if leaves else ())
+            out = [next(grads) if t is not None and t.requires_grad else None for t in (xd, nw, nb)]
         cast = lambda gr, p: None if gr is None else gr.to(p.dtype)  # noqa: E731
         return out[0], out[1], out[2], cast(grad_pw, proj_w), cast(grad_pb, proj_b), None
 
@@ -322,6 +353,24 @@ def install(unet: nn.Module) -> int:
         count += 1
     unet._refl_selective_installed = True
     return count
+
+
+def report_partitioned(unet: nn.Module) -> list[str]:
+    """Name, once in the log, the modules whose selective forward falls back to the stock one
+    because DeepSpeed ZeRO-3 partitions their weights; returns their names."""
+    import logging
+    from collections import Counter
+
+    ours = (_resnet_forward, _geglu_forward, _conv_forward, _continuous_inputs)
+    names = [n for n, m in unet.named_modules()
+             if any(getattr(m.__dict__.get(k), "__func__", None) in ours for k in ("forward", "_operate_on_continuous_inputs"))
+             and _partitioned(m)]
+    if names:
+        kinds = Counter(type(unet.get_submodule(n)).__name__ for n in names)
+        logging.getLogger("refl_engine").info(
+            "ZeRO-3: %d modules keep the stock forward in lean/selective mode (partitioned weights): %s; e.g. %s",
+            len(names), ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())), ", ".join(names[:3]))
+    return names
 
 
 def ensure_installed(unet: nn.Module | None) -> None:

@@ -1,6 +1,6 @@
 """Swap the fused kernels of refl_kernels into a diffusers UNet (`--kernels`).
 
-    apply_kernels(unet, "triton" | "torch" | "sdpa" | "xformers")
+    apply_kernels(unet, "triton" | "native" | "torch" | "sdpa" | "xformers")
 
 - every diffusers `Attention` (self and cross) gets `FusedAttnProcessor(backend)`, which runs the
   same projections as diffusers' AttnProcessor2_0 and calls `refl_kernels.attention` for the
@@ -10,6 +10,8 @@
 - with "triton" also the GroupNorm -> SiLU pairs of every ResnetBlock2D (norm1 -> act and, for
   time_embedding_norm="default", norm2 -> act) and the UNet's conv_norm_out -> conv_act run as one
   fused GroupNorm+SiLU, and every other nn.GroupNorm as the fused GroupNorm without activation;
+- "native": the same GroupNorm(+SiLU) fusion with the C++ op of refl_kernels.native (CPU; needs
+  the library `make install` builds), attention left to the stock processor (PyTorch SDPA);
 - "torch" leaves (or restores) the stock diffusers modules.
 
 Modules are patched in place by swapping their class for a subclass that only overrides
@@ -25,7 +27,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 import refl_kernels
 
-BACKENDS = ("torch", "triton", "sdpa", "xformers")
+BACKENDS = ("torch", "triton", "native", "sdpa", "xformers")
 
 
 class FusedAttnProcessor:
@@ -85,9 +87,11 @@ class FusedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation: str | None, owner: nn.Module | None = None) -> torch.Tensor:
+    # the GroupNorm backend ("triton" or "native") is recorded on the patched module by apply_kernels
+    backend = (owner or norm).__dict__.get("_refl_norm_backend", "triton")
     return refl_kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                   activation=activation, backend="triton")
+                                   activation=activation, backend=backend)
 
 
 class FusedGroupNorm(nn.GroupNorm):
@@ -109,7 +113,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
     operations is that of diffusers' ResnetBlock2D.forward (deprecated `scale` argument dropped)."""
 
     def forward(self, input_tensor, temb, *args, **kwargs):
-        hidden_states = _fused_norm(self.norm1, input_tensor, "silu")
+        hidden_states = _fused_norm(self.norm1, input_tensor, "silu", self)
         if self.upsample is not None:
             if hidden_states.shape[0] >= 64:
                 input_tensor = input_tensor.contiguous()
@@ -129,12 +133,12 @@ class FusedResnetBlock2D(ResnetBlock2D):
         if self.time_embedding_norm == "default":
             if temb is not None:
                 hidden_states = hidden_states + temb
-            hidden_states = _fused_norm(self.norm2, hidden_states, "silu")
+            hidden_states = _fused_norm(self.norm2, hidden_states, "silu", self)
         else:  # "scale_shift": the modulation sits between the norm and the activation
             if temb is None:
                 raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
             time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-            hidden_states = _fused_norm(self.norm2, hidden_states, None)
+            hidden_states = _fused_norm(self.norm2, hidden_states, None, self)
             hidden_states = self.nonlinearity(hidden_states * (1 + time_scale) + time_shift)
 
         hidden_states = self.dropout(hidden_states)
@@ -153,6 +157,7 @@ def _restore_stock(unet: nn.Module) -> None:
     for module in unet.modules():
         if type(module) in _STOCK:
             module.__class__ = _STOCK[type(module)]
+            module.__dict__.pop("_refl_norm_backend", None)
         if isinstance(module, Attention) and isinstance(module.processor, FusedAttnProcessor):
             module.set_processor(getattr(module, "_refl_stock_processor", AttnProcessor2_0()))
     stock_act = unet.__dict__.pop("_refl_conv_act", None)
@@ -167,7 +172,7 @@ def _device_of(unet: nn.Module) -> torch.device:
 
 
 def apply_kernels(unet: nn.Module, backend: str) -> None:
-    """Route the UNet's attention (and with "triton" its GroupNorm(+SiLU)) through refl_kernels.
+    """Route the UNet's attention (and with "triton" or "native" its GroupNorm(+SiLU)) through refl_kernels.
 
     Raises ValueError with a one-line reason and fix if the backend cannot run here.
     """
@@ -178,6 +183,7 @@ def apply_kernels(unet: nn.Module, backend: str) -> None:
         "triton": refl_kernels.triton_unavailable_reason,
         "sdpa": refl_kernels.sdpa_unavailable_reason,
         "xformers": refl_kernels.xformers_unavailable_reason,
+        "native": refl_kernels.native.unavailable_reason,
     }.get(backend, lambda d: None)(device)
     if reason is not None:
         raise ValueError(f"--kernels {backend} is unavailable: {reason}")
@@ -186,11 +192,11 @@ def apply_kernels(unet: nn.Module, backend: str) -> None:
     if backend == "torch":
         return
     for module in unet.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, Attention) and backend != "native":
             if not hasattr(module, "_refl_stock_processor"):
                 module._refl_stock_processor = module.processor
             module.set_processor(FusedAttnProcessor(backend))
-    if backend != "triton":
+    if backend not in ("triton", "native"):
         return
 
     fused_silu = set()
@@ -198,13 +204,16 @@ def apply_kernels(unet: nn.Module, backend: str) -> None:
         if type(module) is ResnetBlock2D and isinstance(module.nonlinearity, nn.SiLU) \
                 and module.time_embedding_norm in ("default", "scale_shift"):
             module.__class__ = FusedResnetBlock2D
+            module.__dict__["_refl_norm_backend"] = backend
             fused_silu.update({id(module.norm1), id(module.norm2)})
     conv_norm_out = getattr(unet, "conv_norm_out", None)
     if isinstance(conv_norm_out, nn.GroupNorm) and isinstance(getattr(unet, "conv_act", None), nn.SiLU):
         conv_norm_out.__class__ = FusedGroupNormSiLU
+        conv_norm_out.__dict__["_refl_norm_backend"] = backend
         fused_silu.add(id(conv_norm_out))
         unet.__dict__["_refl_conv_act"] = unet.conv_act  # kept outside _modules: not a submodule
         unet.conv_act = nn.Identity()
     for module in unet.modules():
         if type(module) is nn.GroupNorm and id(module) not in fused_silu:
             module.__class__ = FusedGroupNorm
+            module.__dict__["_refl_norm_backend"] = backend

@@ -1,0 +1,127 @@
+"""Native (C++ / CUDA) fused GroupNorm(+SiLU): the ops of csrc/, built by CMakeLists.txt.
+
+    group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None | "silu")
+
+runs `torch.ops.refl.group_norm_silu` (forward: y and the per-(sample, group) fp32 mean and rstd)
+and, in backward, `torch.ops.refl.group_norm_silu_backward`, through one autograd Function that
+saves x, mean and rstd only: torch's GroupNorm followed by SiLU saves x and the normalised tensor
+(plus the same statistics), so the fused op keeps one activation-sized tensor instead of two.
+x is (N, C, *spatial), fp32, bf16 or fp16, channels-first or channels-last (kept as it is).
+
+The ops have CPU kernels (vectorized, parallel over samples and groups), CUDA kernels when the
+library was built against a CUDA torch, and Meta kernels, so they also run on the meta device
+(the planner's traces) and under torch.compile (FakeTensor uses the Meta kernels).
+
+Where the library is found: $REFL_NATIVE_LIB if set, else build/native/librefl_native.so next to
+the package (the editable install: `make install` builds it there), else librefl_native.so inside
+the package directory. When none loads, `available()` is False, the dispatch in refl_kernels and
+the recompute modes use the torch path, and a single log line says why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "REFL_NATIVE_LIB"
+LIB_NAME = "librefl_native.so"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take (float64 stays on torch)
+
+# None: not tried yet; otherwise (loaded, reason-if-not)
+_status: tuple[bool, str | None] | None = None
+
+
+def library_candidates() -> list[Path]:
+    """Where the library is looked for, in order."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return [Path(env)]
+    return [_PACKAGE_DIR.parent / "build" / "native" / LIB_NAME, _PACKAGE_DIR / LIB_NAME]
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("refl::group_norm_silu", dispatch_key)
+    except RuntimeError:  # the op is not registered in this process
+        return False
+
+
+def load() -> bool:
+    """Load the library once per process; log once (at WARNING) when it cannot be loaded."""
+    global _status
+    if _status is not None:
+        return _status[0]
+    path = next((p for p in library_candidates() if p.is_file()), None)
+    reason = None
+    if path is None:
+        reason = (f"{LIB_NAME} not found (looked in {', '.join(str(p) for p in library_candidates())}); "
+                  "`make install` builds it with cmake, or set $" + ENV_VAR)
+    elif not _has_kernel("CPU"):  # a second load would register the ops twice
+        try:
+            torch.ops.load_library(str(path))
+        except (OSError, RuntimeError) as exc:
+            reason = f"cannot load {path}: {exc}"
+    _status = (reason is None, reason)
+    if reason is not None:
+        log.warning("refl native ops unavailable, GroupNorm(+SiLU) uses the torch path: %s", reason)
+    return _status[0]
+
+
+@torch.compiler.assume_constant_result  # fixed per process: torch.compile folds it, no graph break
+def unavailable_reason(device: torch.device | str = "cpu") -> str | None:
+    """None if the native op can run on `device`, else a one-line reason with the fix."""
+    if not load():
+        return _status[1]
+    kind = torch.device(device).type
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(kind)
+    if key is None or not _has_kernel(key):
+        return (f"the native library has no {kind} kernel (CUDA kernels are built only against a CUDA torch "
+                "with nvcc present); use backend 'torch' or 'triton'")
+    return None
+
+
+def available(device: torch.device | str = "cpu") -> bool:
+    return unavailable_reason(device) is None
+
+
+class GroupNormSiLU(torch.autograd.Function):
+    """act(group_norm(x)) saving x and the fp32 mean/rstd (the parameters are referenced)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups: int, eps: float, silu: bool):
+        y, mean, rstd = torch.ops.refl.group_norm_silu(x, weight, bias, num_groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.refl.group_norm_silu_backward(dy, x, weight, bias, mean, rstd, ctx.silu)
+        needs = ctx.needs_input_grad
+        return dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None, None, None, None
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
+    """GroupNorm (+ SiLU) with the native op when it can run on x's device and dtype (fp32, bf16,
+    fp16), else torch's two ops."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if x.dtype not in DTYPES or not available(x.device):
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        return F.silu(y) if activation == "silu" else y
+    C = x.shape[1]
+    if weight is None:
+        weight = torch.ones(C, device=x.device, dtype=x.dtype)
+    if bias is None:
+        bias = torch.zeros(C, device=x.device, dtype=x.dtype)
+    return GroupNormSiLU.apply(x, weight, bias, int(num_groups), float(eps), activation == "silu")

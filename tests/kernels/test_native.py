@@ -1,0 +1,300 @@
+"""The native fused GroupNorm(+SiLU) op (csrc/, refl_kernels.native): forward and gradients
+against the float64 reference (error at most ~2x plain PyTorch's in the same precision plus a
+small atol), channels-first and channels-last; the tiny UNet with the op under every recompute
+policy against the stock model; what it saves for backward; the meta device and torch.compile;
+the fallback when the library is absent; the CUDA source compiling for sm_80/sm_90 where nvcc is.
+
+Needs the library (`make install` builds it into build/native/); without it these tests skip,
+except the fallback test."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import refl_kernels
+from refl_kernels import native, reference
+
+pytestmark = pytest.mark.no_interpreter  # nothing here runs Triton
+ROOT = Path(__file__).resolve().parents[2]
+needs_lib = pytest.mark.skipif(not native.available("cpu"), reason="native library not built (make install)")
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    """Overrides the directory's fixture: these tests must not see TRITON_INTERPRET=1."""
+    yield
+
+
+CASES = [
+    # N, C, spatial, G, activation, channels_last
+    (1, 10, (5, 7), 5, "silu", False),     # C not a multiple of 32 or of the vector width, odd H/W
+    (1, 10, (5, 7), 5, "silu", True),
+    (1, 6, (1, 1), 6, None, False),        # G = C at 1x1: one element per group
+    (3, 8, (33,), 1, "silu", False),       # one group, 1-D odd length
+    (1, 12, (9, 11), 1, "silu", True),     # one group, channels-last
+    (2, 64, (16, 16), 32, "silu", False),  # SD-like: 32 groups of 2 channels
+    (2, 64, (16, 16), 32, None, True),
+    (1, 40, (13, 3), 4, "silu", True),     # channels-last with a channel tail (40 = 5 x 8)
+    (2, 3, (3, 5, 7), 3, "silu", False),   # 3-D spatial, G = C
+    (1, 4, (2, 3, 5), 2, "silu", True),    # 3-D spatial channels-last (ChannelsLast3d)
+]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}  # bf16's unit roundoff is 8x fp16's
+
+
+def _channels_last(t):
+    return t.to(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def _inputs(N, C, spatial, dtype, seed, channels_last):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, *spatial, generator=gen) * 3 + 2).to(dtype)  # mean offset: tests stability
+    w = (torch.randn(C, generator=gen) * 0.5 + 1).to(dtype)
+    b = torch.randn(C, generator=gen).to(dtype)
+    dy = torch.randn(N, C, *spatial, generator=gen).to(dtype)
+    if channels_last:
+        x, dy = _channels_last(x), _channels_last(dy)
+    return x, w, b, dy
+
+
+def _run(fn, x, w, b, dy, dtype=None):
+    x, w, b = (t.detach().to(dtype or t.dtype).requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(dy.to(y.dtype))
+    return [y.detach(), x.grad, w.grad, b.grad]
+
+
+def _check(got, ref64, plain, dtype):
+    for name, g, r, p in zip(("y", "dx", "dw", "db"), got, ref64, plain):
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err = (g.double() - r).abs().max().item()
+        torch_err = (p.double() - r).abs().max().item()
+        bound = 2 * torch_err + ATOL[dtype] * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{name}: native error {err:.3g} > 2 x torch error {torch_err:.3g} + atol"
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,C,spatial,G,act,channels_last", CASES)
+def test_native_matches_float64_reference(N, C, spatial, G, act, channels_last, dtype):
+    x, w, b, dy = _inputs(N, C, spatial, dtype, seed=N * 1000 + C * 10 + G, channels_last=channels_last)
+    got = _run(lambda a, c, d: native.group_norm(a, G, c, d, activation=act), x, w, b, dy)
+    ref64 = _run(lambda a, c, d: reference.group_norm(a, G, c, d, activation=act), x, w, b, dy, torch.float64)
+    plain = _run(lambda a, c, d: reference.group_norm(a, G, c, d, activation=act), x, w, b, dy)
+    _check(got, ref64, plain, dtype)
+    # the output and dx keep x's layout
+    if channels_last:
+        assert _channels_last(got[0]).stride() == got[0].stride() and _channels_last(got[1]).stride() == got[1].stride()
+
+
+@needs_lib
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_native_two_threads_matches_one(channels_last):
+    """Positions split across threads (channels-last: per-thread partial sums) give the
+    one-thread result up to summation order."""
+    x, w, b, dy = _inputs(2, 16, (48, 45), torch.float32, seed=7, channels_last=channels_last)
+    fn = lambda a, c, d: native.group_norm(a, 4, c, d, activation="silu")  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(fn, x, w, b, dy)
+        torch.set_num_threads(2)
+        two = _run(fn, x, w, b, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+def _saved(fn, x, params):
+    seen = {p.untyped_storage()._cdata for p in params}
+    sizes = []
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_saved_tensors_on_meta(dtype):
+    N, C, H, W, G = 2, 320, 64, 64, 32  # SD1.5's first level at 512 px, on the meta device
+    x = torch.empty(N, C, H, W, device="meta", dtype=dtype, requires_grad=True)
+    w = torch.empty(C, device="meta", dtype=dtype, requires_grad=True)
+    b = torch.empty(C, device="meta", dtype=dtype, requires_grad=True)
+    act_bytes = x.numel() * x.element_size()
+    fused = _saved(lambda: native.group_norm(x, G, w, b, activation="silu"), x, (w, b))
+    stock = _saved(lambda: F.silu(F.group_norm(x, G, w, b)), x, (w, b))
+    assert sorted(fused) == [N * G * 4, N * G * 4, act_bytes]  # x, mean, rstd
+    assert sum(s == act_bytes for s in stock) == 2  # x and the GroupNorm output
+    # and the backward runs on meta (the op's Meta kernels)
+    y = native.group_norm(x, G, w, b, activation="silu")
+    gx, gw = torch.autograd.grad(y, (x, w), torch.empty_like(y))
+    assert gx.shape == x.shape and gx.device.type == "meta" and gw.shape == w.shape
+
+
+@needs_lib
+def test_torch_compile_traces_the_op():
+    """torch.compile (aot_eager: graph capture, FakeTensor via the Meta kernels, AOT autograd;
+    no C++ codegen) gives the eager values and gradients, in one graph."""
+    x, w, b, dy = _inputs(2, 8, (6, 5), torch.float32, seed=3, channels_last=False)
+    fn = lambda a, c, d: native.group_norm(a, 4, c, d, activation="silu")  # noqa: E731
+    eager = _run(fn, x, w, b, dy)
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(fn, backend="aot_eager", fullgraph=True), x, w, b, dy)
+    for a, c in zip(eager, compiled):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@needs_lib
+def test_op_rejects_bad_arguments():
+    x = torch.randn(1, 6, 4, 4)
+    with pytest.raises(RuntimeError, match="must divide"):
+        torch.ops.refl.group_norm_silu(x, torch.ones(6), torch.zeros(6), 4, 1e-5, True)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.refl.group_norm_silu(x.double(), torch.ones(6), torch.zeros(6), 3, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"weight and bias must be \(6,\)"):
+        torch.ops.refl.group_norm_silu(x, torch.ones(5), torch.zeros(6), 3, 1e-5, True)
+
+
+# ---------------------------------------------------------------------------------- tiny UNet
+
+TINY = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(8, 16), norm_num_groups=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16, attention_head_dim=2,
+)
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY).float()
+
+
+def _policy_step(unet, policy_name, seed=0):
+    """One grad-carrying UNet call run by the recompute policy; output and parameter gradients."""
+    from refl_engine.memory.recompute import build_policy
+
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 5, 16, generator=gen)
+    weight = torch.randn(2, 4, 8, 8, generator=gen)
+
+    def eps(s):
+        return unet(s, torch.tensor([500, 20]), encoder_hidden_states=context).sample
+
+    eps.unet = unet
+    policy = build_policy(policy_name)
+    unet.zero_grad(set_to_none=True)
+    with policy.window(1):
+        out = policy.unet_call(eps, sample)
+    (out * weight).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+
+@needs_lib
+@pytest.mark.parametrize("policy", ["none", "lean", "full", "selective"])
+def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
+    """--kernels native (every GroupNorm(+SiLU) fused) and, in the recompute modes, the native op
+    inside the selective GroupNorm->SiLU->projection: the stock model's outputs and gradients."""
+    from refl_engine.memory import selective
+    from refl_engine.models.patch import apply_kernels
+
+    stock_out, stock_grads = _policy_step(_unet(), "none")
+
+    calls = {"patch": 0, "selective": 0}
+    real_gn, real_sel = native.group_norm, selective._native_norm_act
+
+    def counting_gn(*a, **k):
+        calls["patch"] += 1
+        return real_gn(*a, **k)
+
+    def counting_sel(*a, **k):
+        calls["selective"] += 1
+        return real_sel(*a, **k)
+
+    monkeypatch.setattr(native, "group_norm", counting_gn)
+    monkeypatch.setattr(selective, "_native_norm_act", counting_sel)
+    unet = _unet()
+    apply_kernels(unet, "native")
+    out, grads = _policy_step(unet, policy)
+    assert calls["patch"] > 0
+    if policy in ("lean", "selective"):  # these run the ResNet blocks' norms through selective.py
+        assert calls["selective"] > 0
+    torch.testing.assert_close(out, stock_out, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == stock_grads.keys()
+    for name, ref in stock_grads.items():
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=2e-5 * scale, msg=name)
+
+
+# ---------------------------------------------------------------------------------- fallback
+
+def test_fallback_when_library_is_absent(monkeypatch, caplog, tmp_path):
+    """The loader finds nothing: the dispatch, the recompute modes and native.group_norm use
+    torch's GroupNorm, and one log line says why (once)."""
+    from refl_engine.memory import selective
+
+    monkeypatch.setenv(native.ENV_VAR, str(tmp_path / "missing" / native.LIB_NAME))
+    monkeypatch.setattr(native, "_status", None)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available("cpu")
+        assert not native.available("cpu")
+    msgs = [r.getMessage() for r in caplog.records if r.name == native.__name__]
+    assert len(msgs) == 1 and "torch path" in msgs[0] and "make install" in msgs[0]
+    assert refl_kernels._resolve("auto", torch.device("cpu"), refl_kernels.GROUP_NORM_BACKENDS, "group_norm") == "torch"
+    with pytest.raises(ValueError, match="native.*unavailable"):
+        refl_kernels.group_norm(torch.randn(1, 4, 3, 3), 2, backend="native")
+    x = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(1))
+    w, b = torch.randn(6), torch.randn(6)
+    torch.testing.assert_close(native.group_norm(x, 3, w, b, activation="silu"), F.silu(F.group_norm(x, 3, w, b)),
+                               rtol=0, atol=0)
+    assert not selective._use_native(x)
+
+
+# ---------------------------------------------------------------------------------- CUDA compile
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="no nvcc")
+def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
+    """nvcc -c of csrc/group_norm_cuda.cu for sm_80 and sm_90 against torch's headers, through the
+    CMake target (compile only: no GPU here; a CPU torch cannot link a CUDA extension)."""
+    build = ROOT / "build" / "native"
+    if not (build / "CMakeCache.txt").is_file():
+        build = tmp_path / "build"
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "--log-level=NOTICE",
+                        f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
+    proc = subprocess.run(["cmake", "--build", str(build), "--target", "refl_native_cuda_objects"],
+                          capture_output=True, text=True)
+    if "refl_native_cuda_objects" in proc.stderr and "No rule" in proc.stderr:
+        pytest.skip("the CMake build links the CUDA ops itself (CUDA torch): nothing compile-only to check")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    obj = build / "group_norm_cuda.o"
+    assert obj.is_file() and obj.stat().st_mtime >= (ROOT / "csrc" / "group_norm_cuda.cu").stat().st_mtime
+    # the cubins inside: cuobjdump of the toolkit, or the one triton ships
+    tools = [shutil.which("cuobjdump")]
+    if importlib.util.find_spec("triton") is not None:
+        tools.append(str(Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump"))
+    tool = next((t for t in tools if t and Path(t).is_file()), None)
+    if tool is None:
+        pytest.skip("compiled; no cuobjdump to list the architectures")
+    listing = subprocess.run([tool, "--list-elf", str(obj)], capture_output=True, text=True, check=True).stdout
+    assert "sm_80.cubin" in listing and "sm_90.cubin" in listing, listing
