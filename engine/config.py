@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     model: str | None = None  # diffusers dir, hub id, or preset ("tiny-sd"); None = embedded default
     revision: str | None = None
-    resolution: int = 0  # image side in pixels; 0 = the model's native size
+    resolution: int = 0  # square image side in pixels; 0 = the model's native size
+    height: int = 0  # non-square sizes: pixels, overriding --resolution for that side; 0 = --resolution
+    width: int = 0
     rank: int = 4  # LoRA rank on the UNet attention projections; 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 = same as rank
     lora_target_modules: str = "to_q,to_k,to_v,to_out.0"
@@ -316,6 +318,19 @@ def parse_stop_range(spec: str, num_steps: int) -> tuple[int, int]:
             f"--stop_range {spec} must satisfy 0 <= lo <= hi < {num_steps} (--num_inference_steps)"
         )
     return lo, hi
+
+
+def resolution_multiple(vae_block_out_channels, unet_block_out_channels) -> int:
+    return 2 ** (len(vae_block_out_channels) - 1) * 2 ** (len(unet_block_out_channels) - 1)
+
+
+def check_resolution(side: int, multiple: int, name: str = "resolution") -> None:
+    """The model-dependent part of the size flags' validation (Components.image_size)."""
+    if side % multiple:
+        lower = side // multiple * multiple
+        fix = f"{lower} or {lower + multiple}" if lower else str(multiple)
+        raise ConfigError(f"--{name} {side} is not a multiple of {multiple} for this model (the VAE and UNet "
+                          f"down-sample by {multiple}); use {fix}")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -6,6 +6,7 @@ method.loss (+ regularizers) -> backward -> clip -> optimizer step -> log, sampl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from .data import load_prompts
 from .memory.recompute import build_policy
 from .methods import Sampler, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
-from .models.load import load_pipeline_components
+from .models.load import load_pipeline_components, vae_dtype
 from .models.lora import add_lora, has_lora
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, randn, run_trajectory
@@ -126,7 +127,8 @@ class ReFLTrainer:
         self.components = c
         for module in (c.vae, c.text_encoder, c.text_encoder_2):
             if module is not None:
-                _place(module.requires_grad_(False).eval(), self.device, weight_dtype)
+                dtype = vae_dtype(c.vae.config, weight_dtype) if module is c.vae else weight_dtype
+                _place(module.requires_grad_(False).eval(), self.device, dtype)
         self.unet = c.unet
         self.params = add_lora(self.unet, cfg.model.rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
         if cfg.model.rank > 0:  # frozen base in the training dtype, adapters in fp32
@@ -145,11 +147,9 @@ class ReFLTrainer:
             except ValueError as e:
                 raise ConfigError(str(e).splitlines()[0]) from None
 
-        self.resolution = cfg.model.resolution or c.native_resolution
-        if self.resolution % (c.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)):
-            raise ConfigError(f"--resolution {self.resolution} must be a multiple of "
-                              f"{c.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)} for this model")
-        self.latent_size = self.resolution // c.vae_scale_factor
+        self.height, self.width = c.image_size(cfg.model.resolution, cfg.model.height, cfg.model.width)
+        self.resolution = max(self.height, self.width)  # the planner's square side (an upper bound)
+        self.latent_size = (self.height // c.vae_scale_factor, self.width // c.vae_scale_factor)
         self.schedule = DDIMSchedule.from_scheduler(c.scheduler, cfg.method.num_inference_steps)
         try:
             self.reward = build_reward(cfg.method.reward, cfg.method.reward_output).to(self.device, weight_dtype)
@@ -177,7 +177,7 @@ class ReFLTrainer:
             self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
-        self.text = TextEncoderCache(c, self.device, weight_dtype)
+        self.text = TextEncoderCache(c, self.device, weight_dtype, self.height, self.width)
         self.optimizer = self._build_optimizer()
         from diffusers.optimization import get_scheduler
 
@@ -210,17 +210,21 @@ class ReFLTrainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1]."""
+        """Latents -> images in [0, 1]. A VAE kept in fp32 under fp16 training (`force_upcast`, see
+        _setup) decodes outside autocast, in fp32, as the SDXL pipeline decodes."""
         vae = self.components.vae
-        z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
-        return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+        dtype = next(vae.parameters()).dtype
+        upcast = self.autocast_dtype == torch.float16 and dtype == torch.float32
+        with torch.autocast(self.device.type, enabled=False) if upcast else contextlib.nullcontext():
+            z = latents.to(dtype) / vae.config.scaling_factor
+            return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
     def sample_prompts_batch(self, batch_size: int) -> list[str]:
         idx = torch.randint(len(self.prompts), (batch_size,), generator=self.generator).tolist()
         return [self.prompts[i] for i in idx]
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        shape = (batch_size, self.unet.config.in_channels, self.latent_size, self.latent_size)
+        shape = (batch_size, self.unet.config.in_channels, *self.latent_size)
         return randn(shape, generator, self.device)
 
     def sampler(self, prompts: list[str]) -> Sampler:

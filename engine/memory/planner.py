@@ -94,6 +94,15 @@ def model_spec(model: str | None) -> ModelSpec:
         return ModelSpec("sdxl", "sdxl", _read("sdxl_unet_config.json"), _read("sdxl_vae_config.json"),
                          [_te(_read("sdxl_text_encoder_config.json"), False),
                           _te(_read("sdxl_text_encoder_2_config.json"), True)], 1024)
+    if model == "tiny-sdxl":
+        from ..models.load import TINY_SDXL_RESOLUTION, build_tiny_tokenizer, tiny_sdxl_configs
+
+        cfgs = tiny_sdxl_configs()
+        tok = build_tiny_tokenizer()
+        ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        tes = [_te(dict(cfgs["text_encoder"], **ids, pad_token_id=tok.pad_token_id), False),
+               _te(dict(cfgs["text_encoder_2"], **ids, pad_token_id=tok.convert_tokens_to_ids("!")), True)]
+        return ModelSpec("tiny-sdxl", "sdxl", dict(cfgs["unet"]), dict(cfgs["vae"]), tes, TINY_SDXL_RESOLUTION)
     if model in (None, "", "tiny-sd"):
         from ..models.load import TINY_SD_RESOLUTION, build_tiny_tokenizer, tiny_sd_configs
 
@@ -513,6 +522,13 @@ class Planner:
             counts["reward"] = count_params(_meta_vision(backbone))
         return counts
 
+    @property
+    def vae_precision(self) -> str:
+        """The trainer keeps a `force_upcast` VAE (SDXL's) in fp32 under fp16 and decodes in fp32
+        (models/load.py vae_dtype)."""
+        fp16 = self.spec.mixed_precision == "fp16"
+        return "no" if fp16 and self.model.vae.get("force_upcast", False) else self.spec.mixed_precision
+
     def state_bytes(self, optimizer: str | None = None, offload: bool | None = None, zero: int | None = None,
                     rank: int | None = None) -> dict[str, int]:
         s = self.spec
@@ -522,14 +538,15 @@ class Planner:
         rank = s.rank if rank is None else rank
         c = self.param_counts()
         half = _dtype(s.mixed_precision).itemsize
-        frozen = c["vae"] + c["text_encoders"] + c["reward"]
+        frozen = c["text_encoders"] + c["reward"]
+        vae = c["vae"] * _dtype(self.vae_precision).itemsize
         out = {}
         if rank > 0:
             trainable = c["lora"]
-            out["params"] = (c["unet"] + frozen) * half + trainable * 4
+            out["params"] = (c["unet"] + frozen) * half + vae + trainable * 4
         else:
             trainable = c["unet"]
-            out["params"] = frozen * half + trainable * 4
+            out["params"] = frozen * half + vae + trainable * 4
         opt_per = 8 if optimizer == "adamw" else 2 + 8 / 2048
         out["grads"] = trainable * 4
         out["optimizer"] = int(trainable * opt_per)
@@ -564,7 +581,7 @@ class Planner:
         """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1)."""
         s = self.spec
         vae = _trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
-                     dtype=s.mixed_precision, checkpoint=s.checkpoint_decode,
+                     dtype=self.vae_precision, checkpoint=s.checkpoint_decode,
                      selective=s.selective_decode)["decode"]
         rew = _trace("reward", s.use_cache, reward=s.reward, resolution=self.resolution, batch=1,
                      dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]

@@ -1,8 +1,12 @@
 """Prompt conditioning and the guided noise prediction.
 
-SD1.5 conditions the UNet on one CLIP text encoder's last hidden states. SDXL adds a second
-encoder (penultimate hidden states concatenated, pooled output) and size/crop time ids through
-`added_cond_kwargs`; `Conditioning` carries both shapes so the sampling code does not care.
+Prompts are encoded by the diffusers pipeline built around the loaded modules
+(`Components.pipeline()`): `encode_prompt` of StableDiffusionPipeline (SD1.5: last hidden states,
+negative = the encoded "") or StableDiffusionXLPipeline (SDXL: both encoders' penultimate states
+concatenated, the second's pooled projection; negative = zeros when the model's
+`force_zeros_for_empty_prompt` says so), and SDXL's time ids come from the pipeline's
+`_get_add_time_ids` at the training size. Training therefore conditions the UNet exactly as
+sampling with the pipeline does. `Conditioning` carries both shapes so the sampling code does not care.
 """
 from __future__ import annotations
 
@@ -11,71 +15,91 @@ from typing import Sequence
 
 import torch
 
-from ..sampling import guided
-
 
 @dataclass
 class Conditioning:
     cond: torch.Tensor  # (B, L, D) encoder hidden states of the prompts
-    uncond: torch.Tensor | None = None  # (B, L, D) of the empty prompt, for CFG
-    added: dict = field(default_factory=dict)  # SDXL: text_embeds, time_ids for cond
+    uncond: torch.Tensor | None = None  # (B, L, D) the negative branch of CFG
+    added: dict = field(default_factory=dict)  # SDXL: text_embeds (pooled), time_ids for cond
     added_uncond: dict = field(default_factory=dict)
-
-    def select(self, index) -> "Conditioning":
-        pick = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
-        return Conditioning(self.cond[index], None if self.uncond is None else self.uncond[index],
-                            pick(self.added), pick(self.added_uncond))
 
 
 class TextEncoderCache:
-    """Encodes prompts once (no grad) and keeps the embeddings: the text encoder is frozen."""
+    """Encodes each prompt once (no grad: the text encoders are frozen) and keeps its embeddings;
+    the negative branch, the same for every prompt, is encoded once.
 
-    def __init__(self, components, device, dtype):
+    height, width: the training size in pixels, which SDXL's time ids carry (original size = target
+    size = (height, width), crop (0, 0), as the pipeline builds them by default); 0 = native.
+    """
+
+    def __init__(self, components, device, dtype, height: int = 0, width: int = 0):
         self.c = components
+        self.pipe = components.pipeline()
         self.device, self.dtype = device, dtype
-        self._cache: dict[str, tuple[torch.Tensor, dict]] = {}
+        self.size = (height or components.native_resolution, width or components.native_resolution)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._negative: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._time_ids: torch.Tensor | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.c.kind == "sdxl"
 
     @torch.no_grad()
-    def _encode_one(self, prompt: str):
-        c = self.c
-        if c.kind == "sd15":
-            ids = c.tokenizer([prompt], padding="max_length", max_length=c.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.device)
-            return c.text_encoder(ids)[0].to(self.dtype)[0], {}
-        # SDXL: penultimate hidden states of both encoders, pooled output of the second.
-        states = []
-        pooled = None
-        for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
-            ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = enc(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = out[0]
-        h = c.unet.config.sample_size * 8
-        time_ids = torch.tensor([h, h, 0, 0, h, h], device=self.device, dtype=self.dtype)
-        return torch.cat(states, dim=-1)[0].to(self.dtype), {"text_embeds": pooled[0].to(self.dtype),
-                                                             "time_ids": time_ids}
+    def _encode(self, prompts: list[str], negative: bool):
+        """The pipeline's encode_prompt on `prompts`: [(states, pooled)] per prompt, and the
+        negative branch's (states, pooled) when `negative`."""
+        out = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=negative)
+        if self.sdxl:
+            states, neg_states, pooled, neg_pooled = out
+        else:
+            (states, neg_states), pooled, neg_pooled = out, None, None
+        cast = lambda t: None if t is None else t.to(self.dtype)  # noqa: E731
+        items = [(cast(states[i]), cast(None if pooled is None else pooled[i])) for i in range(len(prompts))]
+        neg = (cast(neg_states[0]), cast(None if neg_pooled is None else neg_pooled[0])) if negative else None
+        return items, neg
+
+    def time_ids(self) -> torch.Tensor:
+        """(6,) SDXL's size/crop conditioning for the training size, by the pipeline's code."""
+        if self._time_ids is None:
+            te2 = self.pipe.text_encoder_2
+            ids = self.pipe._get_add_time_ids(self.size, (0, 0), self.size, dtype=self.dtype,
+                                              text_encoder_projection_dim=te2.config.projection_dim)
+            self._time_ids = ids[0].to(self.device)
+        return self._time_ids
+
+    def _added(self, pooled: list[torch.Tensor | None]) -> dict:
+        if not self.sdxl:
+            return {}
+        return {"text_embeds": torch.stack(pooled), "time_ids": self.time_ids().expand(len(pooled), -1)}
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
-        items = []
-        for p in prompts:
-            if p not in self._cache:
-                self._cache[p] = self._encode_one(p)
-            items.append(self._cache[p])
-        cond = torch.stack([h for h, _ in items])
-        added = {k: torch.stack([a[k] for _, a in items]) for k in items[0][1]}
-        return cond, added
+        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if new:
+            items, _ = self._encode(new, negative=False)
+            self._cache.update(zip(new, items))
+        items = [self._cache[p] for p in prompts]
+        return torch.stack([s for s, _ in items]), self._added([p for _, p in items])
+
+    def negative(self, batch_size: int) -> tuple[torch.Tensor, dict]:
+        """CFG's negative branch as the pipeline makes it for a None negative prompt."""
+        if self._negative is None:
+            _, self._negative = self._encode([""], negative=True)
+        states, pooled = self._negative
+        return states.expand(batch_size, -1, -1), self._added([pooled] * batch_size)
 
     def conditioning(self, prompts: Sequence[str], cfg: bool) -> Conditioning:
         cond, added = self.encode(prompts)
         if not cfg:
             return Conditioning(cond, added=added)
-        uncond, added_u = self.encode([""] * len(prompts))
+        uncond, added_u = self.negative(len(prompts))
         return Conditioning(cond, uncond, added, added_u)
 
 
 def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
-    """(x, t) -> the (classifier-free guided) noise prediction; CFG doubles the UNet batch."""
+    """(x, t) -> the (classifier-free guided) noise prediction; CFG doubles the UNet batch
+    (negative first, as the pipelines do)."""
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = conditioning
@@ -88,7 +112,7 @@ def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
         if c.added:
             kwargs["added_cond_kwargs"] = {k: torch.cat([c.added_uncond[k], c.added[k]]) for k in c.added}
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=states, **kwargs).sample.chunk(2)
-        return guided(eps_u, eps_c, guidance_scale)
+        return eps_u + guidance_scale * (eps_c - eps_u)
 
     eps_fn.unet = unet  # for memory policies that act on the UNet's modules (memory/selective.py)
     return eps_fn

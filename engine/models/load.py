@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_resolution, resolution_multiple
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,10 +34,47 @@ class Components:
     native_resolution: int
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL's model_index: CFG's negative is zeros, not ""
+    _pipeline: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def image_size(self, resolution: int = 0, height: int = 0, width: int = 0) -> tuple[int, int]:
+        """(height, width) in pixels: --height/--width, else --resolution, else the native size. A
+        side the VAE and UNet cannot down-sample evenly is a ConfigError naming the flag."""
+        multiple = resolution_multiple(self.vae.config.block_out_channels, self.unet.config.block_out_channels)
+        sides = []
+        for name, side in (("height", height), ("width", width)):
+            if not side:
+                name, side = "resolution", resolution or self.native_resolution
+            check_resolution(side, multiple, name)
+            sides.append(side)
+        return sides[0], sides[1]
+
+    def pipeline(self):
+        """The diffusers pipeline around these very modules (no copies): the engine encodes
+        prompts and builds SDXL's time ids with its code, so training conditions the UNet as
+        sampling with the pipeline does."""
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(self.kind, dict(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=self.scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+            ), self.force_zeros_for_empty_prompt)
+        return self._pipeline
+
+
+def build_pipeline(kind: str, parts: dict, force_zeros_for_empty_prompt: bool = True):
+    """A StableDiffusionPipeline (kind "sd15") or StableDiffusionXLPipeline ("sdxl") holding `parts`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                                         add_watermarker=False)
+    parts = {k: v for k, v in parts.items() if not k.endswith("_2")}
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 # ---------------------------------------------------------------- tiny-sd (shaped like SD1.5)
@@ -115,9 +155,10 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def build_tiny_tokenizer(words=TINY_SD_WORDS):
+def build_tiny_tokenizer(words=TINY_SD_WORDS, pad_token: str = "<|endoftext|>"):
     """A byte-level CLIP BPE tokenizer (77 tokens) that works offline: every byte is a token, and
-    each word of `words` gets a merge chain so it encodes as one token."""
+    each word of `words` gets a merge chain so it encodes as one token. SDXL's second tokenizer
+    pads with "!" instead of the end token."""
     from transformers import CLIPTokenizer
 
     alphabet = _bytes_to_unicode()
@@ -136,7 +177,7 @@ def build_tiny_tokenizer(words=TINY_SD_WORDS):
             pieces = [merged] + pieces[2:]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def build_tiny_sd(seed: int = 0) -> dict:
@@ -166,19 +207,122 @@ def build_tiny_sd(seed: int = 0) -> dict:
     )
 
 
+# ---------------------------------------------------------------- tiny-sdxl (shaped like SDXL)
+
+TINY_SDXL_RESOLUTION = 32
+
+
+def tiny_sdxl_configs() -> dict:
+    """Configs of the tiny SDXL-shaped preset, SDXL's architecture at toy width: no attention in the
+    first down level, several transformer layers deeper, linear projections, two CLIP text
+    encoders whose penultimate states are concatenated (cross-attention 32 + 32), the second's
+    pooled projection plus six size/crop time ids as the added embedding, SDXL's scheduler
+    config (EulerDiscrete, which the loader converts to DDIM) and a VAE with `force_upcast`."""
+    te_dim, te2_proj, time_dim = 32, 32, 8
+    return {
+        "unet": dict(
+            sample_size=TINY_SDXL_RESOLUTION // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),  # diffusers' legacy name: heads per level, as SDXL's (5, 10, 20)
+            use_linear_projection=True,
+            cross_attention_dim=2 * te_dim,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            # six time ids (original size, crop top-left, target size) + the pooled text embedding
+            projection_class_embeddings_input_dim=6 * time_dim + te2_proj,
+            norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=TINY_SDXL_RESOLUTION,
+            scaling_factor=1.0,  # random weights: latents are not normalized (SDXL's is 0.13025)
+            force_upcast=True,
+        ),
+        "text_encoder": dict(  # CLIP ViT-L's text tower shape (quick_gelu), at toy width
+            hidden_size=te_dim,
+            intermediate_size=2 * te_dim,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=te_dim,
+            hidden_act="quick_gelu",
+        ),
+        "text_encoder_2": dict(  # OpenCLIP bigG's text tower shape (gelu, projection), at toy width
+            hidden_size=te_dim,
+            intermediate_size=2 * te_dim,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=te2_proj,
+            hidden_act="gelu",
+        ),
+        "scheduler": dict(  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            interpolation_type="linear",
+            num_train_timesteps=1000,
+            prediction_type="epsilon",
+            sample_max_value=1.0,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+            timestep_spacing="leading",
+            trained_betas=None,
+            use_karras_sigmas=False,
+        ),
+    }
+
+
+def build_tiny_sdxl(seed: int = 0) -> dict:
+    """Instantiate the tiny SDXL preset with seeded weights (not yet saved)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfgs = tiny_sdxl_configs()
+    tokenizer = build_tiny_tokenizer()
+    tokenizer_2 = build_tiny_tokenizer(pad_token="!")
+
+    def text_config(cfg, tok):
+        return CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, **cfg)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**cfgs["unet"])
+        vae = AutoencoderKL(**cfgs["vae"])
+        text_encoder = CLIPTextModel(text_config(cfgs["text_encoder"], tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(cfgs["text_encoder_2"], tokenizer_2))
+    return dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler.from_config(cfgs["scheduler"]),
+    )
+
+
 def save_pipeline_dir(parts: dict, path: str | os.PathLike) -> Path:
-    """Write components in the diffusers pipeline layout (model_index.json + one folder each),
-    atomically: a half-written directory is never visible under `path`."""
+    """Write components with the diffusers pipeline's own `save_pretrained` (model_index.json + one
+    folder each; SDXL when `parts` has a second text encoder), atomically: a half-written directory
+    is never visible under `path`."""
     path = Path(path)
+    kind = "sdxl" if "text_encoder_2" in parts else "sd15"
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version()}
-        for name, obj in parts.items():
-            obj.save_pretrained(tmp / name)
-            library = "transformers" if type(obj).__module__.startswith("transformers") else "diffusers"
-            index[name] = [library, type(obj).__name__]
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        build_pipeline(kind, parts).save_pretrained(tmp, safe_serialization=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -201,18 +345,44 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def tiny_sd_path(seed: int = 0) -> Path:
-    """The tiny preset's pipeline directory, built on first use."""
-    key = hashlib.sha256(json.dumps([tiny_sd_configs(), list(TINY_SD_WORDS), seed, _diffusers_version()],
+def _preset_path(name: str, build, key_parts: list, seed: int) -> Path:
+    """A preset's pipeline directory in the cache, keyed by everything that shapes its weights;
+    built and saved on first use."""
+    key = hashlib.sha256(json.dumps([*key_parts, seed, _diffusers_version()],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache_dir() / f"tiny-sd-{key}"
+    path = cache_dir() / f"{name}-{key}"
     if not (path / "model_index.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_pipeline_dir(build_tiny_sd(seed), path)
+        save_pipeline_dir(build(seed), path)
     return path
 
 
-PRESETS = {"tiny-sd": tiny_sd_path}
+def tiny_sd_path(seed: int = 0) -> Path:
+    """The tiny SD1.5-shaped preset's pipeline directory, built on first use."""
+    return _preset_path("tiny-sd", build_tiny_sd, [tiny_sd_configs(), list(TINY_SD_WORDS)], seed)
+
+
+def tiny_sdxl_path(seed: int = 0) -> Path:
+    """The tiny SDXL-shaped preset's pipeline directory, built on first use."""
+    return _preset_path("tiny-sdxl", build_tiny_sdxl, [tiny_sdxl_configs(), list(TINY_SD_WORDS)], seed)
+
+
+PRESETS = {"tiny-sd": tiny_sd_path, "tiny-sdxl": tiny_sdxl_path}
+
+# The embedded default model: the toyworld pipeline shipped in the package (engine/toyworld/,
+# which builds it with this module; this module only reads the directory).
+EMBEDDED_PIPELINE = Path(__file__).resolve().parent.parent / "toyworld" / "pipeline"
+
+
+def default_model_path() -> Path:
+    """The shipped pretrained pipeline; if it is missing or incomplete (no model_index.json),
+    the randomly initialized tiny-sd preset, with a warning."""
+    if (EMBEDDED_PIPELINE / "model_index.json").is_file():
+        return EMBEDDED_PIPELINE
+    log.warning("the pretrained toyworld pipeline is missing (%s has no model_index.json); falling back to the "
+                "randomly initialized tiny-sd preset, whose samples are noise. Rebuild it with "
+                "`python -m refl_engine.toyworld.pretrain --out %s`", EMBEDDED_PIPELINE, EMBEDDED_PIPELINE)
+    return tiny_sd_path()
 
 
 # ---------------------------------------------------------------- loading
@@ -220,8 +390,6 @@ PRESETS = {"tiny-sd": tiny_sd_path}
 def resolve_model(model: str | None) -> str:
     """A preset name, a local diffusers directory or a hub id -> something from_pretrained takes."""
     if model is None or model == "":
-        from ..toyworld import default_model_path  # the embedded default
-
         return str(default_model_path())
     if model in PRESETS:
         return str(PRESETS[model]())
@@ -243,35 +411,57 @@ def resolve_model(model: str | None) -> str:
 
 
 def load_pipeline_components(model: str | None, revision: str | None = None,
-                             dtype: torch.dtype = torch.float32) -> Components:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+                             dtype: torch.dtype = torch.float32, cache_dir: str | None = None,
+                             variant: str | None = None) -> Components:
+    """Each component with its own class's from_pretrained (no safety checker, watermarker or
+    feature extractor), the scheduler converted to DDIM, `force_zeros_for_empty_prompt` from the
+    pipeline's model_index.json."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     where = resolve_model(model)
-    kw = dict(revision=revision) if revision else {}
+    kw = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir).items() if v}
+    wkw = dict(kw, variant=variant) if variant else kw  # --variant names weights files: *.fp16.safetensors
     try:
-        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype, **wkw)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=dtype, **wkw)
         tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype, **wkw)
         scheduler = DDIMScheduler.from_pretrained(where, subfolder="scheduler", **kw)
         text_encoder_2 = tokenizer_2 = None
         kind = "sd15"
+        force_zeros = True
         if unet.config.addition_embed_type == "text_time":
             kind = "sdxl"
             tokenizer_2 = AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2", **kw)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                where, subfolder="text_encoder_2", torch_dtype=dtype, **kw
+                where, subfolder="text_encoder_2", torch_dtype=dtype, **wkw
             )
+            # the pipeline's default when model_index.json does not say
+            force_zeros = DiffusionPipeline.load_config(where, **kw).get("force_zeros_for_empty_prompt", True)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"cannot load diffusers model {model!r} ({first}); check the path or hub id, and that it holds "
             "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         ) from None
-    # DDIM with SD's conventions whatever scheduler the model ships with.
+    # DDIM with the model's schedule (betas, offset, spacing, prediction type) whatever scheduler it
+    # ships with (SDXL: EulerDiscrete), as `DDIMScheduler.from_config(pipe.scheduler.config)` gives users.
     scheduler = DDIMScheduler.from_config(scheduler.config)
     native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                      kind=kind, path=where, native_resolution=int(native),
-                      text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    c = Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                   kind=kind, path=where, native_resolution=int(native),
+                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                   force_zeros_for_empty_prompt=bool(force_zeros))
+    # Build the pipeline now: its constructor settles the scheduler's config (StableDiffusionPipeline
+    # turns an old DDIM config's clip_sample off) before the engine reads the schedule from it.
+    c.pipeline()
+    return c
+
+
+def vae_dtype(vae_config, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE decodes in: fp32 when the weights are fp16 and the VAE's config says
+    `force_upcast` (SDXL's VAE overflows in fp16; its pipeline upcasts to decode), else the weights'."""
+    if weight_dtype == torch.float16 and getattr(vae_config, "force_upcast", False):
+        return torch.float32
+    return weight_dtype

@@ -7,22 +7,9 @@ colors: samples do not depend on the prompt (README, "The embedded default").
 """
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+# The loader owns where the embedded pipeline lives and the fallback when it is missing; this
+# package only builds it (pretrain.py), so imports point one way: toyworld -> models.load.
+from ..models.load import EMBEDDED_PIPELINE as PIPELINE_DIR
+from ..models.load import default_model_path
 
-log = logging.getLogger(__name__)
-
-PIPELINE_DIR = Path(__file__).resolve().parent / "pipeline"
-
-
-def default_model_path() -> Path:
-    """The shipped pretrained pipeline; if it is missing or incomplete (no model_index.json),
-    the randomly initialized tiny-sd preset, with a warning."""
-    if (PIPELINE_DIR / "model_index.json").is_file():
-        return PIPELINE_DIR
-    from ..models.load import tiny_sd_path
-
-    log.warning("the pretrained toyworld pipeline is missing (%s has no model_index.json); falling back to the "
-                "randomly initialized tiny-sd preset, whose samples are noise. Rebuild it with "
-                "`python -m refl_engine.toyworld.pretrain --out %s`", PIPELINE_DIR, PIPELINE_DIR)
-    return tiny_sd_path()
+__all__ = ["PIPELINE_DIR", "default_model_path"]
