@@ -1,5 +1,5 @@
 // Fused GroupNorm(+SiLU) forward and backward on CPU: vectorized with ATen's Vectorized<float>
-// (AVX2 or AVX-512 when the build enables it, see CMakeLists.txt), parallel with at::parallel_for.
+// (AVX-512 or AVX2 as the build machine supports, see CMakeLists.txt), parallel with at::parallel_for.
 //
 // Notation: x is (N, C, HW) with G groups of D = C / G channels; a group is L = D * HW elements.
 // xhat = (x - mean) * rstd, z = w * xhat + b, y = silu(z) = z * sigmoid(z) (or y = z).
@@ -49,8 +49,29 @@ inline Vec load_full(const at::Half* p) {
   return v;
 }
 inline void store_full(float* p, const Vec& v) { v.store(p); }
-inline void store_full(at::BFloat16* p, const Vec& v) { at::vec::convert_float_bfloat16(v, v).store(p, kV); }
-inline void store_full(at::Half* p, const Vec& v) { at::vec::convert_float_half(v, v).store(p, kV); }
+// One float vector to 16-bit floats (round to nearest even), stored as a half-width register.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void store_full(at::BFloat16* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+}
+inline void store_full(at::Half* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(__m512(v)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void store_full(at::BFloat16* p, const Vec& v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+}
+inline void store_full(at::Half* p, const Vec& v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_fp16(__m256(v)));
+}
+#else
+template <typename T>
+inline void store_full(T* p, const Vec& v) {
+  float tmp[kV];
+  v.store(tmp);
+  for (int64_t i = 0; i < kV; ++i) p[i] = static_cast<T>(tmp[i]);
+}
+#endif
 
 // The first n <= kV elements; lanes past n load as 0 and are not stored.
 template <typename T>
@@ -100,7 +121,11 @@ inline Vec activation(const Vec& z) {
 constexpr int64_t kGrain = 32768;  // elements per parallel chunk, as ATen's own kernels use
 inline int64_t rows_grain(int64_t C) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)); }
 
-// -------------------------------------------------------------------------- channels-first
+// Row kernels. Each runs whole vectors in its main loop and the remainder (< kV elements) once
+// after it, with all state in locals: the compiler keeps it in registers (a shared loop with a
+// per-iteration min() and partial loads kept the accumulators on the stack, at ~2x the time).
+
+// -------------------------------------------------------------------------- channels-first rows
 
 template <typename T>
 float row_sum(const T* p, int64_t n) {
@@ -110,7 +135,8 @@ float row_sum(const T* p, int64_t n) {
     a0 += load_full(p + i);
     a1 += load_full(p + i + kV);
   }
-  for (; i < n; i += kV) a0 += load(p + i, std::min(kV, n - i));
+  for (; i + kV <= n; i += kV) a0 += load_full(p + i);
+  if (i < n) a1 += load(p + i, n - i);  // lanes past the end load as 0
   return hsum(a0 + a1);
 }
 
@@ -124,12 +150,65 @@ float row_sq_dev(const T* p, int64_t n, float mean) {
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
   }
-  for (; i < n; i += kV) {
-    const int64_t k = std::min(kV, n - i);
-    const Vec d = Vec::set(Vec(0.f), load(p + i, k) - m, k);  // lanes past k are not data
+  for (; i + kV <= n; i += kV) {
+    const Vec d = load_full(p + i) - m;
     a0 = at::vec::fmadd(d, d, a0);
   }
+  if (i < n) {
+    const Vec d = Vec::set(Vec(0.f), load(p + i, n - i) - m, n - i);  // lanes past the end are not data
+    a1 = at::vec::fmadd(d, d, a1);
+  }
   return hsum(a0 + a1);
+}
+
+// y = act((x - mean) * scale + shift); (x - mean) first: folding mean into the shift cancels
+// when |mean| >> std
+template <typename T, bool SILU>
+void row_apply(const T* x, T* y, int64_t n, float mean, float scale, float shift) {
+  const Vec m(mean), s(scale), b(shift);
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) store_full(y + i, activation<SILU>(at::vec::fmadd(load_full(x + i) - m, s, b)));
+  if (i < n) store(y + i, activation<SILU>(at::vec::fmadd(load(x + i, n - i) - m, s, b)), n - i);
+}
+
+// dz of the row into dz_out; returns (sum dz, sum dz * xhat)
+template <typename T, bool SILU>
+std::pair<float, float> row_grad_sums(const T* x, const T* dy, float* dz_out, int64_t n, float mean, float rstd,
+                                      float weight, float bias) {
+  const Vec m(mean), r(rstd), w(weight), b(bias);
+  Vec acc_a(0.f), acc_b(0.f);
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) {
+    const Vec xh = (load_full(x + i) - m) * r;
+    const Vec dz = grad_pre_activation<SILU>(load_full(dy + i), at::vec::fmadd(xh, w, b));
+    dz.store(dz_out + i);
+    acc_a += dz;
+    acc_b = at::vec::fmadd(dz, xh, acc_b);
+  }
+  if (i < n) {  // lanes past the end have dy = 0, hence dz = 0: they add nothing
+    const Vec xh = (load(x + i, n - i) - m) * r;
+    const Vec dz = grad_pre_activation<SILU>(load(dy + i, n - i), at::vec::fmadd(xh, w, b));
+    dz.store(dz_out + i, static_cast<int>(n - i));
+    acc_a += dz;
+    acc_b = at::vec::fmadd(dz, xh, acc_b);
+  }
+  return {hsum(acc_a), hsum(acc_b)};
+}
+
+// dx = r (w dz - c1 - xhat c2), in this order: with one element per group w dz == c1 and
+// xhat == 0, so dx is exactly 0 (a folded r w dz - r c1 would leave rounding times rstd)
+template <typename T>
+void row_dx(const T* x, const float* dz, T* dx, int64_t n, float mean, float rstd, float weight, float c1, float c2) {
+  const Vec m(mean), r(rstd), w(weight), c1v(c1), c2v(c2);
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) {
+    const Vec xh = (load_full(x + i) - m) * r;
+    store_full(dx + i, r * (w * Vec::loadu(dz + i) - c1v - xh * c2v));
+  }
+  if (i < n) {
+    const Vec xh = (load(x + i, n - i) - m) * r;
+    store(dx + i, r * (w * Vec::loadu(dz + i, static_cast<int>(n - i)) - c1v - xh * c2v), n - i);
+  }
 }
 
 template <typename T, bool SILU>
@@ -140,7 +219,6 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t g = ng % G;
       const T* xg = x + ng * L;
-      T* yg = y + ng * L;
       double s = 0;
       for (int64_t c = 0; c < D; ++c) s += row_sum(xg + c * HW, HW);
       const float m = static_cast<float>(s / static_cast<double>(L));
@@ -149,17 +227,8 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean,
       const float r = 1.f / std::sqrt(static_cast<float>(q / static_cast<double>(L)) + eps);
       mean[ng] = m;
       rstd[ng] = r;
-      const Vec mv(m);
-      for (int64_t c = 0; c < D; ++c) {
-        // (x - mean) first: folding mean into a shift cancels when |mean| >> std
-        const Vec sv(r * w[g * D + c]), bv(b[g * D + c]);
-        const T* xr = xg + c * HW;
-        T* yr = yg + c * HW;
-        for (int64_t i = 0; i < HW; i += kV) {
-          const int64_t k = std::min(kV, HW - i);
-          store(yr + i, activation<SILU>(at::vec::fmadd(load(xr + i, k) - mv, sv, bv)), k);
-        }
-      }
+      for (int64_t c = 0; c < D; ++c)
+        row_apply<T, SILU>(xg + c * HW, y + ng * L + c * HW, HW, m, r * w[g * D + c], b[g * D + c]);
     }
   });
 }
@@ -169,54 +238,109 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
                    T* dx, float* sum_dz, float* sum_dz_xhat, int64_t N, int64_t C, int64_t HW, int64_t G) {
   const int64_t D = C / G, L = D * HW;
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dz_buf(L);  // this group's dz, reused by the dx pass
+    // this group's dz, reused by the dx pass; kept per thread across calls (no page faults per call)
+    thread_local std::vector<float> dz_buf;
+    if (static_cast<int64_t>(dz_buf.size()) < L) dz_buf.resize(L);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
       const float m = mean[ng], r = rstd[ng];
-      const Vec mv(m), rv(r);
       double c1 = 0, c2 = 0;
       for (int64_t c = 0; c < D; ++c) {
         const int64_t cc = g * D + c, off = ng * L + c * HW;
-        const Vec wv(w[cc]), bv(b[cc]);
-        float* dzr = dz_buf.data() + c * HW;
-        Vec acc_a(0.f), acc_b(0.f);
-        for (int64_t i = 0; i < HW; i += kV) {
-          const int64_t k = std::min(kV, HW - i);
-          const Vec xh = (load(x + off + i, k) - mv) * rv;
-          // lanes past k have dy = 0, hence dz = 0: they add nothing to the sums
-          const Vec dz = grad_pre_activation<SILU>(load(dy + off + i, k), at::vec::fmadd(xh, wv, bv));
-          dz.store(dzr + i, static_cast<int>(k));
-          acc_a += dz;
-          acc_b = at::vec::fmadd(dz, xh, acc_b);
-        }
-        const float a = hsum(acc_a), bb = hsum(acc_b);
+        const auto [a, bb] = row_grad_sums<T, SILU>(x + off, dy + off, dz_buf.data() + c * HW, HW, m, r, w[cc], b[cc]);
         sum_dz[n * C + cc] = a;
         sum_dz_xhat[n * C + cc] = bb;
         c1 += static_cast<double>(w[cc]) * a;
         c2 += static_cast<double>(w[cc]) * bb;
       }
-      const Vec c1v(static_cast<float>(c1 / static_cast<double>(L)));
-      const Vec c2v(static_cast<float>(c2 / static_cast<double>(L)));
-      // dx = r (w dz - c1 - xhat c2), in this order: with one element per group w dz == c1 and
-      // xhat == 0, so dx is exactly 0 (a folded r w dz - r c1 would leave rounding times rstd)
+      const float c1f = static_cast<float>(c1 / static_cast<double>(L));
+      const float c2f = static_cast<float>(c2 / static_cast<double>(L));
       for (int64_t c = 0; c < D; ++c) {
-        const int64_t cc = g * D + c, off = ng * L + c * HW;
-        const Vec wv(w[cc]);
-        const float* dzr = dz_buf.data() + c * HW;
-        for (int64_t i = 0; i < HW; i += kV) {
-          const int64_t k = std::min(kV, HW - i);
-          const Vec dz = Vec::loadu(dzr + i, static_cast<int>(k));
-          const Vec xh = (load(x + off + i, k) - mv) * rv;
-          store(dx + off + i, rv * (wv * dz - c1v - xh * c2v), k);
-        }
+        const int64_t off = ng * L + c * HW;
+        row_dx(x + off, dz_buf.data() + c * HW, dx + off, HW, m, r, w[g * D + c], c1f, c2f);
       }
     }
   });
 }
 
-// -------------------------------------------------------------------------- channels-last
+// -------------------------------------------------------------------------- channels-last rows
+// One position's C channels; per-channel parameters and statistics are (C,) float arrays.
 
-// part[t * C + c] += f(row) over this thread's rows; rows of one sample: x + hw * C.
+template <typename T>
+void nhwc_row_sum(const T* x, float* acc, int64_t C) {
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) (Vec::loadu(acc + c) + load_full(x + c)).store(acc + c);
+  if (c < C) (Vec::loadu(acc + c, static_cast<int>(C - c)) + load(x + c, C - c)).store(acc + c, static_cast<int>(C - c));
+}
+
+template <typename T>
+void nhwc_row_sq_dev(const T* x, const float* mean_c, float* acc, int64_t C) {
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) {
+    const Vec d = load_full(x + c) - Vec::loadu(mean_c + c);
+    at::vec::fmadd(d, d, Vec::loadu(acc + c)).store(acc + c);
+  }
+  if (c < C) {
+    const int k = static_cast<int>(C - c);
+    const Vec d = load(x + c, k) - Vec::loadu(mean_c + c, k);
+    at::vec::fmadd(d, d, Vec::loadu(acc + c, k)).store(acc + c, k);
+  }
+}
+
+template <typename T, bool SILU>
+void nhwc_row_apply(const T* x, T* y, const float* mean_c, const float* scale_c, const float* b, int64_t C) {
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) {
+    const Vec z = at::vec::fmadd(load_full(x + c) - Vec::loadu(mean_c + c), Vec::loadu(scale_c + c), Vec::loadu(b + c));
+    store_full(y + c, activation<SILU>(z));
+  }
+  if (c < C) {
+    const int k = static_cast<int>(C - c);
+    const Vec z = at::vec::fmadd(load(x + c, k) - Vec::loadu(mean_c + c, k), Vec::loadu(scale_c + c, k), Vec::loadu(b + c, k));
+    store(y + c, activation<SILU>(z), k);
+  }
+}
+
+template <typename T, bool SILU>
+void nhwc_row_grad_sums(const T* x, const T* dy, const float* mean_c, const float* rstd_c, const float* w,
+                        const float* b, float* acc_a, float* acc_b, int64_t C) {
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) {
+    const Vec xh = (load_full(x + c) - Vec::loadu(mean_c + c)) * Vec::loadu(rstd_c + c);
+    const Vec dz = grad_pre_activation<SILU>(load_full(dy + c), at::vec::fmadd(xh, Vec::loadu(w + c), Vec::loadu(b + c)));
+    (Vec::loadu(acc_a + c) + dz).store(acc_a + c);
+    at::vec::fmadd(dz, xh, Vec::loadu(acc_b + c)).store(acc_b + c);
+  }
+  if (c < C) {
+    const int k = static_cast<int>(C - c);
+    const Vec xh = (load(x + c, k) - Vec::loadu(mean_c + c, k)) * Vec::loadu(rstd_c + c, k);
+    const Vec dz = grad_pre_activation<SILU>(load(dy + c, k), at::vec::fmadd(xh, Vec::loadu(w + c, k), Vec::loadu(b + c, k)));
+    (Vec::loadu(acc_a + c, k) + dz).store(acc_a + c, k);
+    at::vec::fmadd(dz, xh, Vec::loadu(acc_b + c, k)).store(acc_b + c, k);
+  }
+}
+
+// dx = r (w dz - c1 - xhat c2), the order of the channels-first row_dx
+template <typename T, bool SILU>
+void nhwc_row_dx(const T* x, const T* dy, T* dx, const float* mean_c, const float* rstd_c, const float* w,
+                 const float* b, const float* c1_c, const float* c2_c, int64_t C) {
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) {
+    const Vec r = Vec::loadu(rstd_c + c), wv = Vec::loadu(w + c);
+    const Vec xh = (load_full(x + c) - Vec::loadu(mean_c + c)) * r;
+    const Vec dz = grad_pre_activation<SILU>(load_full(dy + c), at::vec::fmadd(xh, wv, Vec::loadu(b + c)));
+    store_full(dx + c, r * (wv * dz - Vec::loadu(c1_c + c) - xh * Vec::loadu(c2_c + c)));
+  }
+  if (c < C) {
+    const int k = static_cast<int>(C - c);
+    const Vec r = Vec::loadu(rstd_c + c, k), wv = Vec::loadu(w + c, k);
+    const Vec xh = (load(x + c, k) - Vec::loadu(mean_c + c, k)) * r;
+    const Vec dz = grad_pre_activation<SILU>(load(dy + c, k), at::vec::fmadd(xh, wv, Vec::loadu(b + c, k)));
+    store(dx + c, r * (wv * dz - Vec::loadu(c1_c + c, k) - xh * Vec::loadu(c2_c + c, k)), k);
+  }
+}
+
+// part[t * C + c] += f(row) over the rows thread t runs
 template <typename RowFn>
 void per_thread_channel_sums(std::vector<float>& part, int64_t C, int64_t HW, const RowFn& row_fn) {
   std::fill(part.begin(), part.end(), 0.f);
@@ -244,12 +368,7 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
   for (int64_t n = 0; n < N; ++n) {
     const T* xn = x + n * HW * C;
     T* yn = y + n * HW * C;
-    per_thread_channel_sums(part, C, HW, [&](int64_t hw, float* acc) {
-      for (int64_t c = 0; c < C; c += kV) {
-        const int64_t k = std::min(kV, C - c);
-        store(acc + c, Vec::loadu(acc + c, static_cast<int>(k)) + load(xn + hw * C + c, k), k);
-      }
-    });
+    per_thread_channel_sums(part, C, HW, [&](int64_t hw, float* acc) { nhwc_row_sum(xn + hw * C, acc, C); });
     auto sums = combine_threads(part, C);
     for (int64_t g = 0; g < G; ++g) {
       double s = 0;
@@ -257,13 +376,8 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
       mean[n * G + g] = static_cast<float>(s / L);
       for (int64_t c = g * D; c < (g + 1) * D; ++c) mean_c[c] = mean[n * G + g];
     }
-    per_thread_channel_sums(part, C, HW, [&](int64_t hw, float* acc) {
-      for (int64_t c = 0; c < C; c += kV) {
-        const int64_t k = std::min(kV, C - c);
-        const Vec d = load(xn + hw * C + c, k) - Vec::loadu(mean_c.data() + c, static_cast<int>(k));
-        store(acc + c, at::vec::fmadd(d, d, Vec::loadu(acc + c, static_cast<int>(k))), k);
-      }
-    });
+    per_thread_channel_sums(part, C, HW,
+                            [&](int64_t hw, float* acc) { nhwc_row_sq_dev(xn + hw * C, mean_c.data(), acc, C); });
     sums = combine_threads(part, C);
     for (int64_t g = 0; g < G; ++g) {
       double q = 0;
@@ -273,15 +387,8 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean,
       for (int64_t c = g * D; c < (g + 1) * D; ++c) scale_c[c] = r * w[c];
     }
     at::parallel_for(0, HW, rows_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t hw = begin; hw < end; ++hw) {
-        for (int64_t c = 0; c < C; c += kV) {
-          const int64_t k = std::min(kV, C - c);
-          const int ki = static_cast<int>(k);
-          const Vec z = at::vec::fmadd(load(xn + hw * C + c, k) - Vec::loadu(mean_c.data() + c, ki),
-                                       Vec::loadu(scale_c.data() + c, ki), Vec::loadu(b + c, ki));
-          store(yn + hw * C + c, activation<SILU>(z), k);
-        }
-      }
+      for (int64_t hw = begin; hw < end; ++hw)
+        nhwc_row_apply<T, SILU>(xn + hw * C, yn + hw * C, mean_c.data(), scale_c.data(), b, C);
     });
   }
 }
@@ -302,28 +409,13 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
       mean_c[c] = mean[n * G + c / D];
       rstd_c[c] = rstd[n * G + c / D];
     }
-    // dz and xhat of one row's channels [c, c + k)
-    auto dz_xhat = [&](int64_t hw, int64_t c, int64_t k, Vec& dz, Vec& xh) {
-      const int ki = static_cast<int>(k);
-      xh = (load(xn + hw * C + c, k) - Vec::loadu(mean_c.data() + c, ki)) * Vec::loadu(rstd_c.data() + c, ki);
-      dz = grad_pre_activation<SILU>(load(dyn + hw * C + c, k),
-                                     at::vec::fmadd(xh, Vec::loadu(w + c, ki), Vec::loadu(b + c, ki)));
-    };
     std::fill(part_a.begin(), part_a.end(), 0.f);
     std::fill(part_b.begin(), part_b.end(), 0.f);
     at::parallel_for(0, HW, rows_grain(C), [&](int64_t begin, int64_t end) {
       float* acc_a = part_a.data() + at::get_thread_num() * C;
       float* acc_b = part_b.data() + at::get_thread_num() * C;
-      for (int64_t hw = begin; hw < end; ++hw) {
-        for (int64_t c = 0; c < C; c += kV) {
-          const int64_t k = std::min(kV, C - c);
-          const int ki = static_cast<int>(k);
-          Vec dz, xh;
-          dz_xhat(hw, c, k, dz, xh);
-          store(acc_a + c, Vec::loadu(acc_a + c, ki) + dz, k);
-          store(acc_b + c, at::vec::fmadd(dz, xh, Vec::loadu(acc_b + c, ki)), k);
-        }
-      }
+      for (int64_t hw = begin; hw < end; ++hw)
+        nhwc_row_grad_sums<T, SILU>(xn + hw * C, dyn + hw * C, mean_c.data(), rstd_c.data(), w, b, acc_a, acc_b, C);
     });
     const auto a = combine_threads(part_a, C), bsum = combine_threads(part_b, C);
     for (int64_t g = 0; g < G; ++g) {
@@ -340,18 +432,9 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
       }
     }
     at::parallel_for(0, HW, rows_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t hw = begin; hw < end; ++hw) {
-        for (int64_t c = 0; c < C; c += kV) {
-          const int64_t k = std::min(kV, C - c);
-          const int ki = static_cast<int>(k);
-          Vec dz, xh;
-          dz_xhat(hw, c, k, dz, xh);
-          // dx = r (w dz - c1 - xhat c2), the order of the channels-first loop
-          const Vec out = Vec::loadu(rstd_c.data() + c, ki) *
-                          (Vec::loadu(w + c, ki) * dz - Vec::loadu(c1_c.data() + c, ki) - xh * Vec::loadu(c2_c.data() + c, ki));
-          store(dxn + hw * C + c, out, k);
-        }
-      }
+      for (int64_t hw = begin; hw < end; ++hw)
+        nhwc_row_dx<T, SILU>(xn + hw * C, dyn + hw * C, dxn + hw * C, mean_c.data(), rstd_c.data(), w, b, c1_c.data(),
+                             c2_c.data(), C);
     });
   }
 }
