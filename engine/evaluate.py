@@ -280,7 +280,7 @@ def plot_tradeoff(results: list[dict], quality: str, path: Path) -> Path:
     ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3)
     for r, x, y in zip(results, xs, ys):
         ax.annotate(f"{r['handover']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"DinoDiversity ({results[0]['embedding']})")
+    ax.set_xlabel(f"diversity: mean pairwise cosine distance within a prompt ({results[0]['embedding']})", fontsize=8)
     ax.set_ylabel(f"{quality} (mean +- s.e.)")
     ax.set_title("combined generation: base steps before the hand-over (labels)", fontsize=9)
     ax.grid(alpha=0.3)

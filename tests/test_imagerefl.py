@@ -292,3 +292,29 @@ def test_trainer_runs_imagerefl_with_every_regularizer_and_raises_the_reward(tin
 
     m = heldout_metrics(trainer)
     assert set(m) == {"eval_reward", "eval_reward_se", "eval_diversity"} and 0 < m["eval_diversity"] <= 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "imagerefl"], "--train_data_dir"),
+    (["--method", "imagerefl", "--train_data_dir", "{data}", "--handover_step", "25"], "--handover_step"),
+    (["--method", "imagerefl", "--train_data_dir", "{data}", "--stop_range", "2:5"], "--stop_range"),
+    (["--refl_every", "1"], "--refl_every"),
+    (["--reward_loss", "square"], "reward_loss"),
+    (["--kl_coeff", "-1"], "kl_coeff"),
+    (["--kl_coeff", "0.1", "--rank", "0"], "--kl_coeff needs LoRA"),
+    (["--pretrain_loss_coeff", "0.1"], "--pretrain_loss_coeff needs"),
+    (["--diffusion_loss_weight", "nan"], "diffusion_loss_weight"),
+    (["--train_data_dir", "/nonexistent/folder"], "--train_data_dir"),
+    (["--coco_captions", "/nonexistent.json"], "--coco_captions"),
+    (["--eval_every", "-2"], "eval_every"),
+    (["--eval_images_per_prompt", "1"], "--eval_images_per_prompt"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, argv, match):
+    from refl_engine.config import ConfigError, parse_args
+    from refl_engine.toyworld.make_dataset import make_dataset
+
+    make_dataset(tmp_path / "data", 2)
+    argv = [a.replace("{data}", str(tmp_path / "data")) for a in argv] + ["--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match=match) as e:
+        parse_args(argv)
+    assert "\n" not in str(e.value)
