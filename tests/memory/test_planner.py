@@ -14,12 +14,12 @@ from refl_engine.memory import measure, planner
 from refl_engine.memory.planner import CallProfile, Planner, PlanSpec, plan_window
 
 
-def test_param_counts_equal_real_tiny_models():
+def test_param_counts_equal_real_tiny_models(seed):
     from refl_engine.models.load import build_tiny_sd
     from refl_engine.models.lora import add_lora
 
-    real = build_tiny_sd(seed=random.randrange(1000))
-    rank = random.choice([2, 4, 8])
+    real = build_tiny_sd(seed=seed)
+    rank = random.Random(seed).choice([2, 4, 8])
     counts = Planner(PlanSpec(model="tiny-sd", rank=rank, use_cache=False)).param_counts()
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert counts["unet"] == n(real["unet"])
@@ -58,9 +58,9 @@ def _planner_unet_profile(batch, cfg, x_grad, resolution=32):
 
 
 @pytest.mark.parametrize("cfg,x_grad", [(True, True), (False, False)])
-def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad):
+def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad, seed):
     """The planner's weightless trace of one UNet call vs the tracker on the real model's call."""
-    batch = random.choice([1, 2])
+    batch = random.Random(seed).choice([1, 2])
     unet = _tiny_unet_real()
     for p in unet.parameters():
         if p.requires_grad:
@@ -129,8 +129,8 @@ def _simulate(kinds, profiles, latent, after):
     return peak
 
 
-def test_plan_window_matches_brute_force():
-    rng = random.Random()
+def test_plan_window_matches_brute_force(seed):
+    rng = random.Random(seed)
     for _ in range(20):
         R = rng.randint(500, 1000)
         profiles = {

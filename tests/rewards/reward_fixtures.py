@@ -69,5 +69,6 @@ def tiny_clip_config(tokenizer, image_size=28, patch=7, projection_dim=16, hidde
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
-def random_images(batch=2, size=40, generator=None):
-    return torch.rand(batch, 3, size, size + 8, generator=generator)
+def random_images(batch=2, size=40, seed=0):
+    """Images in [0, 1], the same for the same seed."""
+    return torch.rand(batch, 3, size, size + 8, generator=torch.Generator().manual_seed(seed))

@@ -112,12 +112,14 @@ def test_aesthetic_wrong_mlp_file_is_one_line_error(tmp_path):
         load_aesthetic(str(root))
 
 
-def test_aesthetic_gradient_matches_finite_differences(tmp_path):
+def test_aesthetic_gradient_matches_finite_differences(tmp_path, seed):
     """float64 directional derivative through preprocessing, checkpointed CLIP layers and the head."""
+    torch.manual_seed(seed)  # the tiny CLIP's and the head's random weights
     root, _, _ = _aesthetic_dir(tmp_path)
     reward = load_aesthetic(str(root)).double()
-    images = torch.rand(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    direction = torch.randn_like(images)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(1, 3, 32, 32, dtype=torch.float64, generator=g, requires_grad=True)
+    direction = torch.randn(images.shape, dtype=torch.float64, generator=g)
     reward(images, PROMPTS[:1]).sum().backward()
     analytic = (images.grad * direction).sum()
     eps = 1e-6
