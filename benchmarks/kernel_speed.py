@@ -1,7 +1,8 @@
 """Microbenchmarks of refl_kernels: fused attention and GroupNorm(+SiLU) at the shapes of the
 SD1.5 UNet at 512 px and the SDXL UNet at 1024 px.
 
-    python benchmarks/kernels.py [--models sd15,sdxl] [--batch 1] [--dtype bf16] [--reps 20]
+    python benchmarks/kernel_speed.py [--models sd15,sdxl] [--batch 1] [--dtype bf16] [--reps 20]
+    python benchmarks/kernel_speed.py --models sd15 --ops group_norm --threads 2 --reps 15 --batch 2 --dtype bf16
 
 The shapes are not typed in: the real UNet configs (engine/configs/*_unet_config.json) are built
 on the meta device and run once, recording every attention call (B, H, Nq, Nk, D) and every
@@ -17,6 +18,15 @@ Per shape:
   H100 peaks (989 TFLOP/s dense bf16; 3.35 TB/s HBM3) when the device is an H100;
 - saved-for-backward bytes per call, fused vs unfused, measured with saved_tensors_hooks on
   meta tensors (so on any machine and at full size); parameters are not counted.
+
+GroupNorm also gets the native op of csrc/ ("native", refl_kernels.native; CPU, and CUDA when
+built against a CUDA torch): its times next to "torch" (F.group_norm then F.silu, what stock
+diffusers runs), the speedup of its forward+backward over torch's, its saved bytes, and how many
+activation-sized tensors each saves per call - alone, and in the UNet's GroupNorm -> SiLU -> conv
+pattern (stock modules vs the lean recompute's Function with the native op inside). On CPU the
+GroupNorm backends are timed interleaved (one repetition of each in turn), so load from other
+processes hits them alike; --threads sets torch's intra-op threads. The closing line sums
+count x forward+backward time over one UNet forward's GroupNorm calls, per backend.
 Then registers / shared memory / spill bytes of every compiled GPU configuration (compiled for
 sm_80 and sm_90 with triton.compile, no GPU needed).
 
@@ -49,7 +59,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODELS = {"sd15": ("sd15_unet_config.json", 64), "sdxl": ("sdxl_unet_config.json", 128)}  # latent side
 
 import refl_kernels  # noqa: E402
-from refl_kernels import reference  # noqa: E402
+from refl_kernels import native, reference  # noqa: E402
 
 try:
     _attn_mod = importlib.import_module("refl_kernels.attention")
@@ -118,21 +128,24 @@ def unet_call_shapes(model: str, batch: int):
 # Saved-for-backward bytes (meta tensors: no data, real autograd bookkeeping)
 # ------------------------------------------------------------------------------------------------
 
-def saved_bytes(fn, inputs, exclude=()) -> int:
-    """Bytes of the distinct storages autograd saves while `fn(*inputs)` runs, minus `exclude`."""
-    seen, total = {t.untyped_storage()._cdata for t in exclude}, 0
+def saved_storages(fn, inputs, exclude=()) -> list[int]:
+    """Bytes of each distinct storage autograd saves while `fn(*inputs)` runs, minus `exclude`."""
+    seen, sizes = {t.untyped_storage()._cdata for t in exclude}, []
 
     def pack(t):
-        nonlocal total
         key = t.untyped_storage()._cdata
         if key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            sizes.append(t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*inputs)
-    return total
+    return sizes
+
+
+def saved_bytes(fn, inputs, exclude=()) -> int:
+    return sum(saved_storages(fn, inputs, exclude))
 
 
 def attention_saved(B, H, Nq, Nk, D, dtype):
@@ -156,6 +169,40 @@ def group_norm_saved(N, C, H, W, G, act, dtype):
     u = saved_bytes(unfused, (x, w, b), exclude=(w, b))
     f = saved_bytes(lambda x, w, b: _gn_mod.group_norm(x, G, w, b, 1e-5, act), (x, w, b), exclude=(w, b)) if _gn_mod else None
     return f, u
+
+
+def group_norm_native_saved(N, C, H, W, G, act, dtype) -> dict | None:
+    """The native op's saved bytes and, for it and for torch's two ops, the number of saved
+    activation-sized tensors per call; with SiLU also in the UNet's GroupNorm -> SiLU -> 3x3 conv
+    pattern: stock modules vs the lean recompute's Function (selective.py) running the native op.
+    Meta tensors through the op's Meta kernels. None when the library is not loaded."""
+    if not native.available("meta") or dtype not in native.DTYPES:
+        return None
+    from refl_engine.memory import selective
+
+    x = torch.empty(N, C, H, W, device="meta", dtype=dtype, requires_grad=True)
+    w = torch.empty(C, device="meta", dtype=dtype, requires_grad=True)
+    b = torch.empty(C, device="meta", dtype=dtype, requires_grad=True)
+    act_bytes = x.numel() * x.element_size()
+    n_act = lambda sizes: sum(s >= act_bytes for s in sizes)  # noqa: E731
+    fused = saved_storages(lambda: native.group_norm(x, G, w, b, 1e-5, act), (), exclude=(w, b))
+    stock = saved_storages(lambda: (F.silu if act else (lambda t: t))(F.group_norm(x, G, w, b, 1e-5)), (), exclude=(w, b))
+    out = {"saved_bytes_native": sum(fused), "act_tensors_native": n_act(fused), "act_tensors_torch": n_act(stock)}
+    if act:
+        norm = nn.GroupNorm(G, C, device="meta", dtype=dtype)
+        conv = nn.Conv2d(C, C, 3, padding=1, device="meta", dtype=dtype)
+        params = list(norm.parameters()) + list(conv.parameters())
+        stock = saved_storages(lambda: conv(F.silu(norm(x))), (), exclude=params)
+        use_native = selective._use_native  # the Function picks the native op on CPU; here on meta
+        selective._use_native = lambda t: t.dtype in native.DTYPES
+        try:
+            with selective.selective_recompute():
+                lean = saved_storages(lambda: selective.norm_act_project(x, norm, "silu", conv), (), exclude=params)
+        finally:
+            selective._use_native = use_native
+        out.update({"pattern_saved_bytes_stock": sum(stock), "pattern_act_tensors_stock": n_act(stock),
+                    "pattern_saved_bytes_lean_native": sum(lean), "pattern_act_tensors_lean_native": n_act(lean)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,7 +246,38 @@ def time_op(op, inputs, grad_out_like, device, reps, warmup):
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": both}
 
 
+def time_ops_interleaved(ops: dict, device, reps, warmup) -> dict:
+    """time_op for several (op, inputs) at once, one repetition of each in turn."""
+    runs = {}
+    for name, (op, inputs) in ops.items():
+        out = op(*inputs)
+        grad = torch.randn_like(out)
+        runs[name] = {
+            "fwd": lambda op=op, inputs=inputs: op(*inputs),
+            "bwd": lambda out=out, inputs=inputs, grad=grad: torch.autograd.grad(out, inputs, grad, retain_graph=True),
+            "fwd_bwd": lambda op=op, inputs=inputs, grad=grad: torch.autograd.grad(op(*inputs), inputs, grad),
+        }
+    run = _timer(device)
+    times = {name: {k: [] for k in fns} for name, fns in runs.items()}
+    for rep in range(warmup + reps):
+        for name, fns in runs.items():
+            for k, fn in fns.items():
+                t = run(fn)
+                if rep >= warmup:
+                    times[name][k].append(t)
+    result = {}
+    for name, per in times.items():
+        result[name] = {}
+        for k, ts in per.items():
+            ts = sorted(ts)
+            q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+            result[name][k] = {"median_ms": statistics.median(ts), "p20_ms": q[1], "p80_ms": q[7], "reps": reps}
+    return result
+
+
 def backend_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "native":
+        return native.unavailable_reason(device)
     if backend == "triton":
         if device.type != "cuda":
             return "no CUDA device (the interpreter is for correctness, not timing)"
@@ -245,12 +323,17 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--backends", default="triton,sdpa,xformers,reference")
+    p.add_argument("--backends", default="triton,sdpa,xformers,native,reference")
+    p.add_argument("--ops", default="attention,group_norm", help="which ops to benchmark")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-timing", action="store_true", help="only shapes, saved bytes and the compile report")
     p.add_argument("--no-compile-report", action="store_true")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/kernels-<device>.json)")
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ops = set(args.ops.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
@@ -264,7 +347,8 @@ def main(argv=None):
     skipped = {b: backend_reason(b, device) for b in backends}
     skipped = {b: r for b, r in skipped.items() if r}
 
-    print(f"device: {device_name}   dtype: {str(dtype).replace('torch.', '')}   batch: {batch}   reps: {reps}")
+    print(f"device: {device_name}   dtype: {str(dtype).replace('torch.', '')}   batch: {batch}   reps: {reps}   "
+          f"threads: {torch.get_num_threads()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     for b, r in skipped.items():
         print(f"NOT MEASURED: {b} columns: {r}")
@@ -274,6 +358,7 @@ def main(argv=None):
         print("NOT MEASURED: all timings (--no-timing)")
 
     result = {"device": device_name, "device_type": device.type, "dtype": str(dtype), "batch": batch,
+              "threads": torch.get_num_threads(), "reps": reps, "ops": sorted(ops),
               "versions": versions(), "not_measured": skipped, "attention": [], "group_norm": [], "compile_report": None,
               "unet_step_saved_bytes": {}}
 
@@ -281,10 +366,12 @@ def main(argv=None):
         attn_calls, gn_calls = unet_call_shapes(model, batch)
         step = {"attention_fused": 0, "attention_unfused": 0, "group_norm_fused": 0, "group_norm_unfused": 0}
 
-        print(f"\n== {model}: attention (per call; count = calls per UNet forward) ==")
-        print(f"{'kind':5} {'B':>2} {'H':>3} {'Nq':>5} {'Nk':>5} {'D':>4} {'cnt':>4} | {'saved fused':>12} {'unfused':>12} | "
-              f"{'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'TFLOP/s':>8} {'%H100':>6}")
-        for (B, H, Nq, Nk, D, kind), count in sorted(attn_calls.items(), key=lambda kv: (-kv[0][2], kv[0][5])):
+        if "attention" in ops:
+            print(f"\n== {model}: attention (per call; count = calls per UNet forward) ==")
+            print(f"{'kind':5} {'B':>2} {'H':>3} {'Nq':>5} {'Nk':>5} {'D':>4} {'cnt':>4} | {'saved fused':>12} {'unfused':>12} | "
+                  f"{'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'TFLOP/s':>8} {'%H100':>6}")
+        for (B, H, Nq, Nk, D, kind), count in sorted(attn_calls.items() if "attention" in ops else (),
+                                                      key=lambda kv: (-kv[0][2], kv[0][5])):
             fused, unfused = attention_saved(B, H, Nq, Nk, D, dtype)
             step["attention_fused"] += (fused or 0) * count
             step["attention_unfused"] += unfused * count
@@ -322,35 +409,55 @@ def main(argv=None):
                     print(head + f"{backend:9} {fmt_t(t['fwd']):>9} {fmt_t(t['bwd']):>9} {fmt_t(t['fwd_bwd']):>9} "
                                  f"{t['tflops_fwd_bwd']:>8.3f} {pct:>6}")
 
-        print(f"\n== {model}: GroupNorm (G={next(iter(gn_calls))[4]}; count = calls per UNet forward) ==")
-        print(f"{'N':>2} {'C':>5} {'HxW':>9} {'act':>4} {'cnt':>4} | {'saved fused':>12} {'unfused':>12} | "
-              f"{'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'fwd GB/s':>9} {'bwd GB/s':>9} {'%HBM':>5}")
-        for (N, C, H, W, G, act), count in sorted(gn_calls.items(), key=lambda kv: (-kv[0][2], kv[0][1])):
+        gn_items = sorted(gn_calls.items(), key=lambda kv: (-kv[0][2], kv[0][1])) if "group_norm" in ops else []
+        gn_backends = [b for b in backends if b in ("triton", "native", "reference")] + ["torch"]
+        step_ms = {b: 0.0 for b in gn_backends}
+        step.update({"group_norm_native": 0, "pattern_stock": 0, "pattern_lean_native": 0})
+        if gn_items:
+            print(f"\n== {model}: GroupNorm (G={next(iter(gn_calls))[4]}; count = calls per UNet forward) ==")
+            print(f"{'N':>2} {'C':>5} {'HxW':>9} {'act':>4} {'cnt':>4} | {'saved fused':>12} {'unfused':>12} | "
+                  f"{'backend':9} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'fwd GB/s':>9} {'bwd GB/s':>9} {'%HBM':>5}")
+        for (N, C, H, W, G, act), count in gn_items:
             fused, unfused = group_norm_saved(N, C, H, W, G, act, dtype)
+            nat = group_norm_native_saved(N, C, H, W, G, act, dtype)
             step["group_norm_fused"] += (fused or 0) * count
             step["group_norm_unfused"] += unfused * count
             row = {"model": model, "N": N, "C": C, "H": H, "W": W, "groups": G, "activation": act, "count_per_step": count,
-                   "saved_bytes_fused": fused, "saved_bytes_unfused": unfused, "timings": {}}
+                   "saved_bytes_fused": fused, "saved_bytes_unfused": unfused, **(nat or {}), "timings": {}}
+            if nat:
+                step["group_norm_native"] += nat["saved_bytes_native"] * count
+                if act:
+                    step["pattern_stock"] += nat["pattern_saved_bytes_stock"] * count
+                    step["pattern_lean_native"] += nat["pattern_saved_bytes_lean_native"] * count
             numel = N * C * H * W
-            lines = []
-            for backend in [b for b in backends if b in ("triton", "reference")] + ["torch"]:
+            timed = {}
+            for backend in gn_backends:
                 if backend in skipped or args.no_timing:
-                    row["timings"][backend] = None
-                    lines.append((backend, None))
                     continue
                 gen = torch.Generator(device=device).manual_seed(0)
                 x = torch.randn(N, C, H, W, device=device, dtype=dtype, generator=gen, requires_grad=True)
                 w = torch.randn(C, device=device, dtype=dtype, generator=gen, requires_grad=True)
                 b = torch.randn(C, device=device, dtype=dtype, generator=gen, requires_grad=True)
                 op = (lambda x, w, b, be=backend: refl_kernels.group_norm(x, G, w, b, 1e-5, act, backend=be))
-                t = time_op(op, (x, w, b), None, device, reps, warmup)
-                t["gbps_fwd"] = 2 * numel * elsize / (t["fwd"]["median_ms"] * 1e-3) / 1e9
-                t["gbps_bwd"] = 3 * numel * elsize / (t["bwd"]["median_ms"] * 1e-3) / 1e9
-                if is_h100:
-                    t["pct_h100_hbm_fwd"] = 100 * t["gbps_fwd"] / (H100_HBM_TBPS * 1e3)
-                    t["pct_h100_hbm_bwd"] = 100 * t["gbps_bwd"] / (H100_HBM_TBPS * 1e3)
+                timed[backend] = (op, (x, w, b))
+            if device.type == "cpu":  # interleaved: other processes' load hits every backend alike
+                times = time_ops_interleaved(timed, device, reps, warmup)
+            else:
+                times = {be: time_op(op, inputs, None, device, reps, warmup) for be, (op, inputs) in timed.items()}
+            lines = []
+            for backend in gn_backends:
+                t = times.get(backend)
+                if t is not None:
+                    t["gbps_fwd"] = 2 * numel * elsize / (t["fwd"]["median_ms"] * 1e-3) / 1e9
+                    t["gbps_bwd"] = 3 * numel * elsize / (t["bwd"]["median_ms"] * 1e-3) / 1e9
+                    if is_h100:
+                        t["pct_h100_hbm_fwd"] = 100 * t["gbps_fwd"] / (H100_HBM_TBPS * 1e3)
+                        t["pct_h100_hbm_bwd"] = 100 * t["gbps_bwd"] / (H100_HBM_TBPS * 1e3)
+                    step_ms[backend] += count * t["fwd_bwd"]["median_ms"]
                 row["timings"][backend] = t
                 lines.append((backend, t))
+            if times.get("native") and times.get("torch"):
+                row["native_speedup_fwd_bwd"] = times["torch"]["fwd_bwd"]["median_ms"] / times["native"]["fwd_bwd"]["median_ms"]
             result["group_norm"].append(row)
             for i, (backend, t) in enumerate(lines):
                 head = (f"{N:>2} {C:>5} {f'{H}x{W}':>9} {act or '-':>4} {count:>4} | {fmt_bytes(fused):>12} {fmt_bytes(unfused):>12} | "
@@ -361,11 +468,29 @@ def main(argv=None):
                     pct = f"{t['pct_h100_hbm_bwd']:.0f}" if "pct_h100_hbm_bwd" in t else "-"
                     print(head + f"{backend:9} {fmt_t(t['fwd']):>9} {fmt_t(t['bwd']):>9} {fmt_t(t['fwd_bwd']):>9} "
                                  f"{t['gbps_fwd']:>9.1f} {t['gbps_bwd']:>9.1f} {pct:>5}")
+            if nat:
+                line = (f"{'':28}| native: saved {fmt_bytes(nat['saved_bytes_native'])}, activation tensors saved "
+                        f"{nat['act_tensors_torch']} (torch) -> {nat['act_tensors_native']}")
+                if act:
+                    line += (f"; with the conv after it: {nat['pattern_act_tensors_stock']} "
+                             f"({fmt_bytes(nat['pattern_saved_bytes_stock'])}) stock -> {nat['pattern_act_tensors_lean_native']} "
+                             f"({fmt_bytes(nat['pattern_saved_bytes_lean_native'])}) lean")
+                if "native_speedup_fwd_bwd" in row:
+                    line += f"; f+b {row['native_speedup_fwd_bwd']:.2f}x torch"
+                print(line)
+        if gn_items and any(step_ms.values()):
+            result.setdefault("group_norm_step_ms", {})[model] = {b: ms for b, ms in step_ms.items() if ms}
+            print(f"\n{model}: GroupNorm(+SiLU) forward+backward per UNet forward (sum of count x median): "
+                  + ", ".join(f"{b} {ms:.1f} ms" for b, ms in step_ms.items() if ms)
+                  + (f"; native {step_ms['torch'] / step_ms['native']:.2f}x torch" if step_ms.get("native") and step_ms.get("torch") else ""))
 
         result["unet_step_saved_bytes"][model] = step
         print(f"\n{model}: saved for backward per UNet forward (batch {batch}, {str(dtype).replace('torch.', '')}): "
               f"attention {fmt_bytes(step['attention_unfused'])} unfused -> {fmt_bytes(step['attention_fused'])} fused; "
-              f"GroupNorm(+SiLU) {fmt_bytes(step['group_norm_unfused'])} -> {fmt_bytes(step['group_norm_fused'])}")
+              f"GroupNorm(+SiLU) {fmt_bytes(step['group_norm_unfused'])} -> {fmt_bytes(step['group_norm_fused'])}"
+              + (f" (triton), {fmt_bytes(step['group_norm_native'])} (native); GroupNorm -> SiLU -> conv "
+                 f"{fmt_bytes(step['pattern_stock'])} stock -> {fmt_bytes(step['pattern_lean_native'])} lean with native"
+                 if step["group_norm_native"] else ""))
 
     if args.no_compile_report:
         print("\nNOT MEASURED: compile report (--no-compile-report)")
