@@ -1,0 +1,507 @@
+"""Data parallelism through DeepSpeed: process group, DeepSpeed config, the engine, its checkpoints.
+
+One process with no ZeRO/offload option trains in plain torch. Anything else (several processes,
+`--zero`, `--offload`, `--optimizer cpu-adam`, `--deepspeed FILE`) runs the UNet through
+`deepspeed.initialize`: DeepSpeed averages the gradients (stage 0), shards optimizer state (1),
+gradients (2) and parameters (3), and with `--offload` keeps optimizer state (and under ZeRO-3 the
+parameters) in CPU memory. Launch forms, all with the same flags:
+
+    python engine/train.py ...                          one process
+    torchrun --nproc_per_node N engine/train.py ...     N processes
+    deepspeed --num_gpus N engine/train.py ...          N processes (also --num_nodes, --hostfile)
+
+Ranks share one generator for what makes a global batch (prompt indices, initial noise): each
+draws the whole batch of N x b and keeps its slice, so N ranks x batch b see exactly the samples
+one process of batch N x b sees. What a rank draws for its own samples (windows, eta noise) comes
+from its own generator. Both are saved per rank in checkpoints.
+
+A step whose loss or reward is non-finite on any rank is skipped by every rank: the ranks agree
+on one flag (an all-reduce) before backward; every rank still runs backward, since ZeRO-2/3
+reduce gradients inside it, but on a non-finite loss, so every rank's gradients are non-finite and
+DeepSpeed's own overflow check (ZeRO 1-3, fp16, bf16) drops the update on all ranks together.
+Stage 0 in fp32 has no such check: there the trainer checks the all-reduced gradients, identical
+on every rank, and drops them before the engine's step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, OptimConfig, TrainConfig
+from .optim import OPTIMIZERS, build_optimizer, deepspeed_optimizer, use_persistent_extensions_dir
+
+log = logging.getLogger("refl_engine")
+
+OFFLOADS = ("none", "optimizer", "param")
+
+
+# ---------------------------------------------------------------------- flags and config file
+
+
+def uses_deepspeed(cfg: TrainConfig, world_size: int) -> bool:
+    d = cfg.distributed
+    return (world_size > 1 or d.zero is not None or d.offload != "none" or bool(d.deepspeed)
+            or cfg.optim.optimizer == "cpu-adam")
+
+
+def validate_distributed(cfg: TrainConfig) -> None:
+    """The flags (and a --deepspeed file) -> one consistent setting, or one ConfigError line."""
+    o, d = cfg.optim, cfg.distributed
+    if o.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown --optimizer {o.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if o.use_8bit_adam:  # the diffusers examples' flag
+        if o.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"--use_8bit_adam conflicts with --optimizer {o.optimizer}; drop one of them")
+        o.optimizer = "adamw8bit"
+    if d.deepspeed:
+        _adopt_file(cfg, d.deepspeed)
+    if d.zero is not None and d.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {d.zero}")
+    if d.offload not in OFFLOADS:
+        raise ConfigError(f"unknown --offload {d.offload!r}; choose none, optimizer or param")
+    stage = d.zero or 0
+    if d.offload == "optimizer" and stage < 1:
+        raise ConfigError("--offload optimizer needs a ZeRO optimizer; add --zero 2 (or 1 or 3)")
+    if d.offload == "param" and stage != 3:
+        raise ConfigError("--offload param needs ZeRO-3, the only stage that partitions parameters; use "
+                          f"--zero 3 --offload param, or --zero {max(stage, 1)} --offload optimizer")
+    if o.optimizer == "adamw8bit" and d.offload != "none":
+        raise ConfigError(f"--optimizer adamw8bit keeps its 8-bit state beside the weights and cannot run with "
+                          f"--offload {d.offload}; use --optimizer cpu-adam with --offload, or adamw8bit without")
+    if o.optimizer == "cpu-adam" and d.offload == "none":
+        raise ConfigError("--optimizer cpu-adam steps CPU copies of the weights; add --zero 2 --offload optimizer "
+                          "(or --zero 3 --offload param), or use --optimizer adamw")
+
+
+def _read_file(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --deepspeed {path}: {e.strerror}; give a DeepSpeed JSON config file") from None
+    except ValueError as e:
+        raise ConfigError(f"--deepspeed {path} is not valid JSON ({e}); give a DeepSpeed JSON config file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--deepspeed {path} must hold a JSON object")
+    return data
+
+
+def _offload_of(zero: dict, path: str) -> str:
+    devices = {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(key) or {}).get("device", "none")).lower()
+        if device not in ("none", "cpu"):
+            raise ConfigError(f"--deepspeed {path}: {key}.device {device!r} is not supported; use cpu or none")
+        devices[key] = device
+    if devices["offload_param"] == "cpu":
+        if devices["offload_optimizer"] != "cpu":
+            raise ConfigError(f"--deepspeed {path}: offload_param without offload_optimizer is not supported; "
+                              "offload both (--offload param)")
+        return "param"
+    return "optimizer" if devices["offload_optimizer"] == "cpu" else "none"
+
+
+def _adopt_file(cfg: TrainConfig, path: str) -> None:
+    """A --deepspeed file's settings become the flags': a flag at its default takes the file's
+    value ("auto" in the file keeps the flag), a flag set to something else is a conflict."""
+    data = _read_file(path)
+    o, d = cfg.optim, cfg.distributed
+    defaults = OptimConfig()
+
+    def adopt(section, name, value, default, key):
+        if value is None or value == "auto":
+            return
+        current = getattr(section, name)
+        if current == default:
+            setattr(section, name, value)
+        elif current != value:
+            raise ConfigError(f"--{name} {current} conflicts with {key}={value} in --deepspeed {path}; "
+                              "drop one of them")
+
+    if "scheduler" in data:
+        raise ConfigError(f"--deepspeed {path}: its 'scheduler' is not used; remove it and set --lr_scheduler "
+                          "and --lr_warmup_steps")
+    zero = data.get("zero_optimization") or {}
+    if "stage" in zero:
+        adopt(d, "zero", int(zero["stage"]), None, "zero_optimization.stage")
+    adopt(d, "offload", _offload_of(zero, path), "none", "zero_optimization.offload_*")
+    adopt(o, "train_batch_size", data.get("train_micro_batch_size_per_gpu"), defaults.train_batch_size,
+          "train_micro_batch_size_per_gpu")
+    adopt(o, "gradient_accumulation_steps", data.get("gradient_accumulation_steps"),
+          defaults.gradient_accumulation_steps, "gradient_accumulation_steps")
+    adopt(o, "max_grad_norm", data.get("gradient_clipping"), defaults.max_grad_norm, "gradient_clipping")
+    for kind in ("fp16", "bf16"):
+        if (data.get(kind) or {}).get("enabled") in (True, "true"):
+            adopt(o, "mixed_precision", kind, defaults.mixed_precision, f"{kind}.enabled")
+    opt = data.get("optimizer")
+    if opt:
+        if str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+            raise ConfigError(f"--deepspeed {path}: optimizer type {opt.get('type')!r} is not supported; "
+                              "remove it and choose --optimizer adamw, adamw8bit or cpu-adam")
+        p = opt.get("params") or {}
+        adopt(o, "learning_rate", p.get("lr"), defaults.learning_rate, "optimizer.params.lr")
+        adopt(o, "weight_decay", p.get("weight_decay"), defaults.weight_decay, "optimizer.params.weight_decay")
+        adopt(o, "adam_epsilon", p.get("eps"), defaults.adam_epsilon, "optimizer.params.eps")
+        if isinstance(p.get("betas"), list):
+            adopt(o, "adam_beta1", p["betas"][0], defaults.adam_beta1, "optimizer.params.betas[0]")
+            adopt(o, "adam_beta2", p["betas"][1], defaults.adam_beta2, "optimizer.params.betas[1]")
+        if p.get("torch_adam") is False and d.offload != "none" and o.optimizer == "adamw":
+            o.optimizer = "cpu-adam"  # DeepSpeed's own choice for that file
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config for these flags (the --deepspeed file's other settings kept)."""
+    o, d = cfg.optim, cfg.distributed
+    stage = d.zero or 0
+    base = _read_file(d.deepspeed) if d.deepspeed else {}
+    base.pop("optimizer", None)  # cross-checked in validate; the optimizer comes from --optimizer
+    zero = dict(base.get("zero_optimization") or {})
+    zero["stage"] = stage
+    pin = device.type == "cuda"  # page-locked host buffers only help (and only exist) with a GPU
+    zero.pop("offload_optimizer", None)
+    zero.pop("offload_param", None)
+    if d.offload in ("optimizer", "param"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if d.offload == "param":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    micro, accum = o.train_batch_size, o.gradient_accumulation_steps
+    if base.get("train_batch_size") not in (None, "auto") and int(base["train_batch_size"]) != micro * accum * world_size:
+        raise ConfigError(f"--deepspeed {d.deepspeed}: train_batch_size {base['train_batch_size']} != "
+                          f"{micro} (batch) x {accum} (accumulation) x {world_size} (processes); set it to auto")
+    conf = dict(base)
+    conf.update({
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        # fp32 stage 0 has no ZeRO optimizer to report the norm: the trainer clips there itself
+        "gradient_clipping": 0.0 if _plain_stage0(cfg, device) else float(o.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # bitsandbytes' AdamW8bit on ZeRO's flat partitions
+        "steps_per_print": base.get("steps_per_print", 1 << 30),
+    })
+    mp = o.mixed_precision if device.type == "cuda" else "no"
+    conf.pop("fp16", None)
+    conf.pop("bf16", None)
+    if mp == "fp16":
+        conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    elif mp == "bf16":
+        conf["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if offloaded(cfg):
+        conf["optimizer"] = deepspeed_optimizer(o)
+    return conf
+
+
+def offloaded(cfg: TrainConfig) -> bool:
+    """DeepSpeed builds the optimizer itself (on the CPU copies) rather than taking the client's."""
+    return cfg.distributed.offload != "none"
+
+
+def _plain_stage0(cfg: TrainConfig, device: torch.device) -> bool:
+    mp = cfg.optim.mixed_precision if device.type == "cuda" else "no"
+    return (cfg.distributed.zero or 0) == 0 and mp == "no"
+
+
+# ---------------------------------------------------------------------- process group
+
+
+def world_info() -> tuple[int, int, int]:
+    """rank, world size, local rank from the launcher's environment (torchrun, deepspeed)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
+    """Join the launcher's process group (nccl on GPUs, gloo on CPUs); a one-process DeepSpeed run
+    makes its own. Returns rank, world size, this rank's device, whether DeepSpeed runs."""
+    rank, world, local_rank = world_info()
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    use_ds = uses_deepspeed(cfg, world)
+    if use_ds:
+        use_persistent_extensions_dir()  # DeepSpeed JIT-builds ops (CPU: its shared-memory all-reduce)
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    if (world > 1 or use_ds) and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise ConfigError("WORLD_SIZE > 1 without MASTER_PORT; launch with torchrun or deepspeed")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
+            os.environ.setdefault(key, str(value))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    return rank, world, device, use_ds
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank iff `flag` is True on every rank (one all-reduce)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+def initialize(trainer, lr_schedule_fn):
+    """deepspeed.initialize on the trainer's UNet; returns (engine, optimizer, lr schedule)."""
+    import deepspeed
+
+    if trainer.device.type == "cpu":
+        # The CPU accelerator JIT-builds a shared-memory all-reduce at startup that only DeepSpeed's
+        # inference all-reduce uses; training collectives go through gloo, so skip the build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    cfg = trainer.cfg
+    conf = deepspeed_config(cfg, trainer.world_size, trainer.device)
+    client = None if offloaded(cfg) else build_optimizer(trainer.params, cfg.optim)
+    try:
+        engine, optimizer, _, schedule = deepspeed.initialize(
+            model=trainer.unet, model_parameters=trainer.params, optimizer=client, lr_scheduler=lr_schedule_fn,
+            config=conf, dist_init_required=False)
+    except Exception as e:  # DeepSpeed's own config validation: pydantic / assertion messages
+        if type(e).__name__ in ("ValidationError", "DeepSpeedConfigError", "AssertionError"):
+            raise ConfigError(f"DeepSpeed refused the config: {str(e).splitlines()[0]}") from None
+        raise
+    if zero_stage(engine) == 3:
+        from .memory.selective import report_partitioned
+
+        report_partitioned(trainer.unet)
+    log.info("DeepSpeed ZeRO-%d, offload %s, optimizer %s, %d process(es)", zero_stage(engine),
+             cfg.distributed.offload, cfg.optim.optimizer, trainer.world_size)
+    return engine, optimizer, schedule
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage()) if engine is not None else 0
+
+
+def backward(trainer, loss: torch.Tensor, finite: bool) -> bool:
+    """Backward of one micro-batch's loss; returns whether every rank's loss is finite."""
+    finite = agree(finite, trainer.device)
+    accum = trainer.cfg.optim.gradient_accumulation_steps
+    engine = trainer.engine
+    if engine is None:
+        if finite:
+            scaled = loss / accum
+            (trainer.scaler.scale(scaled) if trainer.scaler else scaled).backward()
+        return finite
+    # Every rank runs backward in step with the others; a non-finite step is made non-finite on
+    # all of them, so all drop it together (module docstring).
+    engine.backward(loss / accum if finite else loss * float("nan"), scale_wrt_gas=False)
+    return finite
+
+
+def engine_step(trainer, boundary: bool) -> tuple[bool, float]:
+    """engine.step() after a micro-batch; at the accumulation boundary returns (applied, grad norm)."""
+    engine = trainer.engine
+    if not boundary:
+        engine.step()  # between boundaries DeepSpeed only counts the micro-batch
+        return True, float("nan")
+    if _plain_stage0(trainer.cfg, trainer.device):
+        # The gradients are all-reduced already, the same on every rank: check and clip them here.
+        max_norm = trainer.cfg.optim.max_grad_norm or float("inf")
+        grads = [p for p in trainer.params if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(grads, max_norm)) if grads else float("nan")
+        applied = bool(grads) and torch.isfinite(torch.tensor(norm)).item()
+        if not applied:
+            engine.zero_grad()  # the optimizer skips parameters without gradients...
+            schedule, engine.lr_scheduler = engine.lr_scheduler, None  # ...and the LR stays put
+            try:
+                engine.step()
+            finally:
+                engine.lr_scheduler = schedule
+            return False, norm
+        engine.step()
+        return True, norm
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else float("nan")
+    return bool(engine.was_step_applied()), norm
+
+
+# ---------------------------------------------------------------------- weights in full
+
+
+def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """The UNet's whole state dict on rank 0 (None elsewhere); every rank must call it (ZeRO-3
+    gathers one layer at a time onto rank 0)."""
+    engine = trainer.engine
+    if zero_stage(engine) == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        return sd if trainer.is_main else None
+    return trainer.unet.state_dict() if trainer.is_main else None
+
+
+def gathered(trainer, params):
+    """A context in which `params` are whole on every rank (ZeRO-3), a no-op otherwise."""
+    import contextlib
+
+    if zero_stage(trainer.engine) == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def trainable_state(trainer) -> dict[str, torch.Tensor]:
+    """name -> a full copy of each trainable parameter, on every rank (tests, LoRA export)."""
+    named = [(n, p) for n, p in trainer.unet.named_parameters() if p.requires_grad]
+    with gathered(trainer, [p for _, p in named]):
+        return {n: p.detach().clone().cpu() for n, p in named}
+
+
+def export_weights(trainer, folder: Path) -> None:
+    """The stock-pipeline export (LoRA file or unet/ folder) written by rank 0; every rank calls."""
+    from . import checkpoint as ckpt
+    from .models.lora import has_lora
+
+    if has_lora(trainer.unet):
+        with gathered(trainer, trainer.params):
+            if trainer.is_main:
+                ckpt.export_lora(trainer.unet, folder)
+        return
+    sd = full_state_dict(trainer)
+    if trainer.is_main:
+        from safetensors.torch import save_file
+
+        out = folder / "unet"
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.unet.save_config(out)  # config.json, as save_pretrained writes it
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                  out / "diffusion_pytorch_model.safetensors")
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def rng_state(trainer) -> dict:
+    state = {"generator": trainer.generator.get_state(), "rank_generator": trainer.rank_generator.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(trainer, state: dict) -> None:
+    trainer.generator.set_state(state["generator"])
+    if "rank_generator" in state:
+        trainer.rank_generator.set_state(state["rank_generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(trainer) -> Path:
+    """checkpoint-<step> through DeepSpeed's save_checkpoint (each rank writes its shards), one RNG
+    file per rank, the stock-pipeline export and state.json; every rank calls it. Written into a
+    temporary sibling that rank 0 renames into place once every rank is done."""
+    from . import checkpoint as ckpt
+
+    root = trainer.out / "checkpoints"
+    final = root / f"checkpoint-{trainer.step}"
+    tmp = root / f".checkpoint-{trainer.step}.partial"
+    if trainer.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    # Frozen weights come from --model again on resume: a LoRA checkpoint holds the adapters only.
+    trainer.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True,
+                                   client_state={"nonfinite_in_a_row": trainer.nonfinite_in_a_row})
+    torch.save(rng_state(trainer), tmp / f"rng-rank{trainer.rank}.pt")
+    export_weights(trainer, tmp)
+    barrier()
+    if trainer.is_main:
+        state = {"config": trainer.cfg.to_dict(), "nonfinite_in_a_row": trainer.nonfinite_in_a_row,
+                 "step": trainer.step, "world_size": trainer.world_size, "deepspeed": True,
+                 "written_at_ns": time.time_ns()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))  # last: marks it complete
+        ckpt.finish_tree(tmp)
+        ckpt.install(tmp, final)
+        ckpt.set_latest(root, final)
+        if trainer.cfg.output.checkpoints_total_limit > 0:
+            ckpt.prune(root, trainer.cfg.output.checkpoints_total_limit, keep=final)
+    barrier()
+    return final
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return (path / "deepspeed").is_dir()
+
+
+def load_checkpoint(trainer, path: Path) -> bool:
+    """Resume every rank from a checkpoint save_checkpoint wrote."""
+    if not is_deepspeed_checkpoint(path):
+        raise ConfigError(f"{path} was written by a single-process run without DeepSpeed; resume it the same way "
+                          "(python engine/train.py, no --zero/--offload)")
+    state = json.loads((path / "state.json").read_text())
+    loaded, client = trainer.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True, load_module_strict=False)
+    if loaded is None:
+        raise ConfigError(f"DeepSpeed could not load {path / 'deepspeed'}; resume with the same --zero and number "
+                          "of processes it was written with")
+    rng_file = path / f"rng-rank{trainer.rank}.pt"
+    if rng_file.exists():
+        set_rng_state(trainer, torch.load(rng_file, weights_only=False))
+    else:  # more ranks than the run that saved: the shared draws continue, this rank's own restart
+        shared = torch.load(path / "rng-rank0.pt", weights_only=False)
+        trainer.generator.set_state(shared["generator"])
+        log.warning("no RNG state for rank %d in %s (saved by %s ranks); its own generator restarts from the seed",
+                    trainer.rank, path, state.get("world_size"))
+    trainer.step = int(state["step"])
+    trainer.nonfinite_in_a_row = int((client or {}).get("nonfinite_in_a_row", state.get("nonfinite_in_a_row", 0)))
+    log.info("resumed from %s at step %d", path, trainer.step)
+    return True
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on all), concatenated in rank order: the global batch's values."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    parts = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.to(device))
+    return torch.cat(parts).to(t.device)
+
+
+def publish_weights(trainer, checkpoint: Path, out: Path) -> Path:
+    """The final weights into the output folder (rank 0). Under ZeRO-3 no rank holds them whole, so
+    the export the final checkpoint gathered is copied; otherwise as a single-process run does."""
+    from . import checkpoint as ckpt
+    from .models.lora import has_lora
+
+    if zero_stage(trainer.engine) != 3:
+        return ckpt.publish_weights(trainer.unet, out)
+    name = ckpt.LORA_WEIGHTS if has_lora(trainer.unet) else "unet"
+    src, dst = checkpoint / name, out / name
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst

@@ -1,0 +1,225 @@
+"""DeepSpeed data parallelism on CPU (gloo): N ranks x batch b == one process x batch N*b for ZeRO
+0/2/3, ZeRO-3 offload == plain torch, non-finite steps agreed across ranks, exact resume with
+per-rank RNG, exports a stock pipeline loads, AdamW8bit, and the refused flag combinations.
+
+Each rank is a subprocess with the environment torchrun sets (tests/distributed_worker.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engine_config import make_config
+
+from refl_engine.config import ConfigError
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# A small DRaFT K=full run: 4 denoising steps, CFG off, default recompute policy (selective).
+RUN = dict(method="draft", K="full", num_inference_steps=4, learning_rate=1e-3, adam_epsilon=1e-6, rank=4,
+           num_sample_images=2)
+# fp32: the ranks' gradient average differs from the batch mean by rounding only (~1e-12 absolute
+# here); an Adam step turns a gradient error d into at most lr * d / eps = 1e-3 d of weight.
+ATOL = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path: Path, n: int, config: dict, steps: int, timeout: float = 240, **spec) -> list[dict]:
+    """Train `steps` steps on n ranks; each rank's weights, metrics and drawn prompts. Fails (and
+    kills every rank) if the ranks do not finish in `timeout` seconds: a hang is a failure."""
+    out = tmp_path / f"ranks-{len(list(tmp_path.glob('ranks-*')))}"
+    out.mkdir(parents=True)
+    spec = dict(spec, config=config, steps=steps, out=str(out), tmp=str(tmp_path))
+    port = _free_port()
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{n} ranks did not finish in {timeout} s (hang)")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+
+
+def _plain_run(tmp_path, steps, **overrides):
+    """The reference: one process, plain torch (no DeepSpeed)."""
+    from refl_engine.trainer import ReFLTrainer
+
+    trainer = ReFLTrainer(make_config(tmp_path, **{**RUN, **overrides})).setup()
+    assert trainer.engine is None
+    drawn, sample = [], trainer.sample_prompts_batch
+
+    def recording(batch_size):  # what each step's global batch was
+        drawn.append(sample(batch_size))
+        return drawn[-1]
+
+    trainer.sample_prompts_batch = recording
+    for _ in range(steps):
+        trainer.train_step()
+    weights = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    return weights, drawn
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir, tmp_path_factory):
+    return _plain_run(tmp_path_factory.mktemp("plain"), steps=2, train_batch_size=2)
+
+
+def _assert_same(a: dict, b: dict, atol=ATOL):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_two_ranks_batch1_equal_one_process_batch2(reference, tmp_path, zero):
+    weights, drawn = reference
+    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero), steps=2)
+    for r in ranks:
+        _assert_same(weights, r["weights"])
+    # the global batch is the reference's batch, split by rank
+    assert [a + b for a, b in zip(ranks[0]["drawn"], ranks[1]["drawn"])] == drawn
+    # and the weights did move (lora_B starts at zero): equal frozen models would prove nothing
+    assert max(w.abs().max() for n, w in weights.items() if "lora_B" in n) > 1e-4
+
+
+def test_zero3_param_and_optimizer_offload_equals_plain(reference, tmp_path):
+    weights, _ = reference
+    (r,) = run_ranks(tmp_path, 1, dict(RUN, train_batch_size=2, zero=3, offload="param"), steps=2)
+    _assert_same(weights, r["weights"])
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_nan_on_one_rank_is_skipped_by_both(tiny_sd_dir, tmp_path, zero):
+    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero), steps=3, timeout=180,
+                      nan_rank=1, nan_step=2)
+    for r in ranks:
+        assert [m["skipped"] for m in r["metrics"]] == [False, True, False]
+        assert all(torch.isfinite(w).all() for w in r["weights"].values())
+    _assert_same(ranks[0]["weights"], ranks[1]["weights"], atol=0)
+
+
+def test_resume_with_two_ranks_is_exact(tiny_sd_dir, tmp_path):
+    config = dict(RUN, train_batch_size=1, zero=3)
+    straight = run_ranks(tmp_path, 2, config, steps=4, save_at=2)
+    checkpoint = straight[0]["saved"]
+    assert checkpoint and (Path(checkpoint) / "state.json").exists()
+    assert (Path(checkpoint) / "rng-rank0.pt").exists() and (Path(checkpoint) / "rng-rank1.pt").exists()
+    resumed = run_ranks(tmp_path, 2, config, steps=4, resume=checkpoint)
+    for a, b in zip(straight, resumed):
+        _assert_same(a["weights"], b["weights"], atol=0)
+        assert b["drawn"] == a["drawn"][2:]  # the same prompts as the uninterrupted run...
+    assert resumed[0]["drawn"] != resumed[1]["drawn"]  # ...and the ranks draw different ones
+
+    # The checkpoint's LoRA export, gathered from ZeRO-3 partitions, loads into a stock pipeline.
+    from diffusers import StableDiffusionPipeline
+
+    from refl_engine.trainer import ReFLTrainer
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(checkpoint)
+    trainer = ReFLTrainer(make_config(tmp_path / "plain", **RUN)).setup()
+    at_save = straight[0]["weights_at_save"]
+    with torch.no_grad():
+        for n, p in trainer.unet.named_parameters():
+            if n in at_save:
+                p.copy_(at_save[n])
+    x, emb, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), torch.tensor(500)
+    trainer.unet.eval()
+    with torch.no_grad():
+        ours = trainer.unet(x, t, encoder_hidden_states=emb).sample
+        theirs = pipe.unet(x, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetune_zero3_export_loads_as_a_unet(tiny_sd_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    (r,) = run_ranks(tmp_path, 1, dict(RUN, rank=0, learning_rate=1e-3, train_batch_size=1, zero=3), steps=1,
+                     save_at=1)
+    unet = UNet2DConditionModel.from_pretrained(r["saved"], subfolder="unet")
+    state = dict(unet.named_parameters())
+    assert state.keys() == r["weights"].keys()
+    _assert_same(r["weights"], {n: p.detach() for n, p in state.items()}, atol=0)
+
+
+def test_adamw8bit_trains_with_a_quarter_of_the_state(tiny_sd_dir, tmp_path):
+    from refl_engine.optim import optimizer_state_bytes
+    from refl_engine.trainer import ReFLTrainer
+
+    sizes = {}
+    for optimizer in ("adamw", "adamw8bit"):
+        trainer = ReFLTrainer(make_config(tmp_path / optimizer, **dict(RUN, rank=0, learning_rate=1e-3),
+                                          optimizer=optimizer)).setup()
+        trainer.train_step()
+        sizes[optimizer] = optimizer_state_bytes(trainer.optimizer)
+    # 2 bytes a parameter (two 8-bit moments) + per-block scales, against AdamW's 8; parameters
+    # under bitsandbytes' 4096-element threshold keep 32-bit state.
+    n = sum(p.numel() for p in trainer.params)
+    small = sum(p.numel() for p in trainer.params if p.numel() < 4096)
+    expected = (2 * (n - small) + 8 * small) / (8 * n)
+    assert sizes["adamw"] == 8 * n
+    assert abs(sizes["adamw8bit"] / sizes["adamw"] - expected) < 0.02, (sizes, expected)
+    assert sizes["adamw8bit"] / sizes["adamw"] < 0.3
+
+    prompts = trainer.prompts[:4]
+    before = trainer.reward(trainer.generate(prompts), prompts).mean().item()
+    for _ in range(12):
+        trainer.train_step()
+    after = trainer.reward(trainer.generate(prompts), prompts).mean().item()
+    assert after > before + 0.02, (before, after)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (dict(optimizer="adamw8bit", zero=2, offload="optimizer"), "adamw8bit .* cannot run with --offload optimizer"),
+    (dict(use_8bit_adam=True, zero=3, offload="param"), "adamw8bit .* cannot run with --offload param"),
+    (dict(zero=2, offload="param"), "--offload param needs ZeRO-3.*--zero 3 --offload param"),
+    (dict(offload="optimizer"), "--offload optimizer needs a ZeRO optimizer; add --zero 2"),
+    (dict(optimizer="cpu-adam"), "cpu-adam steps CPU copies.*--offload optimizer"),
+    (dict(zero=4), "--zero 4"),
+    (dict(offload="nvme", zero=3), "--offload.*nvme"),
+    (dict(optimizer="sgd"), "--optimizer.*sgd"),
+    (dict(use_8bit_adam=True, optimizer="cpu-adam", zero=2, offload="optimizer"), "--use_8bit_adam conflicts"),
+])
+def test_refused_combinations_are_one_line(tmp_path, flags, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        make_config(tmp_path, **flags)
+    assert "\n" not in str(e.value)
+
+
+def test_deepspeed_file_is_adopted_and_cross_checked(tmp_path):
+    from refl_engine.distributed import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2, "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+                              "overlap_comm": False},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.01}}}))
+    cfg = make_config(tmp_path, deepspeed=str(path), train_batch_size=3)
+    assert (cfg.distributed.zero, cfg.distributed.offload) == (3, "param")
+    assert (cfg.optim.gradient_accumulation_steps, cfg.optim.max_grad_norm, cfg.optim.weight_decay) == (2, 0.5, 0.01)
+    conf = deepspeed_config(cfg, world_size=4, device=torch.device("cpu"))
+    assert conf["train_batch_size"] == 3 * 2 * 4 and conf["train_micro_batch_size_per_gpu"] == 3
+    assert conf["zero_optimization"]["overlap_comm"] is False  # the file's other settings are kept
+    assert conf["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert conf["optimizer"]["params"]["torch_adam"] is True and conf["optimizer"]["params"]["lr"] == 1e-3
+    with pytest.raises(ConfigError, match="--zero 2 conflicts with zero_optimization.stage=3"):
+        make_config(tmp_path, deepspeed=str(path), zero=2)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        make_config(tmp_path, deepspeed=str(path))
