@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import ConfigError, TrainConfig, parse_memory, validate
 from .data import load_prompts
 from .memory.recompute import build_policy
@@ -26,6 +27,7 @@ from .methods import Sampler, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components, vae_dtype
 from .models.lora import add_lora, has_lora
+from .optim import build_optimizer
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, randn, run_trajectory
 
@@ -102,11 +104,10 @@ class ReFLTrainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch.distributed.init_process_group(backend)
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        self.rank, self.world_size, self.device, self.use_deepspeed = dist.init_process_group(cfg)
+        self.is_main = self.rank == 0
+        self.engine = None  # the DeepSpeed engine, when one runs (engine/distributed.py)
+        self.collective_sampling = False  # ZeRO-3: generating gathers weights, so every rank generates
         mp = cfg.optim.mixed_precision
         if self.device.type == "cpu" and mp != "no":
             log.warning("--mixed_precision %s is for GPUs; this CPU run uses fp32", mp)
@@ -115,7 +116,10 @@ class ReFLTrainer:
         weight_dtype = self.autocast_dtype or torch.float32
 
         torch.manual_seed(cfg.optim.seed)
-        self.generator = torch.Generator().manual_seed(cfg.optim.seed + 1000003 * self.rank)
+        # Shared by all ranks: the global batch's prompts and noise (each rank keeps its slice).
+        self.generator = torch.Generator().manual_seed(cfg.optim.seed)
+        # This rank's own draws (windows, eta noise).
+        self.rank_generator = torch.Generator().manual_seed(cfg.optim.seed + 1000003 * (self.rank + 1))
 
         # Cheap checks of user input first, so a typo fails before minutes of loading.
         self.prompts = load_prompts(cfg.data.prompts)
@@ -178,29 +182,24 @@ class ReFLTrainer:
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         self.text = TextEncoderCache(c, self.device, weight_dtype, self.height, self.width)
-        self.optimizer = self._build_optimizer()
         from diffusers.optimization import get_scheduler
 
-        self.lr_schedule = get_scheduler(cfg.optim.lr_scheduler, self.optimizer,
-                                         num_warmup_steps=cfg.optim.lr_warmup_steps,
-                                         num_training_steps=cfg.optim.max_train_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
+        def lr_schedule(optimizer):
+            return get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
+                                 num_training_steps=cfg.optim.max_train_steps)
+
+        if self.use_deepspeed:  # DeepSpeed owns optimizer, schedule and loss scaling
+            self.engine, self.optimizer, self.lr_schedule = dist.initialize(self, lr_schedule)
+            self.collective_sampling = dist.zero_stage(self.engine) == 3
+            self.scaler = None
+        else:
+            self.optimizer = build_optimizer(self.params, cfg.optim)
+            self.lr_schedule = lr_schedule(self.optimizer)
+            self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
         self.out = Path(cfg.output.output_dir)
         self.gpu = GPUMonitor(self.device)
         self.history: list[dict] = []
         self.nonfinite_in_a_row = 0
-
-    def _build_optimizer(self):
-        o = self.cfg.optim
-        kw = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
-                  eps=o.adam_epsilon)
-        if o.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ConfigError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes") from None
-            return bnb.optim.AdamW8bit(self.params, **kw)
-        return torch.optim.AdamW(self.params, **kw)
 
     # ------------------------------------------------------------ pieces of a step
 
@@ -220,8 +219,14 @@ class ReFLTrainer:
             return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
     def sample_prompts_batch(self, batch_size: int) -> list[str]:
-        idx = torch.randint(len(self.prompts), (batch_size,), generator=self.generator).tolist()
-        return [self.prompts[i] for i in idx]
+        """This rank's slice of a global batch of world_size x batch_size prompts, drawn from the
+        generator all ranks share: N ranks x batch b draw what one process of batch N x b draws."""
+        idx = torch.randint(len(self.prompts), (batch_size * self.world_size,), generator=self.generator)
+        return [self.prompts[i] for i in self.rank_slice(idx).tolist()]
+
+    def rank_slice(self, global_batch: torch.Tensor) -> torch.Tensor:
+        b = global_batch.shape[0] // self.world_size
+        return global_batch[self.rank * b:(self.rank + 1) * b]
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         shape = (batch_size, self.unet.config.in_channels, *self.latent_size)
@@ -234,11 +239,12 @@ class ReFLTrainer:
 
     def micro_step(self, prompts: list[str]) -> dict:
         """One forward + backward on one micro-batch; returns its numbers (loss already scaled
-        for accumulation). A non-finite loss is not backpropagated."""
-        accum = self.cfg.optim.gradient_accumulation_steps
-        x_T = self.initial_noise(len(prompts), self.generator)
+        for accumulation). A loss non-finite on any rank is not backpropagated (under DeepSpeed
+        every rank backpropagates a non-finite one instead: distributed.backward)."""
+        # the global batch's noise from the shared generator, this rank's slice (sample_prompts_batch)
+        x_T = self.rank_slice(self.initial_noise(len(prompts) * self.world_size, self.generator))
         with self._autocast():
-            rollout = self.method.rollout(self.sampler(prompts), x_T, self.generator)
+            rollout = self.method.rollout(self.sampler(prompts), x_T, self.rank_generator)
             rewards = []
             for x0 in rollout.x0s:
                 images = self.policy.decode_call(self.decode, x0)
@@ -249,20 +255,10 @@ class ReFLTrainer:
                 loss = loss + value
         reward = rewards[0].detach()  # the sampled image's (DRaFT-LV's copies only feed the loss)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(reward).all())
-        if finite:
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        finite = dist.backward(self, loss, finite)  # agreed by all ranks
         return dict(loss=float(loss.detach()), reward=reward.cpu(), finite=finite,
                     window_size=rollout.window_size, window_starts=rollout.window.starts,
                     **{f"reg_{k}": float(v.detach()) for k, v in terms.items()})
-
-    def _all_reduce_grads(self) -> None:
-        if self.world_size == 1:
-            return
-        for p in self.params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.world_size
 
     def train_step(self) -> dict:
         """One optimizer step (with gradient accumulation); returns its metrics."""
@@ -272,32 +268,37 @@ class ReFLTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.unet.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        results = [self.micro_step(self.sample_prompts_batch(o.train_batch_size))
-                   for _ in range(o.gradient_accumulation_steps)]
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        results = []
+        for i in range(o.gradient_accumulation_steps):
+            results.append(self.micro_step(self.sample_prompts_batch(o.train_batch_size)))
+            if self.engine is not None:  # DeepSpeed: step() after every micro-batch, applied at the last
+                applied, grad_norm = dist.engine_step(self, boundary=i == o.gradient_accumulation_steps - 1)
         finite = all(r["finite"] for r in results)
-        self._all_reduce_grads()
-        grad_norm = float("nan")
-        if finite:
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm or float("inf")))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.lr_schedule.step()
-            self.nonfinite_in_a_row = 0
+        if self.engine is not None:
+            finite = finite and applied  # DeepSpeed drops a non-finite update on every rank
         else:
-            self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN update
-            if self.scaler:
-                self.scaler.update()
-            self.nonfinite_in_a_row += 1
+            grad_norm = float("nan")
+            if finite:
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm or float("inf")))
+                finite = math.isfinite(grad_norm)
+            if finite:
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.lr_schedule.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN update
+                if self.scaler:
+                    self.scaler.update()
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         self.step += 1
-        rewards = torch.cat([r["reward"] for r in results])
+        rewards = dist.all_gather_cat(torch.cat([r["reward"] for r in results]))  # the global batch's
         metrics = dict(
             step=self.step,
             loss=sum(r["loss"] for r in results) / len(results),
@@ -362,9 +363,7 @@ class ReFLTrainer:
     def state_for_checkpoint(self) -> dict:
         """Everything resume needs, gathered: the trainable weights (None for full fine-tuning,
         whose checkpoint keeps the whole UNet as its unet/ export), optimizer, RNG, counters."""
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng = dist.rng_state(self)
         optim = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
         if self.scaler:
             optim["scaler"] = self.scaler.state_dict()
@@ -401,10 +400,7 @@ class ReFLTrainer:
         self.lr_schedule.load_state_dict(data["optimizer"]["lr_schedule"])
         if self.scaler and "scaler" in data["optimizer"]:
             self.scaler.load_state_dict(data["optimizer"]["scaler"])
-        self.generator.set_state(data["rng"]["generator"])
-        torch.set_rng_state(data["rng"]["torch"])
-        if "cuda" in data["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(data["rng"]["cuda"])
+        dist.set_rng_state(self, data["rng"])
         self.step = int(data["state"]["step"])
         self.nonfinite_in_a_row = int(data["state"].get("nonfinite_in_a_row", 0))
         log.info("resumed from %s at step %d", path, self.step)
