@@ -374,6 +374,8 @@ class ReFLTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """checkpoints/checkpoint-<step>, exports included, in one atomic rename (main process)."""
+        if self.engine is not None:  # DeepSpeed's layout; every rank writes its part
+            return dist.save_checkpoint(self)
         if not self.is_main:
             return None
         s = self.state_for_checkpoint()
@@ -387,6 +389,11 @@ class ReFLTrainer:
         if path is None:
             log.info("--resume_from_checkpoint latest: no checkpoint yet in %s; starting fresh", self.out)
             return False
+        if self.engine is not None or dist.is_deepspeed_checkpoint(path):
+            if self.engine is None:
+                raise ConfigError(f"{path} was written by a DeepSpeed run; resume it with the same launch and "
+                                  "--zero/--offload flags")
+            return dist.load_checkpoint(self, path)
         data = ckpt.load_checkpoint(path)
         params = dict(self.unet.named_parameters())
         missing = [n for n in data["trainable"] if n not in params]
