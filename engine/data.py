@@ -212,8 +212,8 @@ class ImageCaptionDataset:
     (records rank, rank + world_size, ...). Unreadable images are skipped, counted and warned
     about once each."""
 
-    def __init__(self, train_data_dir: str, resolution: int | tuple[int, int], coco_captions: str = "", caption_column: str = "",
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, train_data_dir: str, resolution: int | tuple[int, int], coco_captions: str = "",
+                 caption_column: str = "", rank: int = 0, world_size: int = 1):
         records = find_records(train_data_dir, coco_captions, caption_column)
         missing = sum(1 for p, _ in records[:1000] if not p.is_file())
         if missing == min(len(records), 1000):
@@ -254,7 +254,8 @@ class ImageCaptionDataset:
         return torch.stack(images), captions
 
 
-def image_dataset(cfg, resolution: int | tuple[int, int], rank: int = 0, world_size: int = 1) -> ImageCaptionDataset | None:
+def image_dataset(cfg, resolution: int | tuple[int, int], rank: int = 0,
+                  world_size: int = 1) -> ImageCaptionDataset | None:
     """The run's image-caption dataset, or None when no --train_data_dir / --coco_captions is set."""
     d = cfg.data
     if not (getattr(d, "train_data_dir", "") or getattr(d, "coco_captions", "")):

@@ -330,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm.auto import tqdm
 
         for h in tqdm(handovers, desc="hand-overs", disable=not cfg.output.progress):
-            images = torch.cat([combined_generate(model, prompts[i:i + 16], seeds[i:i + 16], h, n, e.base_guidance_scale,
-                                                  cfg.method.guidance_scale, cfg.model.resolution, cfg.model.height,
-                                                  cfg.model.width, progress=cfg.output.progress)
+            images = torch.cat([combined_generate(model, prompts[i:i + 16], seeds[i:i + 16], h, n,
+                                                  e.base_guidance_scale, cfg.method.guidance_scale,
+                                                  cfg.model.resolution, cfg.model.height, cfg.model.width,
+                                                  progress=cfg.output.progress)
                                 for i in range(0, len(prompts), 16)])
             r = dict(handover=h, num_inference_steps=n,
                      **evaluate_images(images, prompts, e.images_per_prompt, rewards, embedder, reference, clip))
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"logcov {r['log_covariance_distance']:.3f}" if reference is not None else "") +
                   (f"  CLIP {r['clip_score']['mean']:.2f}" if clip else ""))
         out.mkdir(parents=True, exist_ok=True)
-        summary = dict(finetuned=model.source, prompts=cfg.data.prompts, num_prompts=len(prompts) // e.images_per_prompt,
+        summary = dict(finetuned=model.source, prompts=cfg.data.prompts,
+                       num_prompts=len(prompts) // e.images_per_prompt,
                        images_per_prompt=e.images_per_prompt, seed=cfg.optim.seed,
                        base_guidance_scale=e.base_guidance_scale, guidance_scale=cfg.method.guidance_scale,
                        reference_dir=ref_dir or None, num_reference=None if reference is None else reference.shape[0],

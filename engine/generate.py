@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -98,7 +98,8 @@ def load_combined(finetuned: str, model: str | None = None, device: str | torch.
         c = load_pipeline_components(model or m.get("model"), dtype=dtype)
         base = None
         if m.get("rank", 0) > 0:
-            add_lora(c.unet, m["rank"], m.get("lora_alpha", 0.0), m.get("lora_target_modules", "to_q,to_k,to_v,to_out.0"))
+            add_lora(c.unet, m["rank"], m.get("lora_alpha", 0.0),
+                     m.get("lora_target_modules", "to_q,to_k,to_v,to_out.0"))
         else:
             base = load_pipeline_components(model or m.get("model"), dtype=dtype).unet
         _load_trainable(c.unet, found[-1] / "trainable.safetensors")

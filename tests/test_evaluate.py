@@ -1,5 +1,4 @@
 """Evaluation metrics against hand-computed values, the pluggable backbone, the CLI end to end."""
-import json
 import math
 
 import pytest
