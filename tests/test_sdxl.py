@@ -180,10 +180,28 @@ def test_sdxl_gradient_matches_finite_differences(tiny_sdxl64, method, kw):
     assert abs(analytic - numeric) < 1e-5 * abs(numeric) + roundoff, (analytic, numeric, roundoff)
 
 
+def _image_folder(root, n=4):
+    """n flat-colored 40 x 28 PNGs with captions (metadata.jsonl), for ImageReFL's real images."""
+    import json
+
+    from PIL import Image
+
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            rgb = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))
+            Image.new("RGB", (40, 28), rgb).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)]}) + "\n")
+    return str(root)
+
+
 @pytest.mark.parametrize("method,kw", [
-    ("refl", {}), ("draft", dict(K="full")), ("draft-lv", {}), ("alignprop", {}),
+    ("refl", {}), ("draft", dict(K="full")), ("draft-lv", {}), ("alignprop", {}), ("imagerefl", {}),
 ])
 def test_each_method_raises_the_reward_on_tiny_sdxl(tiny_sdxl_dir, tmp_path, method, kw):
+    if method == "imagerefl":  # real images noised to the hand-over step, at the training size
+        kw = dict(kw, train_data_dir=_image_folder(tmp_path / "images"))
     # Full fine-tuning: tiny-sdxl, like SDXL, has no attention at the top level, so LoRA on the
     # attention projections moves this random-weight model's images slowly.
     cfg = make_config(tmp_path, model=tiny_sdxl_dir, method=method, num_inference_steps=4, learning_rate=3e-3,
