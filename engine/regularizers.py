@@ -155,7 +155,13 @@ def pretrain_loss(context: dict) -> torch.Tensor:
 
     noise = randn(x0.shape, trainer.generator, x0.device, x0.dtype)
     model_fn = make_eps_fn(trainer.unet, trainer.text.conditioning(captions, cfg=False), 1.0)
-    return diffusion_loss(model_fn, x0, noise, t.to(x0.device), alpha_bar, schedule.prediction_type)
+    policy = getattr(trainer, "policy", None)
+    if policy is None:
+        return diffusion_loss(model_fn, x0, noise, t.to(x0.device), alpha_bar, schedule.prediction_type)
+    # its own one-call gradient window, so the memory policy decides what this UNet call keeps
+    with policy.window(1):
+        return diffusion_loss(lambda x, tt: policy.unet_call(model_fn, x, tt), x0, noise, t.to(x0.device),
+                              alpha_bar, schedule.prediction_type)
 
 
 # ---------------------------------------------------------------- wiring

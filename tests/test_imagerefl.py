@@ -334,13 +334,16 @@ def test_pretrain_loss_is_the_denoising_loss_on_a_real_batch(tiny64):
             assert captions == ["x", "y"] and not cfg
             return Conditioning(cond.cond)
 
-    def trainer():
+    def trainer(policy=None):
         return SimpleNamespace(
             generator=torch.Generator().manual_seed(9), device=torch.device("cpu"), unet=unet, text=Text(),
-            dataset=SimpleNamespace(sample=lambda b, gen: (images, ["x", "y"])),
+            dataset=SimpleNamespace(sample=lambda b, gen: (images, ["x", "y"])), policy=policy,
             components=SimpleNamespace(vae=vae), schedule=DDIMSchedule.from_scheduler(sched, N))
 
     got = float(pretrain_loss({"trainer": trainer(), "prompts": ["p", "q"]}).detach())
+    # through the memory policy's own one-call window (checkpointed): the same value
+    got_policy = float(pretrain_loss({"trainer": trainer(FullRecompute()), "prompts": ["p", "q"]}).detach())
+    assert got_policy == got
     gen = torch.Generator().manual_seed(9)
     with torch.no_grad():
         dist = vae.encode(images * 2 - 1).latent_dist
