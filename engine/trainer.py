@@ -21,12 +21,13 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import ConfigError, TrainConfig, parse_memory, validate
-from .data import load_prompts
+from .data import image_dataset, load_prompts
 from .memory.recompute import build_policy
 from .methods import Sampler, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components, vae_dtype
 from .models.lora import add_lora, has_lora
+from .regularizers import attach_regularizers, reward_objective, watch_rollout
 from .optim import build_optimizer
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, randn, run_trajectory
@@ -160,6 +161,9 @@ class ReFLTrainer:
         except (RewardSpecError, FileNotFoundError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         self.method = build_method(cfg.method)
+        attach_regularizers(self.method, cfg.method)
+        # Real image-caption pairs (ImageReFL, --pretrain_loss_coeff), this rank's shard.
+        self.dataset = image_dataset(cfg, (self.height, self.width), self.rank, self.world_size)
         budget = parse_memory(cfg.memory.memory_budget) if cfg.memory.memory_budget else None
         policy_kwargs = dict(checkpoint_decode=cfg.memory.checkpoint_decode,
                              checkpoint_reward=cfg.memory.checkpoint_reward,
@@ -241,15 +245,18 @@ class ReFLTrainer:
         """One forward + backward on one micro-batch; returns its numbers (loss already scaled
         for accumulation). A loss non-finite on any rank is not backpropagated (under DeepSpeed
         every rank backpropagates a non-finite one instead: distributed.backward)."""
+        if hasattr(self.method, "prepare_batch"):  # ImageReFL: a real batch's captions replace the prompts
+            prompts = self.method.prepare_batch(self, prompts)
         # the global batch's noise from the shared generator, this rank's slice (sample_prompts_batch)
         x_T = self.rank_slice(self.initial_noise(len(prompts) * self.world_size, self.generator))
         with self._autocast():
-            rollout = self.method.rollout(self.sampler(prompts), x_T, self.rank_generator)
+            sampler = watch_rollout(self.method, self.sampler(prompts))
+            rollout = self.method.rollout(sampler, x_T, self.rank_generator)
             rewards = []
             for x0 in rollout.x0s:
                 images = self.policy.decode_call(self.decode, x0)
                 rewards.append(self.policy.reward_call(lambda im: self.reward(im, prompts).float(), images))
-            loss = self.method.loss(rewards)
+            loss = reward_loss = self.method.loss([reward_objective(r, self.cfg.method) for r in rewards])
             terms = self.method.regularize({"trainer": self, "prompts": prompts, "rollout": rollout})
             for value in terms.values():
                 loss = loss + value
@@ -257,6 +264,7 @@ class ReFLTrainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(reward).all())
         finite = dist.backward(self, loss, finite)  # agreed by all ranks
         return dict(loss=float(loss.detach()), reward=reward.cpu(), finite=finite,
+                    reg_reward_loss=float(reward_loss.detach()),
                     window_size=rollout.window_size, window_starts=rollout.window.starts,
                     **{f"reg_{k}": float(v.detach()) for k, v in terms.items()})
 
@@ -312,8 +320,8 @@ class ReFLTrainer:
             **self.memory_metrics(),
         )
         for key in results[0]:
-            if key.startswith("reg_"):
-                metrics[key] = sum(r[key] for r in results) / len(results)
+            if key.startswith("reg_"):  # the loss terms by name: reward_loss, diffusion_loss, kl, ...
+                metrics[key[4:]] = sum(r[key] for r in results) / len(results)
         if not finite:
             log.warning("step %d: non-finite loss, reward or gradient; update skipped (%d in a row)",
                         self.step, self.nonfinite_in_a_row)
@@ -453,6 +461,11 @@ class ReFLTrainer:
         t_start = time.perf_counter()
         while self.step < cfg.optim.max_train_steps:
             metrics = self.train_step()
+            if cfg.output.eval_every and self.step % cfg.output.eval_every == 0 and (
+                    self.is_main or self.collective_sampling):
+                from .evaluate import heldout_metrics
+
+                metrics.update(heldout_metrics(self))  # held-out reward and diversity
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", loss=f"{metrics['loss']:.4f}",
                             s=f"{metrics['seconds']:.2f}")
