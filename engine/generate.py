@@ -76,9 +76,25 @@ def _load_trainable(unet, path: Path) -> None:
             params[n].copy_(t.to(params[n].dtype))
 
 
+def _weights_in(folder: Path) -> tuple[str, Path] | None:
+    """The fine-tuned weights a folder holds, loadable formats first: ("lora", file), ("unet",
+    folder) or ("trainable", the checkpoint's safetensors of trainable parameters)."""
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        return "lora", folder / "pytorch_lora_weights.safetensors"
+    for unet_dir in (folder / "unet", folder):
+        if (unet_dir / "config.json").is_file() and any(unet_dir.glob("diffusion_pytorch_model*")):
+            return "unet", unet_dir
+    if (folder / "trainable.safetensors").is_file():
+        return "trainable", folder / "trainable.safetensors"
+    return None
+
+
 def load_combined(finetuned: str, model: str | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> CombinedModel:
-    """Base + fine-tuned from a training output dir, an exported LoRA, or a full-FT UNet dir."""
+    """Base + fine-tuned from a training output dir (its latest checkpoint, else its exported
+    weights; the base model from its config.json unless `model` is given), an exported LoRA
+    (file or folder) or a full-fine-tune UNet folder."""
+    from refl_engine.checkpoint import list_checkpoints
     from refl_engine.models.load import load_pipeline_components
     from refl_engine.models.lora import add_lora
 
@@ -86,46 +102,44 @@ def load_combined(finetuned: str, model: str | None = None, device: str | torch.
     if not src.exists():
         raise ConfigError(f"--finetuned {finetuned!r}: no such file or folder; give a training --output_dir, "
                           "a pytorch_lora_weights.safetensors or a fine-tuned unet folder")
-    run_config = src / "config.json"
-    if src.is_dir() and run_config.is_file() and (src / "checkpoints").is_dir():
-        from refl_engine.checkpoint import list_checkpoints
-
-        train = json.loads(run_config.read_text())
-        m = train.get("model", {})
-        found = list_checkpoints(src / "checkpoints")
-        if not found:
-            raise ConfigError(f"--finetuned {finetuned!r}: no checkpoint in {src / 'checkpoints'}")
-        c = load_pipeline_components(model or m.get("model"), dtype=dtype)
-        base = None
-        if m.get("rank", 0) > 0:
-            add_lora(c.unet, m["rank"], m.get("lora_alpha", 0.0),
-                     m.get("lora_target_modules", "to_q,to_k,to_v,to_out.0"))
+    train: dict = {}
+    found = None
+    if src.is_file() and src.suffix == ".safetensors":
+        found = ("lora", src)
+    elif src.is_dir():
+        if (src / "config.json").is_file() and (src / "checkpoints").is_dir():  # a training output dir
+            train = json.loads((src / "config.json").read_text())
+            for folder in list(reversed(list_checkpoints(src / "checkpoints")))[:1] + [src]:
+                found = found or _weights_in(folder)
         else:
-            base = load_pipeline_components(model or m.get("model"), dtype=dtype).unet
-        _load_trainable(c.unet, found[-1] / "trainable.safetensors")
-        source = str(found[-1])
-    elif src.suffix == ".safetensors" or (src / "pytorch_lora_weights.safetensors").is_file():
-        c = load_pipeline_components(model, dtype=dtype)
-        lora = src if src.suffix == ".safetensors" else src / "pytorch_lora_weights.safetensors"
-        try:
-            c.unet.load_lora_adapter(str(lora), prefix="unet", adapter_name="default")
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"cannot load LoRA {str(lora)!r} into --model ({str(e).splitlines()[0]})") from None
-        base, source = None, str(lora)
-    elif (src / "config.json").is_file() and any(src.glob("diffusion_pytorch_model*")):
-        from diffusers import UNet2DConditionModel
-
-        c = load_pipeline_components(model, dtype=dtype)
-        base = c.unet
-        c.unet = UNet2DConditionModel.from_pretrained(str(src), torch_dtype=dtype)
-        source = str(src)
-    else:
+            found = _weights_in(src)
+    if found is None or (found[0] == "trainable" and not train):
         raise ConfigError(f"--finetuned {finetuned!r} is not a training output dir (config.json + checkpoints/), a "
                           "LoRA .safetensors or a diffusers UNet folder")
+    kind, path = found
+    m = train.get("model", {})
+    c = load_pipeline_components(model or m.get("model"), dtype=dtype)
+    base = None
+    if kind == "lora":
+        try:
+            c.unet.load_lora_adapter(str(path), prefix="unet", adapter_name="default")
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"cannot load LoRA {str(path)!r} into the base model ({str(e).splitlines()[0]}); "
+                              "give the --model it was trained on") from None
+    elif kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        base, c.unet = c.unet, UNet2DConditionModel.from_pretrained(str(path), torch_dtype=dtype)
+    elif m.get("rank", 0) > 0:  # a checkpoint's trainable parameters: rebuild the adapter as trained
+        add_lora(c.unet, m["rank"], m.get("lora_alpha", 0.0), m.get("lora_target_modules", "to_q,to_k,to_v,to_out.0"))
+        _load_trainable(c.unet, path)
+    else:
+        base = load_pipeline_components(model or m.get("model"), dtype=dtype).unet
+        _load_trainable(c.unet, path)
     for module in (c.unet, base, c.vae, c.text_encoder, c.text_encoder_2):
         if module is not None:
             module.requires_grad_(False).eval().to(device)
-    return CombinedModel(c, base, source)
+    return CombinedModel(c, base, str(path))
 
 
 # ---------------------------------------------------------------- sampling

@@ -103,3 +103,23 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="is not a training output dir"):
         load_combined(str(tmp_path))
     assert prompt_seed_grid(["a", "b", "c"], 2, 3, 10) == (["a"] * 3 + ["b"] * 3, [10, 11, 12, 13, 14, 15])
+
+
+def test_a_training_output_dir_loads_its_latest_checkpoint(lora_file, tmp_path):
+    """A run folder whose checkpoint holds only the trainable parameters: the adapter is rebuilt
+    from config.json (rank, alpha, targets) and gives the same images as the exported LoRA."""
+    import json
+
+    from safetensors.torch import save_file
+
+    exported = load_combined(str(lora_file))
+    trainable = {n: p.detach().contiguous() for n, p in exported.unet.named_parameters() if "lora_" in n}
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-7"
+    ckpt.mkdir(parents=True)
+    save_file(trainable, ckpt / "trainable.safetensors")
+    (ckpt / "state.json").write_text(json.dumps({"step": 7}))
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {"model": {"model": None, "rank": 4, "lora_alpha": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0"}}))
+    run = load_combined(str(tmp_path / "run"))
+    assert run.base_unet is None and run.source.endswith("trainable.safetensors")
+    _close(combined_generate(run, PROMPTS, SEEDS, 0, N), combined_generate(exported, PROMPTS, SEEDS, 0, N))
