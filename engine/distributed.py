@@ -287,10 +287,12 @@ def initialize(trainer, lr_schedule_fn):
         if type(e).__name__ in ("ValidationError", "DeepSpeedConfigError", "AssertionError"):
             raise ConfigError(f"DeepSpeed refused the config: {str(e).splitlines()[0]}") from None
         raise
-    if zero_stage(engine) == 3:
-        from .memory.selective import report_partitioned
+    if zero_stage(engine) == 3 and cfg.memory.recompute in ("lean", "selective", "auto"):  # lean-mode policies
+        from .memory.selective import ensure_installed, report_partitioned
 
-        report_partitioned(trainer.unet)
+        ensure_installed(trainer.unet)
+        if trainer.is_main:
+            report_partitioned(trainer.unet)
     log.info("DeepSpeed ZeRO-%d, offload %s, optimizer %s, %d process(es)", zero_stage(engine),
              cfg.distributed.offload, cfg.optim.optimizer, trainer.world_size)
     return engine, optimizer, schedule
