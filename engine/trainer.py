@@ -358,8 +358,10 @@ class ReFLTrainer:
         (captioned) and samples/<tag>-full.png (full resolution), and to the trackers."""
         from .viz import save_grid
 
-        images = self.generate(self.sample_prompts)
+        images = self.generate(self.sample_prompts)  # under ZeRO-3 every rank runs it (collective_sampling)
         rewards = self.reward(images.to(self.device), self.sample_prompts).float().cpu()
+        if not self.is_main:
+            return float(rewards.mean())
         save_grid(images, self.sample_prompts, rewards.tolist(), self.out / "samples" / f"{tag}.png",
                   title=f"{tag}: mean {self.reward.name} {rewards.mean():.4f}")
         if tracking is not None:
@@ -452,7 +454,7 @@ class ReFLTrainer:
     def _loop(self, out: Path, metrics_path: Path, tracking) -> dict:
         cfg = self.cfg
         reward_before = None
-        if self.is_main and self.step == 0:
+        if self.step == 0 and (self.is_main or self.collective_sampling):
             reward_before = self.save_samples("step-000000", tracking)
         from tqdm.auto import tqdm
 
@@ -474,17 +476,20 @@ class ReFLTrainer:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 tracking.log(metrics, self.step)
-                every = cfg.output.checkpointing_steps
-                if every and self.step % every == 0 and self.step < cfg.optim.max_train_steps:
-                    self.save_checkpoint()
-                if cfg.output.sample_every and self.step % cfg.output.sample_every == 0:
-                    self.save_samples(f"step-{self.step:06d}", tracking)
+            every = cfg.output.checkpointing_steps  # every rank: DeepSpeed's save is collective
+            if every and self.step % every == 0 and self.step < cfg.optim.max_train_steps:
+                self.save_checkpoint()
+            if cfg.output.sample_every and self.step % cfg.output.sample_every == 0 and (
+                    self.is_main or self.collective_sampling):
+                self.save_samples(f"step-{self.step:06d}", tracking)
         bar.close()
+        path = self.save_checkpoint()
+        if self.is_main or self.collective_sampling:
+            reward_after = self.save_samples(f"step-{self.step:06d}", tracking)
         if not self.is_main:
             return {}
-        self.save_checkpoint()
-        weights = ckpt.publish_weights(self.unet, out)  # the diffusers examples' layout
-        reward_after = self.save_samples(f"step-{self.step:06d}", tracking)
+        weights = (dist.publish_weights(self, path, out) if self.engine is not None
+                   else ckpt.publish_weights(self.unet, out))  # the diffusers examples' layout
         if reward_before is None:
             reward_before = _reward_before(out)
         from .viz import plot_reward_curve
