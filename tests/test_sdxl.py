@@ -261,3 +261,25 @@ def test_planner_sdxl_preset_is_consistent_as_the_pipeline_checks():
     assert unet.add_embedding.linear_1.in_features == 6 * spec.unet["addition_time_embed_dim"] + te2["projection_dim"]
     assert spec.unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"]
     assert spec.native_resolution == 1024 and spec.vae["force_upcast"]
+
+
+def test_sdxl_lora_export_loads_in_a_stock_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
+    cfg = make_config(tmp_path, model=tiny_sdxl_dir, rank=4, max_train_steps=1, learning_rate=5e-2,
+                      num_inference_steps=2, guidance_scale=5.0)
+    trainer = ReFLTrainer(cfg)
+    trainer.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    states = torch.randn(2, 77, tiny_sdxl_configs()["unet"]["cross_attention_dim"], generator=g)
+    added = {"text_embeds": torch.randn(2, tiny_sdxl_configs()["text_encoder_2"]["projection_dim"], generator=g),
+             "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    trainer.unet.eval()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(cfg.output.output_dir)
+    with torch.no_grad():
+        ours = trainer.unet(x, 500, states, added_cond_kwargs=added).sample
+        theirs = pipe.unet(x, 500, states, added_cond_kwargs=added).sample
+        pipe.unet.disable_adapters()
+        base = pipe.unet(x, 500, states, added_cond_kwargs=added).sample
+    _close(theirs, ours, "lora export")
+    assert (theirs - base).abs().max() > 1e-3  # the adapter is really applied
