@@ -224,3 +224,26 @@ def test_deepspeed_file_is_adopted_and_cross_checked(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         make_config(tmp_path, deepspeed=str(path))
+
+
+def test_planner_partitions_over_gpus_and_counts_host_memory(tiny_sd_dir):
+    from diffusers import UNet2DConditionModel
+
+    from refl_engine.memory.planner import Planner, PlanSpec
+
+    n = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").parameters())
+
+    def planner(**kw):
+        return Planner(PlanSpec(model=tiny_sd_dir, rank=0, mixed_precision="bf16", **kw))
+
+    one = planner(zero=2, num_gpus=1).state_bytes()
+    assert (one["optimizer"], one["grads"]) == (8 * n, 4 * n)  # AdamW's two fp32 moments, fp32 gradients
+    four = planner(zero=2, num_gpus=4).state_bytes()  # ZeRO-2 shards both over the GPUs
+    assert (four["optimizer"], four["grads"]) == (-(-8 * n // 4), -(-4 * n // 4))
+    assert planner(zero=1, num_gpus=4).state_bytes()["grads"] == 4 * n  # ZeRO-1: gradients whole
+    # offload: moments, fp32 master weights and gradients on the host, split over the processes;
+    # parameter offload adds the bf16 weights
+    assert planner(zero=2, offload="optimizer", num_gpus=1).host_bytes() == 16 * n
+    assert planner(zero=3, offload="param", num_gpus=4).host_bytes() == -(-18 * n // 4)
+    assert planner(zero=3, offload="param").state_bytes()["optimizer"] == 0
+    assert planner(zero=2).host_bytes() == 0
