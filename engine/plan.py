@@ -1,56 +1,72 @@
-"""`python -m refl_engine.plan` (or `refl-plan`): will this training step fit, and what would?
+"""`refl-plan` (or `python -m refl_engine.plan`): will this training run fit, and what would?
 
-Predicts the peak bytes of one training step from the model's architecture configs — no weights
-are loaded — and prints where the bytes go, whether it fits the budget, the largest batch that
-fits and the cheapest recompute policy that fits. See engine/memory/planner.py for the method.
+It takes exactly the training flags — the same parser and validation as `refl-train`, presets
+included — plus its own (--budget_gb, --reserve_gb, --json, --no_cache), and plans the run
+`refl-train` would execute with those flags: `refl-plan <the flags of refl-train>` answers "will
+this fit". It predicts the peak bytes of one training step from the model's architecture configs
+(a hub id's configs are fetched, never its weights) and prints where the bytes go, whether it fits
+the budget, the largest batch that fits and the cheapest recompute policy that fits. The window
+(how many UNet calls keep activations for backward) comes from the method, as the trainer's does.
+See engine/memory/planner.py for the method.
 
-    python -m refl_engine.plan --model sdxl --method draft --K full --batch-size 2
-    python -m refl_engine.plan --model sd15 --rank 0 --optimizer adamw8bit --json
+    refl-plan --config draft-sd15 --budget_gb 24
+    refl-plan --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --method draft --K 1 \\
+        --train_batch_size 2 --mixed_precision bf16 --use_8bit_adam --json
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
-from .memory.planner import METHODS, OPTIMIZERS, POLICIES, REWARD_BACKBONES, Planner, PlanSpec
+from .config import ConfigError, MethodConfig, TrainConfig, arg, parse_args, parse_memory
 
 GiB = 2**30
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refl-plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", "--pretrained_model_name_or_path", default="sd15",
-                   help="sd15, sdxl, tiny-sd, or a diffusers model directory (only its configs are read)")
-    p.add_argument("--resolution", type=int, default=0, help="image side in pixels; 0 = the model's native size")
-    p.add_argument("--batch-size", "--batch_size", "--train_batch_size", dest="batch_size", type=int, default=1)
-    p.add_argument("--method", choices=METHODS, default="draft")
-    p.add_argument("--K", default="full", help="DRaFT window: 'full' or 1..N")
-    p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=50)
-    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=7.5,
-                   help="> 1 runs classifier-free guidance, doubling the UNet batch")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0")
-    p.add_argument("--mixed_precision", "--mixed-precision", choices=("no", "bf16", "fp16"), default="bf16")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
-    p.add_argument("--offload", action="store_true", help="DeepSpeed CPU offload (optimizer; and parameters at --zero 3)")
-    p.add_argument("--recompute", choices=POLICIES, default="selective")
-    p.add_argument("--reward", choices=sorted(REWARD_BACKBONES), default=None,
-                   help="which reward backbone the image gradient crosses (default: aesthetic; colorfulness for tiny-sd)")
-    p.add_argument("--no-checkpoint-decode", dest="checkpoint_decode", action="store_false")
-    p.add_argument("--no-selective-decode", dest="selective_decode", action="store_false",
-                   help="keep the VAE decoder's GroupNorm/SiLU outputs and frozen-conv inputs for backward")
-    p.add_argument("--no-checkpoint-reward", dest="checkpoint_reward", action="store_false")
-    p.add_argument("--budget-gb", "--budget_gb", dest="budget_gb", type=float, default=None,
-                   help="device memory in GiB; default: the detected GPU (nvidia-ml-py), else 80")
-    p.add_argument("--reserve-gb", dest="reserve_gb", type=float, default=3.0,
-                   help="GiB held back for the CUDA context, library workspaces and fragmentation")
-    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="re-trace instead of using the cache")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    return p
+@dataclass
+class PlanOptions:
+    """refl-plan's own flags (everything else is a training flag)."""
+
+    _argument_group_name = "planner (refl-plan only)"
+    budget_gb: float | None = arg(None, "device memory in GiB; unset = --memory_budget if given, else the detected "
+                                  "GPU (nvidia-ml-py), else 80", valid="(0, inf)")
+    reserve_gb: float = arg(3.0, "GiB held back for the CUDA context, library workspaces and fragmentation",
+                            valid="[0, inf)")
+    num_gpus: int = arg(1, "GPUs (processes) of the run: ZeRO partitions over them", valid="[1, inf)")
+    json: bool = arg(False, "print one JSON object instead of the table")
+    no_cache: bool = arg(False, "re-trace instead of using the planner's disk cache")
+
+
+# MethodConfig fields the planner's spec names itself; the others reach the method as they are.
+_SPEC_METHOD_FIELDS = ("method", "K", "num_inference_steps", "guidance_scale", "lv_inner")
+
+
+def plan_spec(cfg: TrainConfig, opts: PlanOptions | None = None):
+    """The run `refl-train` executes with `cfg`, as the planner's inputs: the one mapping from the
+    training flags to the planner."""
+    from .memory.planner import PlanSpec
+
+    opts = opts or PlanOptions()
+    mo, m, o, mem, d = cfg.model, cfg.method, cfg.optim, cfg.memory, cfg.distributed
+    budget_gb = opts.budget_gb
+    if budget_gb is None and mem.memory_budget:
+        budget_gb = parse_memory(mem.memory_budget) / GiB
+    method_options = {f.name: getattr(m, f.name) for f in dataclasses.fields(MethodConfig)
+                      if f.name not in _SPEC_METHOD_FIELDS}
+    return PlanSpec(
+        model=mo.model, revision=mo.revision, cache_dir=mo.cache_dir,
+        resolution=mo.resolution, height=mo.height, width=mo.width,
+        batch_size=o.train_batch_size,  # per device and micro-batch: accumulation does not raise the peak
+        method=m.method, K=m.K, num_inference_steps=m.num_inference_steps, guidance_scale=m.guidance_scale,
+        lv_inner=m.lv_inner, method_options=method_options,
+        rank=mo.rank, lora_targets=mo.lora_target_modules, mixed_precision=o.mixed_precision,
+        optimizer=o.optimizer, zero=d.zero or 0, offload=d.offload, num_gpus=opts.num_gpus,
+        recompute=mem.recompute, checkpoint_decode=mem.checkpoint_decode, selective_decode=mem.selective_decode,
+        checkpoint_reward=mem.checkpoint_reward, reward=m.reward,
+        budget_gb=budget_gb, reserve_gb=opts.reserve_gb, use_cache=not opts.no_cache,
+    )
 
 
 def _gib(n: int | float) -> str:
@@ -61,12 +77,13 @@ def render(plan) -> str:
     s = plan.spec
     c = plan.components
     lines = [
-        f"refl-plan: {s['model']} @ {s['resolution'] or 'native'} px, batch {s['batch_size']}, {s['method']}"
+        f"refl-plan: {s['model'] or 'the embedded toy-world model'} @ {s['resolution'] or 'native'} px, batch {s['batch_size']}, {s['method']}"
         + (f" K={s['K']}" if s["method"] == "draft" else "")
         + f", N={s['num_inference_steps']}, CFG {s['guidance_scale']:g}, "
         + (f"LoRA r={s['rank']}" if s["rank"] else "full fine-tune")
         + f", {s['mixed_precision']}, {s['optimizer']}"
-        + (f", ZeRO-{s['zero']}" if s["zero"] else "") + (" + offload" if s["offload"] else "")
+        + (f", ZeRO-{s['zero']}" if s["zero"] else "")
+        + (f" + offload {s['offload']}" if s["offload"] not in (False, "none") else "")
         + f", recompute {s['recompute']}, reward {s['reward']}",
         "",
         f"{'component':34s} {'GiB':>8s}",
@@ -79,7 +96,10 @@ def render(plan) -> str:
                  f"   ({plan.window['size']} steps: {plan.window['kinds']})")
     lines.append(f"{'peak phase on top':34s} {_gib(c['peak_phase_activations'])}   ({plan.window['phase']})")
     lines.append(f"{'-' * 34} {'-' * 8}")
-    lines.append(f"{'peak':34s} {_gib(plan.peak_bytes)}")
+    lines.append(f"{'peak':34s} {_gib(plan.peak_bytes)}" + (f"   (per GPU, {s['num_gpus']} GPUs)" if s["num_gpus"] > 1 else ""))
+    if plan.host_bytes:
+        lines.append(f"{'host memory (offload), per process':34s} {_gib(plan.host_bytes)}"
+                     f"   ({plan.host_bytes * s['num_gpus'] / GiB:.2f} GiB for {s['num_gpus']} processes)")
     lines.append("")
     lines.append("for reference (not summed):")
     lines.append(f"  {'one UNet call, saved for backward':32s} {_gib(c['unet_step_activations'])}")
@@ -103,20 +123,22 @@ def render(plan) -> str:
 def main(argv=None) -> int:
     import logging
 
-    args = build_parser().parse_args(argv)
     # peft imports bitsandbytes, which warns that Hugging Face's optional `kernels` package is
     # missing (4-bit CPU GEMMs, never used here): noise in a planner's output (as in train.py)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    fields = vars(args).copy()
-    fields["lora_targets"] = fields.pop("lora_target_modules")
-    fields.pop("json")
-    spec = PlanSpec(**fields)
     try:
-        plan = Planner(spec).plan()
-    except ValueError as e:
-        print(f"refl-plan: {e}", file=sys.stderr)
+        cfg, opts = parse_args(argv, prog="refl-plan", extra=(PlanOptions,), description=__doc__.split("\n\n")[0])
+        from .memory.planner import Planner
+        from .rewards import check_reward_spec
+
+        check_reward_spec(cfg.method.reward, check_files=False)  # the names; planning reads no weights
+        plan = Planner(plan_spec(cfg, opts)).plan()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    if opts.json:
         print(json.dumps(asdict(plan), indent=2, default=str))
     else:
         print(render(plan))

@@ -1,8 +1,9 @@
 """CLI entry: `python engine/train.py`, `python -m refl_engine.train`, `refl-train`, `torchrun ...`,
 `deepspeed engine/train.py ...`.
 
-Bad input (unknown method, K out of range, a missing model, an unreadable prompt file, conflicting
-flags) ends with one line naming the problem and the fix, and exit code 2."""
+Bad input (unknown method, K out of range, a missing model, reward weights or prompt file,
+conflicting flags) ends with one line naming the problem and the fix, and exit code 2; the checks
+run before anything heavy loads. `--help` lists every flag by section with its choices and default."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,15 @@ if __package__ in (None, ""):
     # shadow top-level modules, and the package is imported by its installed name.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+
+def apply_backend_flags(cfg) -> None:
+    """--allow_tf32: TF32 matmuls and cuDNN convolutions (Ampere and newer), as diffusers' examples."""
+    if cfg.optim.allow_tf32:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         cfg = parse_args(argv)
-        from refl_engine.trainer import ReFLTrainer, TrainingError
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help printed the options
+        return e.code if isinstance(e.code, int) else 0
+    apply_backend_flags(cfg)
+    from refl_engine.trainer import ReFLTrainer, TrainingError
 
-        trainer = ReFLTrainer(cfg)
-        summary = trainer.train()
+    try:
+        summary = ReFLTrainer(cfg).train()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -85,8 +85,45 @@ def _te(cfg: dict, with_projection: bool) -> dict:
     return cfg
 
 
-def model_spec(model: str | None) -> ModelSpec:
-    """sd15, sdxl, tiny-sd, or a diffusers directory (its unet/vae/text_encoder configs)."""
+# Hub ids whose architecture configs ship in engine/configs (planned offline).
+KNOWN_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+                 "stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
+_COMPONENT_CONFIGS = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+
+
+def _hub_configs(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """The configs of a hub model (never its weights) in the local hub cache; their folder."""
+    from ..config import ConfigError
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        files = [hf_hub_download(repo_id, "model_index.json", revision=revision, cache_dir=cache_dir)]
+        index = json.loads(Path(files[0]).read_text())
+        for name in _COMPONENT_CONFIGS + (("text_encoder_2/config.json",) if "text_encoder_2" in index else ()):
+            files.append(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir))
+    except Exception as err:  # noqa: BLE001 - offline, no such repo, not a diffusers pipeline
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"--model {repo_id}: cannot read its configs from the hub ({type(err).__name__}: {first}); "
+                          "connect once (only the config files are fetched), or give a local diffusers directory"
+                          ) from None
+    return Path(files[0]).parent
+
+
+def model_spec(model: str | None, revision: str | None = None, cache_dir: str | None = None) -> ModelSpec:
+    """sd15, sdxl, tiny-sd, tiny-sdxl, a diffusers directory or a hub id (their unet/vae/text_encoder
+    configs; a hub id's configs are fetched, never its weights); unset = the embedded toy-world
+    model the trainer runs without --model."""
+    from ..config import ConfigError
+
+    model = KNOWN_HUB_IDS.get(model, model)
+    if model in (None, ""):
+        from ..toyworld import PIPELINE_DIR
+
+        if (PIPELINE_DIR / "unet" / "config.json").is_file():
+            spec = model_spec(str(PIPELINE_DIR))
+            spec.name = "toy-world (default)"
+            return spec
     if model in ("sd15", "sd1.5", "stable-diffusion-v1-5"):
         return ModelSpec("sd15", "sd15", _read("sd15_unet_config.json"), _read("sd15_vae_config.json"),
                          [_te(_read("sd15_text_encoder_config.json"), False)], 512)
@@ -113,8 +150,11 @@ def model_spec(model: str | None) -> ModelSpec:
         name = "tiny-sd" if model else "tiny-sd (default)"
         return ModelSpec(name, "sd15", dict(cfgs["unet"]), dict(cfgs["vae"]), [_te(te, False)], TINY_SD_RESOLUTION)
     root = Path(model).expanduser()
+    if not root.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        root = _hub_configs(model, revision, cache_dir)
     if not (root / "unet" / "config.json").is_file():
-        raise ValueError(f"--model {model!r}: give sd15, sdxl, tiny-sd or a diffusers directory with unet/config.json")
+        raise ConfigError(f"--model {model!r}: give a diffusers directory with unet/config.json, a hub id, or sd15, "
+                          "sdxl, tiny-sd")
     unet = json.loads((root / "unet" / "config.json").read_text())
     vae = json.loads((root / "vae" / "config.json").read_text())
     tes = [_te(json.loads((root / "text_encoder" / "config.json").read_text()), False)]
@@ -130,8 +170,28 @@ REWARD_BACKBONES = {
     "aesthetic": "clip_vit_l14_vision_config.json",
     "pickscore": "clip_vit_h14_vision_config.json",
     "hps": "clip_vit_h14_vision_config.json",
+    "imagereward": "imagereward",  # BLIP ViT-L + BERT cross-attention (ImageRewardConfig), built from its code
     "colorfulness": None, "brightness": None, "contrast": None, "none": None,
 }
+
+
+def reward_terms(reward: str) -> list[str]:
+    """The reward names of a --reward spec ('aesthetic', 'aesthetic=1,hps:PATH=0.5', ...)."""
+    from ..rewards.base import parse_reward_spec
+
+    return list(dict.fromkeys(name for _, name, _ in parse_reward_spec(reward)))
+
+
+def _meta_reward_params(name: str) -> int:
+    backbone = REWARD_BACKBONES.get(name)
+    if backbone is None:
+        return 0
+    if backbone == "imagereward":
+        from ..rewards.imagereward import ImageRewardConfig, ImageRewardModel
+
+        with torch.device("meta"):
+            return count_params(ImageRewardModel(ImageRewardConfig()))
+    return count_params(_meta_vision(backbone))
 
 
 # ====================================================================== building fake models
@@ -364,7 +424,28 @@ def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoi
     dt = _dtype(dtype)
     kinds = ["full"] if checkpoint else ["none"]
     with contextlib.ExitStack() as stack:
-        if config_file is None:
+        if config_file == "imagereward":
+            from ..rewards.base import checkpoint_layers
+            from ..rewards.imagereward import MAX_PROMPT_TOKENS, ImageRewardConfig, ImageRewardModel
+            from ..rewards.preprocess import ImagePreprocess
+
+            cfg = ImageRewardConfig()
+            with torch.device("meta"):
+                model = ImageRewardModel(cfg)
+            model.requires_grad_(False)
+            checkpoint_layers(model.blip.visual_encoder.blocks)  # as ImageReward.__init__
+            checkpoint_layers(model.blip.text_encoder.encoder.layer)
+            pre = ImagePreprocess(size=cfg.image_size, crop_rounding="round")
+            stack.enter_context(_tracing())
+            _cast(model, dt)
+            ids = torch.ones(batch, MAX_PROMPT_TOKENS, dtype=torch.long)
+
+            def fn(images):
+                return model(pre(images.float()).to(dt), ids, torch.ones_like(ids)).float()
+
+            images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
+            params = list(model.parameters())
+        elif config_file is None:
             from ..rewards.toy import Colorfulness
 
             model = Colorfulness()
@@ -395,8 +476,7 @@ def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoi
 
 # ====================================================================== the plan
 
-OPTIMIZERS = ("adamw", "adamw8bit")
-METHODS = ("refl", "draft", "draft-lv", "alignprop")
+OPTIMIZERS = ("adamw", "adamw8bit", "cpu-adam")
 POLICIES = ("none", "lean", "full", "selective", "auto")
 
 
@@ -404,6 +484,10 @@ POLICIES = ("none", "lean", "full", "selective", "auto")
 class PlanSpec:
     model: str | None = "sd15"
     resolution: int = 0  # 0 = native
+    height: int = 0  # non-square: 0 = --resolution; the activations are planned for the larger side, squared
+    width: int = 0
+    revision: str | None = None  # of a hub --model (its configs are read)
+    cache_dir: str | None = None
     batch_size: int = 1
     method: str = "draft"
     K: str = "full"
@@ -414,7 +498,8 @@ class PlanSpec:
     mixed_precision: str = "bf16"
     optimizer: str = "adamw"
     zero: int = 0
-    offload: bool = False
+    offload: bool | str = False  # "none" | "optimizer" | "param" (--offload); True = the most the stage offloads
+    num_gpus: int = 1  # data-parallel processes: ZeRO partitions optimizer state (1+), gradients (2+), weights (3)
     recompute: str = "selective"
     budget_gb: float | None = None  # GiB; None = detected GPU or 80
     reserve_gb: float = 3.0  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
@@ -425,17 +510,20 @@ class PlanSpec:
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
     lv_inner: int = 2
     use_cache: bool = True
+    method_options: dict = field(default_factory=dict)  # other MethodConfig fields (alignprop_k_max, ...)
+
+    def method_config(self):
+        from ..config import MethodConfig
+
+        return MethodConfig(method=self.method, K=str(self.K), num_inference_steps=self.num_inference_steps,
+                            guidance_scale=self.guidance_scale, lv_inner=self.lv_inner, **self.method_options)
 
     def window_size(self) -> int:
-        n = self.num_inference_steps
-        if self.method == "refl":
-            return 1
-        if self.method == "alignprop":
-            return n  # K ~ U{1..N}: the step with K = N must fit
-        k = n if str(self.K) == "full" else int(self.K)
-        if not 1 <= k <= n:
-            raise ValueError(f"--K {self.K} must be 'full' or in 1..{n}")
-        return k + (self.lv_inner if self.method == "draft-lv" else 0)
+        """Grad-carrying UNet calls of one rollout, as the method makes them (its largest draw:
+        AlignProp's k_max, DRaFT-LV's 1 + n): the method is the only source of the window."""
+        from ..methods import build_method
+
+        return build_method(self.method_config()).grad_calls(self.num_inference_steps)
 
 
 @dataclass
@@ -451,6 +539,7 @@ class Plan:
     window: dict
     policies: dict  # policy -> peak bytes at this batch
     param_counts: dict = field(default_factory=dict)
+    host_bytes: int = 0  # CPU memory of one process for what --offload moves there
     suggestions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -472,21 +561,31 @@ class Planner:
     """Holds the traced profiles of one model/resolution/precision and composes plans from them."""
 
     def __init__(self, spec: PlanSpec):
-        if spec.method not in METHODS:
-            raise ValueError(f"--method {spec.method!r}: choose one of {', '.join(METHODS)}")
+        from ..config import ConfigError, check_resolution, resolution_multiple
+
         if spec.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer {spec.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"--optimizer {spec.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if spec.recompute not in POLICIES:
-            raise ValueError(f"--recompute {spec.recompute!r}: choose one of {', '.join(POLICIES)}")
+            raise ConfigError(f"--recompute {spec.recompute!r}: choose one of {', '.join(POLICIES)}")
         if spec.zero not in (0, 1, 2, 3):
-            raise ValueError("--zero must be 0, 1, 2 or 3")
+            raise ConfigError("--zero must be 0, 1, 2 or 3")
+        spec.window_size()  # an unknown method or a K out of range fails here, with the trainer's message
         self.spec = spec
-        self.model = model_spec(spec.model)
+        self.model = model_spec(spec.model, spec.revision, spec.cache_dir)
         if spec.reward is None:
-            spec.reward = "colorfulness" if self.model.name.startswith("tiny-sd") else "aesthetic"
-        if spec.reward not in REWARD_BACKBONES:
-            raise ValueError(f"--reward {spec.reward!r}: choose one of {', '.join(REWARD_BACKBONES)}")
-        self.resolution = spec.resolution or self.model.native_resolution
+            spec.reward = "colorfulness" if self.model.name.startswith(("tiny-sd", "toy-world")) else "aesthetic"
+        for name in reward_terms(spec.reward):
+            if name not in REWARD_BACKBONES:
+                raise ConfigError(f"--reward {name!r}: the planner knows {', '.join(REWARD_BACKBONES)}")
+        # the trainer's check (Components.image_size): each side a multiple of the down-sampling
+        multiple = resolution_multiple(self.model.vae["block_out_channels"], self.model.unet["block_out_channels"])
+        sides = []
+        for name, side in (("height", spec.height), ("width", spec.width)):
+            if not side:
+                name, side = "resolution", spec.resolution or self.model.native_resolution
+            check_resolution(side, multiple, name)
+            sides.append(side)
+        self.resolution = max(sides)  # an upper bound for a non-square size
         self._static = None
 
     # -- static bytes ---------------------------------------------------------------------------
@@ -517,9 +616,8 @@ class Planner:
                   "text_encoders": sum(count_params(_meta_text_encoder(c)) for c in m.text_encoders),
                   "lora": lora_param_count(unet, self.spec.rank, self.spec.lora_targets) if self.spec.rank else 0,
                   "reward": 0}
-        backbone = REWARD_BACKBONES.get(self.spec.reward)
-        if backbone:
-            counts["reward"] = count_params(_meta_vision(backbone))
+        # every term of a weighted sum is resident
+        counts["reward"] = sum(_meta_reward_params(name) for name in reward_terms(self.spec.reward))
         return counts
 
     @property
@@ -529,12 +627,14 @@ class Planner:
         fp16 = self.spec.mixed_precision == "fp16"
         return "no" if fp16 and self.model.vae.get("force_upcast", False) else self.spec.mixed_precision
 
-    def state_bytes(self, optimizer: str | None = None, offload: bool | None = None, zero: int | None = None,
+    def state_bytes(self, optimizer: str | None = None, offload: bool | str | None = None, zero: int | None = None,
                     rank: int | None = None) -> dict[str, int]:
         s = self.spec
         optimizer = optimizer or s.optimizer
         offload = s.offload if offload is None else offload
         zero = s.zero if zero is None else zero
+        if not isinstance(offload, str):  # True: the most ZeRO offloads at this stage
+            offload = ("param" if zero == 3 else "optimizer") if offload else "none"
         rank = s.rank if rank is None else rank
         c = self.param_counts()
         half = _dtype(s.mixed_precision).itemsize
@@ -547,22 +647,50 @@ class Planner:
         else:
             trainable = c["unet"]
             out["params"] = frozen * half + vae + trainable * 4
-        opt_per = 8 if optimizer == "adamw" else 2 + 8 / 2048
+        opt_per = 2 + 8 / 2048 if optimizer == "adamw8bit" else 8  # AdamW / DeepSpeedCPUAdam: two fp32 moments
         out["grads"] = trainable * 4
         out["optimizer"] = int(trainable * opt_per)
         if rank == 0 and half < 4:
             out["autocast_weight_copy"] = trainable * half
-        if offload and zero == 3:
+        if offload == "param":
             # parameters, gradients, optimizer state of the trained model live on the host
             out["params"] -= trainable * 4
             out["grads"] = int(min(trainable, 5e8) * half)  # one reduce bucket
             out["optimizer"] = 0
             out["zero3_live_params"] = int(min(trainable, 1e9) * half)
             out.pop("autocast_weight_copy", None)
-        elif offload:
-            out["optimizer"] = 0  # ZeRO-Offload (stage 1/2): optimizer state on the host
+        elif offload == "optimizer":
+            out["optimizer"] = 0  # ZeRO-Offload: optimizer state on the host
             out["grads"] = int(min(trainable, 5e8) * half)
+        n = max(1, s.num_gpus)
+        if n > 1:  # each GPU keeps its 1/n partition of what the stage shards
+            if zero >= 1:
+                out["optimizer"] = -(-out["optimizer"] // n)
+            if zero >= 2 and offload == "none":
+                out["grads"] = -(-out["grads"] // n)
+            if zero == 3 and offload != "param":
+                out["params"] -= trainable * 4 - -(-trainable * 4 // n)
+                out["zero3_live_params"] = int(min(trainable, 1e9) * half)  # stage3_max_live_parameters gathered
         return out
+
+    def host_bytes(self, optimizer: str | None = None, offload: bool | str | None = None,
+                   zero: int | None = None) -> int:
+        """CPU memory one process holds for --offload: its 1/n partition of the fp32 master
+        weights, fp32 gradients and optimizer moments (and under `param` the half weights)."""
+        s = self.spec
+        optimizer = optimizer or s.optimizer
+        offload = s.offload if offload is None else offload
+        zero = s.zero if zero is None else zero
+        if not isinstance(offload, str):
+            offload = ("param" if zero == 3 else "optimizer") if offload else "none"
+        if offload == "none":
+            return 0
+        c = self.param_counts()
+        trainable = c["lora"] if s.rank > 0 else c["unet"]
+        per = 8 + 4 + 4  # AdamW or DeepSpeedCPUAdam moments, fp32 master, fp32 gradient
+        if offload == "param":
+            per += _dtype(s.mixed_precision).itemsize
+        return -(-trainable * per // max(1, s.num_gpus))
 
     # -- traced profiles ----------------------------------------------------------------------------
     def unet_profiles(self, batch: int, x_grad: bool = True, rank: int | None = None) -> dict[str, CallProfile]:
@@ -583,8 +711,10 @@ class Planner:
         vae = _trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
                      dtype=self.vae_precision, checkpoint=s.checkpoint_decode,
                      selective=s.selective_decode)["decode"]
-        rew = _trace("reward", s.use_cache, reward=s.reward, resolution=self.resolution, batch=1,
-                     dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
+        # a weighted sum runs its terms one after another: the largest term sets the phase's peak
+        rew = max((_trace("reward", s.use_cache, reward=name, resolution=self.resolution, batch=1,
+                          dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
+                   for name in reward_terms(s.reward)), key=lambda p: (max(p.fwd_peak, p.bwd_peak), p.retained))
         chunk = s.decode_chunk
         if not s.checkpoint_decode or chunk <= 0 or batch <= chunk:
             return vae.scaled(batch), rew.scaled(batch)
@@ -615,8 +745,9 @@ class Planner:
         """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`."""
         s = self.spec
         # The first window step's latent comes from no-grad steps and carries no gradient; later
-        # ones do. With one step (ReFL, K = 1) that first step is the whole window.
-        x_grad = window > 1
+        # ones do. With one step (ReFL, K = 1) that first step is the whole window; DRaFT-LV's and
+        # ImageReFL's calls each start from a latent without gradient.
+        x_grad = window > 1 and s.method not in ("draft-lv", "imagerefl")
         profiles = self.unet_profiles(batch, x_grad=x_grad)
         vae, rew = self.after_window(batch)
         latent = self.latent_bytes(batch)
@@ -644,7 +775,7 @@ class Planner:
 
     def budget_bytes(self) -> tuple[int, str]:
         if self.spec.budget_gb is not None:
-            return int(self.spec.budget_gb * GiB), f"--budget-gb {self.spec.budget_gb:g}"
+            return int(self.spec.budget_gb * GiB), f"{self.spec.budget_gb:g} GiB given"
         gib, how = detect_budget_gib()
         return int(gib * GiB), how
 
@@ -700,13 +831,13 @@ class Planner:
             components=components,
             window={"size": s.window_size(), "kinds": _counts_text(wplan.counts), "phase": wplan.phase,
                     "recompute_unet_forwards": wplan.recompute_cost},
-            policies=policies, param_counts=dict(self.param_counts()),
+            policies=policies, param_counts=dict(self.param_counts()), host_bytes=self.host_bytes(),
             notes=[f"budget: {how}; usable = budget - {s.reserve_gb:g} GiB reserve (CUDA context, workspaces, fragmentation)",
                    f"resolution {self.resolution}, latent {self.resolution // (2 ** (len(self.model.vae['block_out_channels']) - 1))}",
                    "activations traced on the meta device with flash-type SDPA (q, k, v, O, fp32 logsumexp saved)"],
         )
         if s.method == "alignprop":
-            plan.notes.append("alignprop draws K ~ U{1..N}; the plan is for the largest window, K = N")
+            plan.notes.append("alignprop draws K ~ U{k_min..k_max}; the plan is for the largest window, K = k_max")
         if not fits:
             plan.suggestions = self.suggestions(state)
         return plan
@@ -729,12 +860,12 @@ class Planner:
             for pol in dict.fromkeys((s.recompute, "selective")):
                 mb = self.max_batch(pol, state)
                 if 0 < mb < B:
-                    out.append(f"--recompute {pol} --batch-size {mb}{accum(mb)}")
+                    out.append(f"--recompute {pol} --train_batch_size {mb}{accum(mb)}")
         variants = []
         if s.optimizer == "adamw":
-            variants.append(("--optimizer adamw8bit", dict(optimizer="adamw8bit")))
-        if not (s.offload and s.zero == 3):
-            variants.append(("--zero 3 --offload", dict(offload=True, zero=3)))
+            variants.append(("--use_8bit_adam", dict(optimizer="adamw8bit")))
+        if not (s.zero == 3 and s.offload in (True, "param")):
+            variants.append(("--zero 3 --offload param --optimizer cpu-adam", dict(offload=True, zero=3)))
         for text, kw in variants:
             st = self.state_bytes(**kw)
             if self.peak(B, "selective", st)[0] <= usable:
@@ -742,7 +873,7 @@ class Planner:
             else:
                 mb = self.max_batch("selective", st)
                 if mb > 0:
-                    out.append(f"{text} --recompute selective --batch-size {mb}{accum(mb)}")
+                    out.append(f"{text} --recompute selective --train_batch_size {mb}{accum(mb)}")
         if s.rank == 0:
             out.append("LoRA (--rank 8) instead of full fine-tuning: the gradients and optimizer state shrink "
                        "to the adapter's")

@@ -25,6 +25,7 @@ from torch import nn
 
 from .base import (
     Reward,
+    RewardFiles,
     RewardWeightsError,
     _one_line,
     checkpoint_layers,
@@ -167,4 +168,6 @@ def build_random_aesthetic(output: str = "raw") -> LaionAesthetic:
     return LaionAesthetic(vision.float(), LinearStackHead(vision.config.projection_dim), output=output)
 
 
-register_reward("aesthetic", "LAION aesthetic v2: CLIP ViT-L/14 + MLP (path: dir with the .pth and CLIP dir)")(load_aesthetic)
+register_reward("aesthetic", "LAION aesthetic v2: CLIP ViT-L/14 + MLP (path: dir with the .pth and CLIP dir)",
+                files=RewardFiles(local=(MLP_FILE,), hub=((MLP_HUB_ID, MLP_FILE), (CLIP_L14_HUB_ID, "config.json")))
+                )(load_aesthetic)

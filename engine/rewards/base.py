@@ -6,8 +6,14 @@ their parameters never receive gradient, only the image does.
 
 `--reward` accepts
     name                 a registered reward ("colorfulness", "aesthetic", ...)
-    name:path            a registered reward loaded from a local file/directory or hub id
+    name:path            a registered reward loaded from a local file or directory
     a=1.0,b:path=0.5     a weighted sum of the above
+
+The registry (REWARDS) is filled by the reward modules as they are imported; the package
+(`refl_engine.rewards`) imports them all, so this module imports none of them. `check_reward_spec`
+checks what each reward will read (`RewardFiles`) before anything heavy loads: a local path must
+exist and be of the kind the reward reads; without a path, the hub files must be in the local
+Hugging Face cache when the hub is offline, or reachable when it is not.
 
 Output modes: "raw" is each model's own score; "rescaled" is (raw - low) / (high - low), the [0, 1]
 form ImageReFL trains on ("all reward models are rescaled to the [0, 1] range"). The paper does not
@@ -25,7 +31,7 @@ A weighted sum adds its terms, each in its own output mode; its bounds are the w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -33,13 +39,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-class RewardSpecError(ValueError):
-    """A `--reward` string that cannot be parsed or names an unknown reward."""
+from ..config import ConfigError
 
 
-class RewardWeightsError(RuntimeError):
-    """A reward checkpoint that is missing or is not the file the reward expects (one-line message)."""
+class RewardSpecError(ConfigError):
+    """A `--reward` string that cannot be parsed or names an unknown reward (bad user input: exit 2)."""
+
+
+class RewardWeightsError(ConfigError, RuntimeError):
+    """A reward checkpoint that is missing or is not the file the reward expects (one-line message;
+    bad user input: exit 2)."""
 
 
 class Reward(nn.Module):
@@ -177,32 +186,36 @@ def find_in_dir(path: str | Path, names: Sequence[str], expected: str) -> Path:
     raise RewardWeightsError(f"expected {expected} at {path}, but the path does not exist")
 
 
+@dataclass(frozen=True)
+class RewardFiles:
+    """What a reward reads, checked by `check_reward_spec` before anything heavy loads.
+
+    local: a `name:PATH` is one of these files (any name), or a directory holding one of them;
+           with `directory`, PATH must be a directory holding them (a transformers model folder).
+    hub:   (repo id, file) pairs fetched when no PATH is given.
+    """
+
+    local: tuple[str, ...] = ()
+    hub: tuple[tuple[str, str], ...] = ()
+    directory: bool = False
+
+
 @dataclass
 class RewardEntry:
     factory: Callable[..., Reward]  # factory(path: str | None, output: str) -> Reward
     description: str
+    files: RewardFiles | None = field(default=None)  # None: reads nothing (a built-in formula)
 
 
 REWARDS: dict[str, RewardEntry] = {}
 
 
-def register_reward(name: str, description: str = ""):
+def register_reward(name: str, description: str = "", files: RewardFiles | None = None):
     def deco(factory):
-        REWARDS[name] = RewardEntry(factory, description)
+        REWARDS[name] = RewardEntry(factory, description, files)
         return factory
 
     return deco
-
-
-def _ensure_builtin_rewards() -> None:
-    # Importing the modules registers them; the real models are optional at import time.
-    from . import toy  # noqa: F401
-
-    for module in ("aesthetic", "hps", "pickscore", "imagereward"):
-        try:
-            __import__(f"{__package__}.{module}")
-        except ImportError:
-            pass
 
 
 def parse_reward_spec(spec: str) -> list[tuple[float, str, str | None]]:
@@ -226,21 +239,69 @@ def parse_reward_spec(spec: str) -> list[tuple[float, str, str | None]]:
     return terms
 
 
-def check_reward_spec(spec: str) -> list[tuple[float, str, str | None]]:
-    """Parse a `--reward` string and check every name is a registered reward (loads nothing)."""
-    _ensure_builtin_rewards()
+def _check_local(name: str, path: str, files: RewardFiles) -> None:
+    p = Path(path).expanduser()
+    wants = " or ".join(files.local)
+    what = f"a directory holding {wants}" if files.directory else f"the {wants} file or a directory holding it"
+    if not p.exists():
+        raise RewardWeightsError(f"--reward {name}:{path}: no such file or directory; give {what}")
+    if p.is_dir():
+        if not any((p / f).is_file() for f in files.local):
+            raise RewardWeightsError(f"--reward {name}:{path}: the directory holds no {wants}; give {what}")
+    elif files.directory or not p.is_file():
+        raise RewardWeightsError(f"--reward {name}:{path} is not a directory; give {what}")
+
+
+def _check_hub(name: str, repo_id: str, filename: str) -> None:
+    """The file is in the local hub cache, or the hub is online and has it."""
+    try:
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    except ImportError:
+        raise RewardWeightsError(f"--reward {name} downloads {repo_id}/{filename}, which needs huggingface_hub; "
+                                 f"pip install huggingface_hub or give local weights as --reward {name}:PATH") from None
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return
+    fix = f"download it while online, or give local weights as --reward {name}:PATH"
+    if constants.HF_HUB_OFFLINE:
+        raise RewardWeightsError(f"--reward {name} needs {repo_id}/{filename}, which is not in the Hugging Face "
+                                 f"cache, and the hub is offline (HF_HUB_OFFLINE); {fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=10)
+    except Exception as err:  # noqa: BLE001 - no network, no such repo or file: the user's to fix
+        raise RewardWeightsError(f"--reward {name} needs {repo_id}/{filename}, which is not in the Hugging Face "
+                                 f"cache, and the hub did not give it ({_one_line(err)}); {fix}") from None
+
+
+def check_reward_spec(spec: str, check_files: bool = True) -> list[tuple[float, str, str | None]]:
+    """Parse a `--reward` string, check every name is a registered reward and (`check_files`) that
+    what each reward reads is there (`RewardFiles`); loads nothing."""
     terms = parse_reward_spec(spec)
-    for _, name, _ in terms:
+    for _, name, path in terms:
         if name not in REWARDS:
             known = ", ".join(sorted(REWARDS))
             raise RewardSpecError(f"unknown reward {name!r}; choose one of: {known}")
+        files = REWARDS[name].files
+        if files is None:
+            if path:
+                raise RewardSpecError(f"--reward {name}:{path}: {name} is computed from the pixels and takes no "
+                                      f"path; write --reward {name}")
+            continue
+        if not check_files:
+            continue
+        if path:
+            _check_local(name, path, files)
+        else:
+            for repo_id, filename in files.hub:
+                _check_hub(name, repo_id, filename)
     return terms
 
 
 def build_reward(spec: str, output: str = "raw") -> Reward:
     """Build the (frozen) reward a `--reward` string names."""
     built = []
-    for weight, name, path in check_reward_spec(spec):
+    # the files were checked up front by the caller (check_reward_spec); the factories check them again
+    # with their own messages as they load
+    for weight, name, path in check_reward_spec(spec, check_files=False):
         built.append((weight, REWARDS[name].factory(path=path, output=output).freeze()))
     if len(built) == 1 and built[0][0] == 1.0:
         return built[0][1]

@@ -47,13 +47,19 @@ from pathlib import Path
 
 import torch
 
-from .base import RewardWeightsError, fetch_hub_file, find_in_dir, load_state_dict_file, register_reward
-from .pickscore import LAION_VIT_H14_HUB_ID, ClipPreferenceReward, load_clip_tokenizer
+from .base import RewardFiles, RewardWeightsError, fetch_hub_file, find_in_dir, load_state_dict_file, register_reward
+from .pickscore import (
+    LAION_VIT_H14_HUB_ID,
+    VIT_H14_CONFIG,
+    ClipPreferenceReward,
+    load_clip_tokenizer,
+    openclip_config_to_clip_config,
+    random_vit_h14_clip,
+)
 
 HPS_HUB_ID = "xswu/HPSv2"
 HPS_FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt")
 OPENCLIP_CONFIG_FILE = "open_clip_config.json"
-VIT_H14_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "hps_openclip_vit_h14.json"
 
 # Buffers OpenCLIP versions may have saved; they are rebuilt, never loaded.
 _IGNORED_KEYS = {"attn_mask"}
@@ -92,41 +98,6 @@ class HPSv2(ClipPreferenceReward):
     def __init__(self, model, tokenizer, output: str = "raw"):
         # torchvision's CenterCrop rounds the offset; OpenCLIP passes no text attention mask.
         super().__init__(model, tokenizer, output=output, crop_rounding="round", text_attention_mask=False)
-
-
-def openclip_config_to_clip_config(cfg: dict, tokenizer):
-    """An OpenCLIP model config (open_clip's model_configs/*.json schema) as a transformers CLIPConfig."""
-    from transformers import CLIPConfig
-
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
-    act = "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
-    v_width, t_width = vision["width"], text["width"]
-    vision_config = dict(
-        hidden_size=v_width,
-        intermediate_size=int(v_width * vision.get("mlp_ratio", 4.0)),
-        num_hidden_layers=vision["layers"],
-        num_attention_heads=v_width // vision.get("head_width", 64),
-        image_size=vision["image_size"],
-        patch_size=vision["patch_size"],
-        hidden_act=act,
-        layer_norm_eps=1e-5,
-        projection_dim=cfg["embed_dim"],
-    )
-    text_config = dict(
-        vocab_size=text.get("vocab_size", 49408),
-        hidden_size=t_width,
-        intermediate_size=int(t_width * text.get("mlp_ratio", 4.0)),
-        num_hidden_layers=text["layers"],
-        num_attention_heads=text.get("heads", 8),
-        max_position_embeddings=text.get("context_length", 77),
-        hidden_act=act,
-        layer_norm_eps=1e-5,
-        projection_dim=cfg["embed_dim"],
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=cfg["embed_dim"])
 
 
 def openclip_to_clipmodel_state_dict(state: dict, source: str = "the checkpoint") -> dict:
@@ -203,18 +174,12 @@ def load_hps(path: str | None = None, output: str = "raw") -> HPSv2:
     return _hps_from_mapped(mapped, cfg, tokenizer, output, str(file))
 
 
-def random_vit_h14_clip(tokenizer):
-    """The OpenCLIP ViT-H-14 of configs/hps_openclip_vit_h14.json as a transformers CLIPModel with
-    random weights (HPSv2 and PickScore_v1 both fine-tune it). `tokenizer`: a CLIP tokenizer; only
-    its special-token ids enter the config, the vocabulary stays the real 49408."""
-    from transformers import CLIPModel
-
-    return CLIPModel(openclip_config_to_clip_config(json.loads(VIT_H14_CONFIG.read_text()), tokenizer)).float()
-
-
 def build_random_hps(tokenizer, output: str = "raw") -> HPSv2:
     """HPSv2 at its real size with random weights (benchmarks; nothing is downloaded)."""
     return HPSv2(random_vit_h14_clip(tokenizer), tokenizer, output=output)
 
 
-register_reward("hps", "HPSv2.1: OpenCLIP ViT-H/14, 100 x cosine (path: HPS_v2.1_compressed.pt or its directory)")(load_hps)
+register_reward("hps", "HPSv2.1: OpenCLIP ViT-H/14, 100 x cosine (path: HPS_v2.1_compressed.pt or its directory)",
+                files=RewardFiles(local=HPS_FILES, hub=((HPS_HUB_ID, HPS_FILES[0]),
+                                                        (LAION_VIT_H14_HUB_ID, "tokenizer_config.json")))
+                )(load_hps)

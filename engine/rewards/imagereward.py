@@ -38,6 +38,7 @@ from torch import nn
 from .aesthetic import LinearStackHead
 from .base import (
     Reward,
+    RewardFiles,
     RewardWeightsError,
     _one_line,
     checkpoint_layers,
@@ -383,4 +384,8 @@ def build_random_imagereward(tokenizer, output: str = "raw") -> ImageReward:
     return ImageReward(ImageRewardModel(ImageRewardConfig()).float(), tokenizer, output=output)
 
 
-register_reward("imagereward", "ImageReward v1.0: BLIP ViT-L + cross-attention BERT + MLP (path: ImageReward.pt)")(load_imagereward)
+register_reward("imagereward", "ImageReward v1.0: BLIP ViT-L + cross-attention BERT + MLP (path: ImageReward.pt)",
+                files=RewardFiles(local=(IMAGEREWARD_FILE,), hub=((IMAGEREWARD_HUB_ID, IMAGEREWARD_FILE),
+                                                                    (IMAGEREWARD_HUB_ID, MED_CONFIG_FILE),
+                                                                    (BERT_HUB_ID, "vocab.txt")))
+                )(load_imagereward)

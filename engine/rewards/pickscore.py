@@ -12,18 +12,21 @@ holds tokenizer files of its own.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, RewardWeightsError, _one_line, checkpoint_layers, register_reward
+from .base import Reward, RewardFiles, RewardWeightsError, _one_line, checkpoint_layers, register_reward
 from .preprocess import ImagePreprocess, at_least_float32 as f32, tokenize
 
 PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
 LAION_VIT_H14_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+# The OpenCLIP ViT-H/14 that PickScore_v1 and HPSv2 both fine-tune (open_clip model_configs schema).
+VIT_H14_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "hps_openclip_vit_h14.json"
 
 
 def clip_vision_backbone(vision_config, kind: str = "clip_vision") -> dict:
@@ -125,12 +128,57 @@ def load_pickscore(path: str | None = None, output: str = "raw") -> PickScore:
     return PickScore(model, tokenizer, output=output)
 
 
+def openclip_config_to_clip_config(cfg: dict, tokenizer):
+    """An OpenCLIP model config (open_clip's model_configs/*.json schema) as a transformers CLIPConfig."""
+    from transformers import CLIPConfig
+
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    act = "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
+    v_width, t_width = vision["width"], text["width"]
+    vision_config = dict(
+        hidden_size=v_width,
+        intermediate_size=int(v_width * vision.get("mlp_ratio", 4.0)),
+        num_hidden_layers=vision["layers"],
+        num_attention_heads=v_width // vision.get("head_width", 64),
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        projection_dim=cfg["embed_dim"],
+    )
+    text_config = dict(
+        vocab_size=text.get("vocab_size", 49408),
+        hidden_size=t_width,
+        intermediate_size=int(t_width * text.get("mlp_ratio", 4.0)),
+        num_hidden_layers=text["layers"],
+        num_attention_heads=text.get("heads", 8),
+        max_position_embeddings=text.get("context_length", 77),
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        projection_dim=cfg["embed_dim"],
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=cfg["embed_dim"])
+
+
+def random_vit_h14_clip(tokenizer):
+    """The OpenCLIP ViT-H-14 of configs/hps_openclip_vit_h14.json as a transformers CLIPModel with
+    random weights (HPSv2 and PickScore_v1 both fine-tune it). `tokenizer`: a CLIP tokenizer; only
+    its special-token ids enter the config, the vocabulary stays the real 49408."""
+    from transformers import CLIPModel
+
+    return CLIPModel(openclip_config_to_clip_config(json.loads(VIT_H14_CONFIG.read_text()), tokenizer)).float()
+
+
 def build_random_pickscore(tokenizer, output: str = "raw") -> PickScore:
     """PickScore at its real size with random weights (benchmarks; nothing is downloaded): PickScore_v1
     fine-tunes laion/CLIP-ViT-H-14, the network HPSv2 fine-tunes too."""
-    from .hps import random_vit_h14_clip
-
     return PickScore(random_vit_h14_clip(tokenizer), tokenizer, output=output)
 
 
-register_reward("pickscore", "PickScore_v1: CLIP ViT-H/14, logit_scale x cosine (path: model directory)")(load_pickscore)
+register_reward("pickscore", "PickScore_v1: CLIP ViT-H/14, logit_scale x cosine (path: model directory)",
+                files=RewardFiles(local=("config.json",), directory=True,
+                                  hub=((PICKSCORE_HUB_ID, "config.json"), (LAION_VIT_H14_HUB_ID, "tokenizer_config.json")))
+                )(load_pickscore)

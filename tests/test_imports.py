@@ -1,0 +1,199 @@
+"""The package imports cleanly: every module on its own in a fresh interpreter, no import cycle
+between modules (imports inside functions count: they are dependencies too), every benchmark's
+--help runs from the repository root, and no file of the repository takes the name of an
+importable module (a benchmark named `kernels.py` once shadowed the package bitsandbytes imports)."""
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"refl_engine": ROOT / "engine", "refl_kernels": ROOT / "kernels"}
+
+
+def _modules() -> dict[str, Path]:
+    """Importable module name -> file, for every .py of the packages (not their data folders)."""
+    out = {}
+    for pkg, root in PACKAGES.items():
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).with_suffix("")
+            if any(not (root / Path(*rel.parts[:i]) / "__init__.py").is_file() for i in range(1, len(rel.parts))):
+                continue  # not inside a package (e.g. a script folder without __init__.py)
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            out[".".join((pkg, *parts))] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(node) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    """The package modules `module` imports anywhere in its file (module level or in functions);
+    `if TYPE_CHECKING:` blocks are not imports at run time."""
+    is_pkg = path.name == "__init__.py"
+    package = module if is_pkg else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
+            for child in node.body for n in ast.walk(child)}
+    found = set()
+
+    def add(name):
+        # the longest known module prefix of `name` (an attribute import names the module holding it)
+        while name and name not in MODULES:
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
+
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                add(f"{target}.{alias.name}")  # `from pkg import submodule` or `from module import name`
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {m: _imports(m, p) for m, p in MODULES.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each as a sorted list."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "refl_engine.config" in graph["refl_engine.data"]  # from .config import ConfigError
+    assert "refl_engine.rewards.base" in graph["refl_engine.rewards.toy"]
+    assert "refl_engine.rewards.pickscore" in graph["refl_engine.rewards.hps"]
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles (modules that import each other, directly or through others): " + \
+        "; ".join(" <-> ".join(c) for c in cycles)
+
+
+_IMPORT_EACH = r"""
+import json, os, sys
+# third-party libraries first, so each child only imports the package's own modules afresh
+import torch, numpy  # noqa: E401
+results = {}
+for name in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(name)
+        except BaseException as e:
+            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    results[name] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_every_module_imports_on_its_own():
+    """Each module is imported first, in a fresh copy of an interpreter where no module of the
+    package has been imported (a forked child per module)."""
+    names = sorted(MODULES)
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = [n for n, code in results.items() if code != 0]
+    assert not failed, f"modules that do not import on their own: {failed}\n{proc.stderr[-3000:]}"
+
+
+# ------------------------------------------------------------------ benchmarks and shadowing
+
+BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_benchmark_help_from_the_repository_root(script):
+    """As a user runs it: `python benchmarks/X.py --help` from the root (benchmarks/ goes first on
+    the import path)."""
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout
+
+
+def _top_level_names() -> list[str]:
+    """Module names a file of the repository takes when its folder is first on the import path:
+    the scripts' folders (benchmarks/, tests/ and its subfolders, the root)."""
+    folders = [ROOT, ROOT / "benchmarks", *(p for p in (ROOT / "tests").rglob("*") if p.is_dir()), ROOT / "tests"]
+    names = set()
+    for folder in folders:
+        if "__pycache__" in folder.parts:
+            continue
+        names |= {p.stem for p in folder.glob("*.py")}
+        names |= {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    return sorted(names - {"conftest", "setup"})
+
+
+def test_no_file_shadows_an_importable_module():
+    names = _top_level_names()
+    code = ("import importlib.util, json, sys; names = json.loads(sys.argv[1]); "
+            "print(json.dumps([n for n in names if importlib.util.find_spec(n) is not None]))")
+    # -I: isolated, so neither the current folder nor PYTHONPATH is on the path; site-packages is
+    proc = subprocess.run([sys.executable, "-I", "-c", code, json.dumps(names)], capture_output=True, text=True,
+                          cwd="/", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shadowing = json.loads(proc.stdout)
+    assert not shadowing, f"these repository files take the name of an importable module: {shadowing}; rename them"
