@@ -433,7 +433,7 @@ class ReFLTrainer:
         if self.is_main:  # cheap checks of the output side before minutes of loading
             check_report_to(cfg.output.report_to)
             _claim_output_dir(out, resume=bool(cfg.output.resume_from_checkpoint),
-                              overwrite=cfg.output.overwrite_output_dir)
+                              overwrite=cfg.output.overwrite_output_dir, logging_dir=cfg.output.logging_dir)
         self.setup()
         out.mkdir(parents=True, exist_ok=True)
         if cfg.output.resume_from_checkpoint:
@@ -444,7 +444,7 @@ class ReFLTrainer:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             self.history = _history_upto(metrics_path, self.step)
             tracking = start_trackers(cfg.output.report_to, out, cfg.to_dict(), project=cfg.output.tracker_project_name,
-                                      resume_step=self.step)
+                                      resume_step=self.step, logging_dir=cfg.output.logging_dir)
         try:
             summary = self._loop(out, metrics_path, tracking)
         finally:
@@ -518,10 +518,12 @@ RUN_OUTPUTS = ("config.json", "metrics.jsonl", "metrics.abandoned.jsonl", "summa
                "tracking.json", ckpt.LORA_WEIGHTS, "unet", "checkpoints", "samples", "tensorboard", "wandb")
 
 
-def _claim_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _claim_output_dir(out: Path, resume: bool, overwrite: bool, logging_dir: str = "tensorboard") -> None:
     """A new run does not write into another run's folder unless told to: resuming continues
     that run, --overwrite_output_dir removes its outputs first (other files are left alone)."""
-    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    tb = (out / logging_dir).resolve()  # TensorBoard's folder counts when it is inside `out`
+    inside = (logging_dir,) if tb != out.resolve() and tb.is_relative_to(out.resolve()) else ()
+    found = [name for name in dict.fromkeys(RUN_OUTPUTS + inside) if (out / name).exists()]
     if not found or resume:
         return
     if not overwrite:

@@ -61,7 +61,7 @@ def test_report_to_all_sends_scalars_images_and_config(tiny_sd_dir, tmp_path, mo
 
     wandb = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    cfg = make_config(tmp_path, report_to="all", max_train_steps=2, tracker_project_name="proj")
+    cfg = make_config(tmp_path, report_to="all", max_train_steps=2, tracker_project_name="proj", logging_dir="tb")
     trainer = ReFLTrainer(cfg)
     trainer.train()
     out = Path(cfg.output.output_dir)
@@ -85,8 +85,8 @@ def test_report_to_all_sends_scalars_images_and_config(tiny_sd_dir, tmp_path, mo
             assert im.data.shape == (size, size, 3) and np.array_equal(im.data, tile)
             assert im.caption.startswith(prompt)
 
-    # TensorBoard: the same scalars (stored as float32), full-size images, the config as text.
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    # TensorBoard, in --logging_dir: the same scalars (stored as float32), full-size images, the config.
+    ea = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     ea.Reload()
     loss = ea.Scalars("loss")
     assert [e.step for e in loss] == [1, 2]
