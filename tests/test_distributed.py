@@ -103,6 +103,15 @@ def test_zero3_param_and_optimizer_offload_equals_plain(reference, tmp_path):
     _assert_same(weights, r["weights"])
 
 
+def test_gradient_accumulation_under_deepspeed_equals_plain(tiny_sd_dir, tmp_path):
+    # DeepSpeed counts micro-batches itself (engine.step() after each, the update at the last one)
+    config = dict(train_batch_size=1, gradient_accumulation_steps=2)
+    weights, drawn = _plain_run(tmp_path / "plain", steps=2, **config)
+    (r,) = run_ranks(tmp_path, 1, dict(RUN, zero=2, **config), steps=2)
+    _assert_same(weights, r["weights"])
+    assert r["drawn"] == drawn
+
+
 @pytest.mark.parametrize("zero", [0, 2])
 def test_nan_on_one_rank_is_skipped_by_both(tiny_sd_dir, tmp_path, zero):
     ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero), steps=3, timeout=180,
