@@ -8,7 +8,7 @@ VENV ?= .venv
 CPU_TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.refl-engine-installed
-DEMO_ARGS ?= --config demo --method draft --K full --output_dir outputs/demo
+DEMO_ARGS ?= --config demo --method draft --K full --output_dir outputs/demo --overwrite_output_dir
 
 .PHONY: install demo test bench clean
 
