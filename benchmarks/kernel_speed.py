@@ -359,6 +359,7 @@ def main(argv=None):
 
     result = {"device": device_name, "device_type": device.type, "dtype": str(dtype), "batch": batch,
               "threads": torch.get_num_threads(), "reps": reps, "ops": sorted(ops),
+              "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
               "versions": versions(), "not_measured": skipped, "attention": [], "group_norm": [], "compile_report": None,
               "unet_step_saved_bytes": {}}
 

@@ -10,8 +10,9 @@
 - with "triton" also the GroupNorm -> SiLU pairs of every ResnetBlock2D (norm1 -> act and, for
   time_embedding_norm="default", norm2 -> act) and the UNet's conv_norm_out -> conv_act run as one
   fused GroupNorm+SiLU, and every other nn.GroupNorm as the fused GroupNorm without activation;
-- "native": the same GroupNorm(+SiLU) fusion with the C++ op of refl_kernels.native (CPU; needs
-  the library `make install` builds), attention left to the stock processor (PyTorch SDPA);
+- "native": the GroupNorm -> SiLU pairs fused by the C++ op of refl_kernels.native (CPU; needs the
+  library `make install` builds); GroupNorms without SiLU and attention keep the stock modules
+  (torch's GroupNorm, PyTorch SDPA), which the native op does not beat;
 - "torch" leaves (or restores) the stock diffusers modules.
 
 Modules are patched in place by swapping their class for a subclass that only overrides
@@ -214,6 +215,7 @@ def apply_kernels(unet: nn.Module, backend: str) -> None:
         unet.__dict__["_refl_conv_act"] = unet.conv_act  # kept outside _modules: not a submodule
         unet.conv_act = nn.Identity()
     for module in unet.modules():
-        if type(module) is nn.GroupNorm and id(module) not in fused_silu:
+        # native: only where it fuses the SiLU; a GroupNorm alone is as fast in torch and saves the same
+        if type(module) is nn.GroupNorm and id(module) not in fused_silu and backend == "triton":
             module.__class__ = FusedGroupNorm
             module.__dict__["_refl_norm_backend"] = backend

@@ -1,0 +1,97 @@
+"""Seconds per training step of the demo (`--config demo`: DRaFT through all 20 steps, the
+default `--recompute selective`) with and without the native GroupNorm(+SiLU) op.
+
+The recompute modes run GroupNorm -> SiLU -> projection through selective.py, which uses the
+native op on CPU when its library is loaded. "off" hides the library (REFL_NATIVE_LIB pointing
+nowhere), so the same code takes torch's GroupNorm and SiLU. Each run is its own process (a
+loaded library cannot be unloaded); runs alternate off, on, off, on, ... so load from other
+processes hits both alike. Per run: set-up, 2 warm-up steps, then --steps timed steps.
+
+    python benchmarks/native_step.py [--rounds 2] [--steps 6] [--threads 2] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker(steps: int, threads: int) -> dict:
+    import torch
+
+    from refl_engine.config import flat_dict, parse_args, set_field
+    from refl_engine.trainer import ReFLTrainer
+    from refl_kernels import native
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = parse_args(["--config", "demo", "--output_dir", out])
+        set_field(cfg, "progress", False)
+        trainer = ReFLTrainer(cfg).setup()
+        for _ in range(2):  # warm-up
+            trainer.train_step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - t0)
+    return {"native_loaded": native.available("cpu"), "recompute": flat_dict(cfg)["recompute"], "step_s": times}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="off/on pairs of runs")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "native-step-demo-cpu.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT" + json.dumps(worker(args.steps, args.threads)))
+        return
+
+    runs = {"off": [], "on": []}
+    for r in range(args.rounds):
+        for mode in ("off", "on"):
+            env = dict(os.environ)
+            if mode == "off":
+                env["REFL_NATIVE_LIB"] = str(ROOT / "build" / "no-such-dir" / "librefl_native.so")
+            proc = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(args.steps),
+                                   "--threads", str(args.threads)], env=env, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"worker ({mode}) failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+            if res["native_loaded"] != (mode == "on"):
+                raise SystemExit(f"run '{mode}': native library loaded = {res['native_loaded']}; build it with `make install`")
+            runs[mode].append(res["step_s"])
+            print(f"round {r + 1} native {mode:3}: median {statistics.median(res['step_s']):.3f} s/step "
+                  f"({', '.join(f'{t:.2f}' for t in res['step_s'])})", flush=True)
+    summary = {}
+    for mode, rs in runs.items():
+        flat = [t for run in rs for t in run]
+        summary[mode] = {"median_s": statistics.median(flat), "min_s": min(flat), "runs": rs}
+    ratio = summary["off"]["median_s"] / summary["on"]["median_s"]
+    print(f"demo seconds per step (median over {args.rounds} runs x {args.steps} steps, {args.threads} threads): "
+          f"torch GroupNorm {summary['off']['median_s']:.3f}, native {summary['on']['median_s']:.3f} ({ratio:.2f}x)")
+    import torch
+
+    record = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+              "torch": torch.__version__, "config": "demo", "rounds": args.rounds, "steps": args.steps,
+              "off": summary["off"], "on": summary["on"], "speedup": ratio,
+              "load_average_at_end": os.getloadavg()}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
