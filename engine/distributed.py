@@ -129,7 +129,7 @@ def _adopt_file(cfg: TrainConfig, path: str) -> None:
         raise ConfigError(f"--deepspeed {path}: its 'scheduler' is not used; remove it and set --lr_scheduler "
                           "and --lr_warmup_steps")
     zero = data.get("zero_optimization") or {}
-    if "stage" in zero:
+    if zero.get("stage", "auto") != "auto":
         adopt(d, "zero", int(zero["stage"]), None, "zero_optimization.stage")
     adopt(d, "offload", _offload_of(zero, path), "none", "zero_optimization.offload_*")
     adopt(o, "train_batch_size", data.get("train_micro_batch_size_per_gpu"), defaults.train_batch_size,
