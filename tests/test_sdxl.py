@@ -176,7 +176,7 @@ def test_sdxl_gradient_matches_finite_differences(tiny_sdxl64, method, kw):
     numeric = (plus - minus) / (2 * h)
     assert abs(analytic) > 1e-10, "degenerate test: the loss does not depend on the weights"
     # central differences: O(h^2) truncation plus float64 round-off of about eps * |loss| / h
-    roundoff = 64 * torch.finfo(torch.float64).eps * abs(float(loss)) / h
+    roundoff = 64 * torch.finfo(torch.float64).eps * abs(float(loss.detach())) / h
     assert abs(analytic - numeric) < 1e-5 * abs(numeric) + roundoff, (analytic, numeric, roundoff)
 
 
