@@ -256,3 +256,23 @@ def test_long_prompts_warned_once(caplog):
     assert len(records) == 1 and f"2 of 4 --prompts are longer than the text encoder's {limit} tokens" in \
         records[0].getMessage()
     assert warn_long_prompts([short], tok) == 0
+
+
+def test_variant_picks_the_weights_files(tmp_path, tiny_sd_dir):
+    """--variant fp16 loads *.fp16.safetensors, as diffusers' from_pretrained(variant=...) names
+    them: a folder holding only those loads with the variant and is refused without it."""
+    import shutil
+
+    from refl_engine.models.load import load_pipeline_components
+
+    root = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, root)
+    renamed = 0
+    for f in root.rglob("*.safetensors"):
+        f.rename(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+        renamed += 1
+    assert renamed >= 3  # unet, vae, text encoder
+    c = load_pipeline_components(str(root), variant="fp16", cache_dir=str(tmp_path / "hub"))
+    assert c.unet is not None and c.text_encoder is not None
+    with pytest.raises(ConfigError, match="cannot load diffusers model"):
+        load_pipeline_components(str(root))

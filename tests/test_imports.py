@@ -3,6 +3,7 @@ between modules (imports inside functions count: they are dependencies too), eve
 --help runs from the repository root, and no file of the repository takes the name of an
 importable module (a benchmark named `kernels.py` once shadowed the package bitsandbytes imports)."""
 import ast
+import functools
 import json
 import os
 import subprocess
@@ -174,26 +175,68 @@ def test_benchmark_help_from_the_repository_root(script):
     assert "usage:" in proc.stdout
 
 
-def _top_level_names() -> list[str]:
-    """Module names a file of the repository takes when its folder is first on the import path:
-    the scripts' folders (benchmarks/, tests/ and its subfolders, the root)."""
-    folders = [ROOT, ROOT / "benchmarks", *(p for p in (ROOT / "tests").rglob("*") if p.is_dir()), ROOT / "tests"]
+def _top_level_names(folders) -> list[str]:
+    """Module names the files (and packages) of `folders` take when the folder is first on the
+    import path (`python benchmarks/X.py` puts benchmarks/ there, pytest a test's folder)."""
     names = set()
     for folder in folders:
-        if "__pycache__" in folder.parts:
-            continue
         names |= {p.stem for p in folder.glob("*.py")}
         names |= {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
-    return sorted(names - {"conftest", "setup"})
+    return sorted(names - {"conftest"})
 
 
-def test_no_file_shadows_an_importable_module():
-    names = _top_level_names()
+SCRIPT_FOLDERS = [ROOT / "benchmarks", ROOT / "tests",
+                  *(p for p in sorted((ROOT / "tests").rglob("*")) if p.is_dir() and "__pycache__" not in p.parts)]
+
+
+@functools.lru_cache(maxsize=1)
+def _imported_names() -> frozenset[str]:
+    """The top-level module names installed packages import somewhere (`import X`, `from X import`),
+    whether or not X is installed: bitsandbytes tries `from kernels import get_kernel`, and a file
+    kernels.py first on the path answers it. Import statements only, not prose ("from step 4 ...")."""
+    import re
+    import sysconfig
+
+    pattern = re.compile(rb"^[ \t]*(?:from[ \t]+([A-Za-z_]\w*)(?:\.[\w.]+)?[ \t]+import\b"
+                         rb"|import[ \t]+([A-Za-z_]\w*)(?:\.[\w.]+)?[ \t]*(?:$|,|#|as\b))", re.M)
+    found = set()
+    for dirpath, _, files in os.walk(sysconfig.get_paths()["purelib"]):
+        for f in files:
+            if f.endswith(".py"):
+                try:
+                    data = Path(dirpath, f).read_bytes()
+                except OSError:
+                    continue
+                found.update(m.group(1) or m.group(2) for m in pattern.finditer(data))
+    return frozenset(n.decode() for n in found)
+
+
+def _shadowing(names: list[str]) -> list[str]:
+    """The names Python can import (stdlib, site-packages) or an installed package imports."""
     code = ("import importlib.util, json, sys; names = json.loads(sys.argv[1]); "
             "print(json.dumps([n for n in names if importlib.util.find_spec(n) is not None]))")
     # -I: isolated, so neither the current folder nor PYTHONPATH is on the path; site-packages is
     proc = subprocess.run([sys.executable, "-I", "-c", code, json.dumps(names)], capture_output=True, text=True,
                           cwd="/", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    shadowing = json.loads(proc.stdout)
-    assert not shadowing, f"these repository files take the name of an importable module: {shadowing}; rename them"
+    return sorted((set(json.loads(proc.stdout)) | _imported_names()) & set(names))
+
+
+def test_the_shadow_check_sees_an_optional_dependency():
+    """`kernels` is not installed here, but bitsandbytes imports it: the name benchmarks/kernels.py had."""
+    assert _shadowing(["kernels", "refl_engine_no_such_module"]) == ["kernels"]
+
+
+def test_no_script_shadows_an_importable_module():
+    """No file under benchmarks/ or tests/ takes the name of a module Python or an installed package
+    imports (installed or not)."""
+    shadowing = _shadowing(_top_level_names(SCRIPT_FOLDERS))
+    assert not shadowing, f"these files take the name of a module Python or a dependency imports: {shadowing}; " \
+                          "rename them"
+
+
+@pytest.mark.xfail(strict=True, reason="the repository root's kernels/ (the refl_kernels sources) is the `kernels` "
+                                       "bitsandbytes imports when the root is first on the path (python -m ... from "
+                                       "the root); rename the folder to fix")
+def test_nothing_at_the_root_shadows_an_importable_module():
+    assert not _shadowing(_top_level_names([ROOT]))
