@@ -21,14 +21,14 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import ConfigError, TrainConfig, parse_memory, validate
-from .data import image_dataset, load_prompts
+from .data import image_dataset, load_prompts, sample_prompts, warn_long_prompts
 from .memory.recompute import build_policy
 from .methods import Sampler, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components, vae_dtype
 from .models.lora import add_lora, has_lora
-from .regularizers import attach_regularizers, reward_objective, watch_rollout
 from .optim import build_optimizer
+from .regularizers import attach_regularizers, reward_objective, watch_rollout
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, randn, run_trajectory
 
@@ -124,12 +124,13 @@ class ReFLTrainer:
 
         # Cheap checks of user input first, so a typo fails before minutes of loading.
         self.prompts = load_prompts(cfg.data.prompts)
-        sample_spec = cfg.data.sample_prompts
-        self.sample_prompts = (load_prompts(sample_spec) if sample_spec else self.prompts)[: cfg.data.num_sample_images]
+        self.sample_prompts = sample_prompts(cfg.data, self.prompts)
         check_reward_spec(cfg.method.reward)
 
-        c = load_pipeline_components(cfg.model.model, cfg.model.revision)
+        c = load_pipeline_components(cfg.model.model, cfg.model.revision, cache_dir=cfg.model.cache_dir,
+                                     variant=cfg.model.variant)
         self.components = c
+        warn_long_prompts(self.prompts, c.tokenizer)
         for module in (c.vae, c.text_encoder, c.text_encoder_2):
             if module is not None:
                 dtype = vae_dtype(c.vae.config, weight_dtype) if module is c.vae else weight_dtype
