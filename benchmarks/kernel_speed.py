@@ -209,7 +209,17 @@ def group_norm_native_saved(N, C, H, W, G, act, dtype) -> dict | None:
 # Timing
 # ------------------------------------------------------------------------------------------------
 
+CLOCK = "wall"  # or "cpu": this thread's CPU time (--clock cpu, one thread), immune to time the
+                # scheduler gives to other processes on a shared machine
+
+
 def _timer(device):
+    if device.type == "cpu" and CLOCK == "cpu":
+        def run(fn):
+            t0 = time.thread_time()
+            fn()
+            return (time.thread_time() - t0) * 1e3
+        return run
     if device.type == "cuda":
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -326,6 +336,8 @@ def main(argv=None):
     p.add_argument("--backends", default="triton,sdpa,xformers,native,reference")
     p.add_argument("--ops", default="attention,group_norm", help="which ops to benchmark")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU timings: wall time, or this thread's CPU time (needs --threads 1; robust to other load)")
     p.add_argument("--no-timing", action="store_true", help="only shapes, saved bytes and the compile report")
     p.add_argument("--no-compile-report", action="store_true")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/kernels-<device>.json)")
@@ -333,6 +345,10 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = args.clock
+    if CLOCK == "cpu" and torch.get_num_threads() != 1:
+        raise SystemExit("error: --clock cpu measures one thread's CPU time; add --threads 1")
     ops = set(args.ops.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -348,7 +364,7 @@ def main(argv=None):
     skipped = {b: r for b, r in skipped.items() if r}
 
     print(f"device: {device_name}   dtype: {str(dtype).replace('torch.', '')}   batch: {batch}   reps: {reps}   "
-          f"threads: {torch.get_num_threads()}")
+          f"threads: {torch.get_num_threads()}   clock: {CLOCK}" + (" (this thread's CPU time)" if CLOCK == "cpu" else ""))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     for b, r in skipped.items():
         print(f"NOT MEASURED: {b} columns: {r}")
@@ -358,7 +374,7 @@ def main(argv=None):
         print("NOT MEASURED: all timings (--no-timing)")
 
     result = {"device": device_name, "device_type": device.type, "dtype": str(dtype), "batch": batch,
-              "threads": torch.get_num_threads(), "reps": reps, "ops": sorted(ops),
+              "threads": torch.get_num_threads(), "reps": reps, "ops": sorted(ops), "clock": CLOCK,
               "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
               "versions": versions(), "not_measured": skipped, "attention": [], "group_norm": [], "compile_report": None,
               "unet_step_saved_bytes": {}}

@@ -7,7 +7,7 @@ nowhere), so the same code takes torch's GroupNorm and SiLU. Each run is its own
 loaded library cannot be unloaded); runs alternate off, on, off, on, ... so load from other
 processes hits both alike. Per run: set-up, 2 warm-up steps, then --steps timed steps.
 
-    python benchmarks/native_step.py [--rounds 2] [--steps 6] [--threads 2] [--json FILE]
+    python benchmarks/native_step.py [--rounds 2] [--steps 6] [--threads 2] [--clock wall|cpu] [--json FILE]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(steps: int, threads: int) -> dict:
+def worker(steps: int, threads: int, clock: str) -> dict:
     import torch
 
     from refl_engine.config import flat_dict, parse_args, set_field
@@ -39,11 +39,13 @@ def worker(steps: int, threads: int) -> dict:
         trainer = ReFLTrainer(cfg).setup()
         for _ in range(2):  # warm-up
             trainer.train_step()
+        # wall time, or this process's CPU time (one thread: immune to other processes' load)
+        now = time.process_time if clock == "cpu" else time.perf_counter
         times = []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = now()
             trainer.train_step()
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
     return {"native_loaded": native.available("cpu"), "recompute": flat_dict(cfg)["recompute"], "step_s": times}
 
 
@@ -53,11 +55,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "native-step-demo-cpu.json"))
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or the process's CPU time (needs --threads 1; robust to other load)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT" + json.dumps(worker(args.steps, args.threads)))
+        print("RESULT" + json.dumps(worker(args.steps, args.threads, args.clock)))
         return
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("error: --clock cpu measures CPU time of one thread; add --threads 1")
 
     runs = {"off": [], "on": []}
     for r in range(args.rounds):
@@ -66,7 +72,8 @@ def main(argv=None):
             if mode == "off":
                 env["REFL_NATIVE_LIB"] = str(ROOT / "build" / "no-such-dir" / "librefl_native.so")
             proc = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(args.steps),
-                                   "--threads", str(args.threads)], env=env, capture_output=True, text=True, cwd=ROOT)
+                                   "--threads", str(args.threads), "--clock", args.clock],
+                                  env=env, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 raise SystemExit(f"worker ({mode}) failed:\n{proc.stderr[-3000:]}")
             res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
@@ -80,12 +87,12 @@ def main(argv=None):
         flat = [t for run in rs for t in run]
         summary[mode] = {"median_s": statistics.median(flat), "min_s": min(flat), "runs": rs}
     ratio = summary["off"]["median_s"] / summary["on"]["median_s"]
-    print(f"demo seconds per step (median over {args.rounds} runs x {args.steps} steps, {args.threads} threads): "
+    print(f"demo {args.clock} seconds per step (median over {args.rounds} runs x {args.steps} steps, {args.threads} threads): "
           f"torch GroupNorm {summary['off']['median_s']:.3f}, native {summary['on']['median_s']:.3f} ({ratio:.2f}x)")
     import torch
 
     record = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
-              "torch": torch.__version__, "config": "demo", "rounds": args.rounds, "steps": args.steps,
+              "torch": torch.__version__, "config": "demo", "rounds": args.rounds, "steps": args.steps, "clock": args.clock,
               "off": summary["off"], "on": summary["on"], "speedup": ratio,
               "load_average_at_end": os.getloadavg()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -462,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_i
   auto stats = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({N, groups}, stats), rstd = at::empty({N, groups}, stats);
   if (x.numel() == 0) return {y, mean.fill_(NAN), rstd.fill_(NAN)};
-  const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();  // no-ops for fp32
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto kernel) {
@@ -487,9 +487,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), G = mean.size(1), HW = N * C > 0 ? x.numel() / (N * C) : 0;
   at::Tensor dx = empty_output_like(x);
-  at::Tensor sum_dz = at::zeros({N, C}, x.options().dtype(at::kFloat)), sum_dz_xhat = at::zeros_like(sum_dz);
+  // (N, C) channel sums: the kernels write every element (zeros when there are no elements to sum)
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sum_dz = x.numel() > 0 ? at::empty({N, C}, f32) : at::zeros({N, C}, f32);
+  at::Tensor sum_dz_xhat = x.numel() > 0 ? at::empty({N, C}, f32) : at::zeros({N, C}, f32);
   if (x.numel() > 0) {
-    const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();
+    const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();  // no-ops for fp32
     dispatch_dtype(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       auto run = [&](auto kernel) {
@@ -501,7 +504,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
       else silu ? run(backward_nchw<T, true>) : run(backward_nchw<T, false>);
     });
   }
-  return {dx, sum_dz_xhat.sum(0).to(weight.scalar_type()), sum_dz.sum(0).to(bias.scalar_type())};
+  // dweight, dbias: sums over the batch, in a plain loop (two small ATen reductions cost more at
+  // the UNet's small shapes than the kernels themselves)
+  at::Tensor dw = at::empty({C}, x.options().dtype(at::kFloat)), db = at::empty({C}, x.options().dtype(at::kFloat));
+  {
+    const float *a = sum_dz.const_data_ptr<float>(), *bs = sum_dz_xhat.const_data_ptr<float>();
+    float *dwp = dw.mutable_data_ptr<float>(), *dbp = db.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      float s_a = 0.f, s_b = 0.f;
+      for (int64_t n = 0; n < N; ++n) {
+        s_a += a[n * C + c];
+        s_b += bs[n * C + c];
+      }
+      dbp[c] = s_a;
+      dwp[c] = s_b;
+    }
+  }
+  return {dx, dw.scalar_type() == weight.scalar_type() ? dw : dw.to(weight.scalar_type()),
+          db.scalar_type() == bias.scalar_type() ? db : db.to(bias.scalar_type())};
 }
 
 }  // namespace

@@ -74,17 +74,25 @@ def load() -> bool:
     return _status[0]
 
 
+_reasons: dict = {}  # (load status, device type) -> reason: asked on every call, answered once
+
+
 @torch.compiler.assume_constant_result  # fixed per process: torch.compile folds it, no graph break
 def unavailable_reason(device: torch.device | str = "cpu") -> str | None:
     """None if the native op can run on `device`, else a one-line reason with the fix."""
     if not load():
         return _status[1]
-    kind = torch.device(device).type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    cached = _reasons.get((_status, kind), False)
+    if cached is not False:
+        return cached
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(kind)
+    reason = None
     if key is None or not _has_kernel(key):
-        return (f"the native library has no {kind} kernel (CUDA kernels are built only against a CUDA torch "
-                "with nvcc present); use backend 'torch' or 'triton'")
-    return None
+        reason = (f"the native library has no {kind} kernel (CUDA kernels are built only against a CUDA torch "
+                  "with nvcc present); use backend 'torch' or 'triton'")
+    _reasons[(_status, kind)] = reason
+    return reason
 
 
 def available(device: torch.device | str = "cpu") -> bool:
