@@ -11,6 +11,7 @@ or traced on the meta device by the planner):
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
