@@ -174,6 +174,9 @@ class MemoryConfig:
     checkpoint_decode: bool = arg(True, "recompute the VAE decode in backward instead of keeping it")
     selective_decode: bool = arg(True, "recompute the VAE's GroupNorm/SiLU outputs and frozen-conv inputs in backward")
     checkpoint_reward: bool = arg(True, "recompute the reward model in backward instead of keeping it")
+    recompute_chunk: int = arg(
+        0, "samples per checkpoint of a full/selective UNet call, so its backward recomputes one chunk at a time; "
+        "0 = the whole batch (auto: the largest chunk that fits --memory_budget)", valid="[0, inf)")
     gradient_checkpointing: bool = arg(
         False, "diffusers' flag, off by default: asks for a checkpointing policy; --recompute's default (selective) "
         "is one, --recompute none/lean with it is refused")
@@ -572,6 +575,9 @@ def validate(cfg: TrainConfig) -> None:
     if mem.gradient_checkpointing and mem.recompute in ("none", "lean"):
         raise ConfigError(f"--gradient_checkpointing conflicts with --recompute {mem.recompute}, which checkpoints "
                           "nothing; drop one of them (or use --recompute selective/full/auto)")
+    if mem.recompute_chunk and mem.recompute in ("none", "lean"):
+        raise ConfigError(f"--recompute_chunk applies to checkpointed calls; --recompute {mem.recompute} checkpoints "
+                          "none: drop --recompute_chunk or use --recompute full/selective/auto")
     if mem.recompute == "auto" and not mem.memory_budget:
         raise ConfigError("--recompute auto needs --memory_budget (e.g. 70GB)")
     if mem.memory_budget:

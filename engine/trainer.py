@@ -168,7 +168,8 @@ class ReFLTrainer:
         budget = parse_memory(cfg.memory.memory_budget) if cfg.memory.memory_budget else None
         policy_kwargs = dict(checkpoint_decode=cfg.memory.checkpoint_decode,
                              checkpoint_reward=cfg.memory.checkpoint_reward,
-                             selective_decode=cfg.memory.selective_decode)
+                             selective_decode=cfg.memory.selective_decode,
+                             recompute_chunk=cfg.memory.recompute_chunk)
         if cfg.memory.selective_decode:
             from .memory.selective import install
 

@@ -31,11 +31,16 @@ Policies (`--recompute`), cheapest in recompute first:
                     where `full`'s backward would not fit), minimising recompute. The plan comes
                     from `window.plan_window` on a measured profile of one call.
 
+`--recompute_chunk c` runs each `full` / `selective` call as one checkpoint per c samples
+(`chunked`): the backward of a checkpointed call then rematerialises one chunk at a time, so its
+peak is one chunk's whatever the batch, for the same gradients and the same recompute FLOPs.
+
 Every call is tagged for `measure.LiveBytesTracker` ("unet", "vae", "reward") so a measured peak
 can be broken down by component.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable
 
@@ -45,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from . import measure
 from .measure import component
 from .selective import ensure_installed, in_selective_mode, selective_recompute
-from .window import plan_window
+from .window import CallProfile, plan_window
 
 
 def _checkpointed(fn, *args, **kwargs):
@@ -78,13 +83,72 @@ CALL_KINDS: dict[str, Callable] = {
     "full": _checkpointed,
     "selective": _selective,
 }
+CHUNKABLE = ("full", "selective")  # the checkpointed kinds, whose backward recomputes the call
+
+
+def chunked(kind: str, chunk: int) -> Callable:
+    """`kind` run as one checkpoint per `chunk` samples of the batch, outputs concatenated.
+
+    The samples of a UNet call never mix (convolutions, GroupNorm and attention are per sample), so
+    each chunk is the same computation on fewer rows. `fn` must say how to restrict itself to rows
+    lo..hi-1 (`fn.rows(lo, hi)`, which the guided prediction of make_eps_fn has; it chunks before
+    CFG doubles the batch, so a sample's two branches stay together). In backward autograd runs the
+    last chunk's nodes first (they were created last) and each chunk's recompute starts only when
+    its backward does, so one chunk's recomputed activations are alive at a time: the call's
+    backward peak is one chunk's, whatever the batch. Parameter gradients accumulate over chunks;
+    the input's chunk gradients meet in `split`'s backward. A call without `rows`, a batch no
+    larger than the chunk, or no grad runs as `kind` unchunked.
+    """
+    run = CALL_KINDS[kind]
+    if chunk <= 0:
+        return run
+
+    def call(fn, x, *rest):
+        batch = x.shape[0]
+        rows = getattr(fn, "rows", None)
+        if rows is None or batch <= chunk or not torch.is_grad_enabled():
+            return run(fn, x, *rest)
+        # per-sample tensor arguments (a per-sample timestep) are split with x; others are shared
+        splits = [a.split(chunk) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None
+                  for a in rest]
+        outs = []
+        for i, x_part in enumerate(x.split(chunk)):
+            lo = i * chunk
+            part = [s[i] if s is not None else a for s, a in zip(splits, rest)]
+            outs.append(run(rows(lo, lo + x_part.shape[0]), x_part, *part))
+        return torch.cat(outs)
+
+    return call
+
+
+def chunked_profile(chunk_profile: CallProfile, batch: int, chunk: int, out_bytes: int, x_grad_bytes: int,
+                    param_grad_bytes: int) -> CallProfile:
+    """The profile of a checkpointed call run by `chunked` at `batch` from the profile of one
+    unchunked call at `chunk` samples. out_bytes, x_grad_bytes: per sample, the call's output and
+    the gradient of its input latent (0 when the latent carries none); param_grad_bytes: the
+    trainable parameters' gradients in the compute dtype.
+
+    forward   chunk after chunk: the earlier chunks' outputs wait for the concatenation.
+    backward  one chunk's recompute and backward at a time (`chunked`), on top of the whole
+              output's gradient, the finished chunks' input gradients (held until `split`'s
+              backward joins them) and, from the second chunk on, the parameter gradients summed
+              over chunks in autograd's input buffers until the last chunk has run.
+    A CPU measurement of the tiny UNet matches this to the byte (tests/memory/test_chunked.py).
+    """
+    if chunk <= 0 or batch <= chunk:
+        return chunk_profile
+    rest = batch - chunk
+    return CallProfile(chunk_profile.retained * math.ceil(batch / chunk),
+                       max(chunk_profile.fwd_peak + rest * out_bytes, 2 * batch * out_bytes),
+                       chunk_profile.bwd_peak + rest * (out_bytes + x_grad_bytes) + param_grad_bytes,
+                       chunk_profile.saved)
 
 
 class MemoryPolicy:
     name = "base"
 
     def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1,
-                 selective_decode: bool = True):
+                 selective_decode: bool = True, recompute_chunk: int = 0):
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
         # Decode with the VAE's modules in selective mode (selective.py; the trainer installs it on
@@ -95,6 +159,9 @@ class MemoryPolicy:
         # activations at 512-1024 px rival a UNet call's; decoding the batch sample by sample
         # (each its own checkpoint) makes its recompute peak that of one image, not of the batch.
         self.decode_chunk = int(decode_chunk)
+        # Samples per checkpoint of a `full` / `selective` UNet call (0 = the whole batch): the
+        # backward of a checkpointed call then rematerialises one chunk at a time (`chunked`).
+        self.recompute_chunk = int(recompute_chunk)
 
     # [declared size, calls made] while a gradient window is open
     _open: list[int] | None = None
@@ -142,8 +209,10 @@ class MemoryPolicy:
     def unet_call(self, fn: Callable, *args):
         """The next grad-carrying UNet call of the open window, run as `call_kind` says."""
         window_pos = self._next_window_pos()
+        kind = self.call_kind(window_pos)
+        run = chunked(kind, self.recompute_chunk) if kind in CHUNKABLE else CALL_KINDS[kind]
         with component("unet"):
-            return CALL_KINDS[self.call_kind(window_pos)](fn, *args)
+            return run(fn, *args)
 
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""

@@ -23,6 +23,12 @@ class Conditioning:
     added: dict = field(default_factory=dict)  # SDXL: text_embeds (pooled), time_ids for cond
     added_uncond: dict = field(default_factory=dict)
 
+    def rows(self, lo: int, hi: int) -> "Conditioning":
+        """The conditioning of samples lo..hi-1 (views, no copy)."""
+        sl = lambda d: {k: v[lo:hi] for k, v in d.items()}  # noqa: E731
+        return Conditioning(self.cond[lo:hi], None if self.uncond is None else self.uncond[lo:hi],
+                            sl(self.added), sl(self.added_uncond))
+
 
 class TextEncoderCache:
     """Encodes each prompt once (no grad: the text encoders are frozen) and keeps its embeddings;
@@ -115,4 +121,7 @@ def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
         return eps_u + guidance_scale * (eps_c - eps_u)
 
     eps_fn.unet = unet  # for memory policies that act on the UNet's modules (memory/selective.py)
+    # The same guided prediction for samples lo..hi-1 only: a memory policy runs a batch in chunks
+    # (memory/recompute.py); CFG pairs stay together because the chunk is taken before doubling.
+    eps_fn.rows = lambda lo, hi: make_eps_fn(unet, conditioning.rows(lo, hi), guidance_scale)
     return eps_fn

@@ -1,0 +1,178 @@
+"""Batch-chunked recomputation (`--recompute_chunk`): the same gradients as the whole batch, for
+every method, LoRA and full fine-tuning; a checkpointed call's backward peaks at one chunk's."""
+import numerics
+import pytest
+import torch
+
+from refl_engine.config import MethodConfig
+from refl_engine.memory import measure
+from refl_engine.memory.recompute import CALL_KINDS, build_policy, chunked, chunked_profile
+from refl_engine.methods import Sampler, build_method
+from refl_engine.models.conditioning import Conditioning, make_eps_fn
+from refl_engine.sampling import DDIMSchedule
+
+N_STEPS, BATCH, GUIDANCE = 3, 3, 3.0
+
+
+def _tiny(seed, rank, dtype):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from refl_engine.models.load import tiny_sd_configs
+    from refl_engine.models.lora import add_lora
+
+    cfgs = tiny_sd_configs()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfgs["unet"])
+    vae = AutoencoderKL(**cfgs["vae"]).requires_grad_(False)
+    if rank:
+        params = add_lora(unet, rank=rank)
+        for p in params:  # peft's B starts at zero; give the adapters a non-trivial value
+            p.data.normal_(0, 0.05)
+    else:
+        params = list(unet.parameters())
+        unet.requires_grad_(True)
+    unet.to(dtype), vae.to(dtype)
+    return unet, vae, params, DDIMScheduler(**cfgs["scheduler"])
+
+
+def _conditioning(seed, batch, dtype):
+    g = torch.Generator().manual_seed(seed + 1)
+    return Conditioning(torch.randn(batch, 77, 32, generator=g).to(dtype),
+                        torch.randn(batch, 77, 32, generator=g).to(dtype))
+
+
+METHODS = {  # the tiny preset's methods, at N_STEPS
+    "draft_K_full": dict(method="draft", K="full"),
+    "alignprop": dict(method="alignprop", alignprop_k_min=1, alignprop_k_max=N_STEPS),
+    "refl": dict(method="refl"),
+    "draft_lv": dict(method="draft-lv", lv_inner=2),
+}
+
+
+def _step(models, method_kw, policy, seed, batch=BATCH, dtype=torch.float32, unet_batches=None):
+    """Loss and parameter gradients of one training step of the method (its rollout, decode,
+    reward, loss), as the trainer composes it."""
+    from refl_engine.rewards.toy import Colorfulness
+
+    unet, vae, params, scheduler = models
+    method = build_method(MethodConfig(num_inference_steps=N_STEPS, guidance_scale=GUIDANCE, **method_kw))
+    schedule = DDIMSchedule.from_scheduler(scheduler, N_STEPS)
+    eps_fn = make_eps_fn(unet, _conditioning(seed, batch, dtype), GUIDANCE)
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(batch, 4, 16, 16, generator=g).to(dtype)
+    hook = None
+    if unet_batches is not None:  # the batch of every grad-carrying UNet forward
+        hook = unet.register_forward_pre_hook(
+            lambda m, a: unet_batches.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+    try:
+        rollout = method.rollout(Sampler(eps_fn, schedule, policy), x_T, g)
+        rewards = []
+        for x0 in rollout.x0s:
+            images = policy.decode_call(lambda z: (vae.decode(z).sample / 2 + 0.5).clamp(0, 1), x0)
+            rewards.append(policy.reward_call(lambda im: Colorfulness().score(im, [""] * im.shape[0]), images))
+        loss = method.loss(rewards)
+        for p in params:
+            p.grad = None
+        loss.backward()
+    finally:
+        if hook is not None:
+            hook.remove()
+    return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+# As tests/memory/test_recompute.py: a float32 gradient computed another way (here: the batch in
+# chunks, so other matrix shapes and summation orders) must be at most FACTOR x as far from the
+# float64 result as the unchunked float32 gradient is, plus a floor of a few float32 ulps of the
+# tensor's largest entry (a tolerance relative to each value cannot see the cancellation inside a
+# gradient). A wrong gradient (a chunk missed, or counted twice) is off by O(1) of its magnitude.
+FACTOR, ATOL_ULPS = 4.0, 8
+
+
+@pytest.mark.parametrize("rank", [4, 0], ids=["lora", "full_finetune"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_chunked_gradients_equal_unchunked(method, rank, seed):
+    kw = METHODS[method]
+    one = {"decode_chunk": 0}  # the decode as one call in every run: only the UNet calls differ
+    loss64, grads64 = _step(_tiny(seed, rank, torch.float64), kw, build_policy("full", **one), seed,
+                            dtype=torch.float64)
+    models = _tiny(seed, rank, torch.float32)
+    ref_loss, ref = _step(models, kw, build_policy("full", **one), seed)
+    assert any(g.abs().max() > 0 for g in ref)
+    for kind, chunk in (("full", 1), ("selective", 2)):
+        batches = []
+        loss, got = _step(models, kw, build_policy(kind, recompute_chunk=chunk, **one), seed, unet_batches=batches)
+        # every grad-carrying UNet forward (and its recompute) saw at most one chunk, CFG-doubled
+        assert batches and max(batches) == 2 * chunk, (kind, chunk, batches)
+        numerics.assert_as_accurate(loss, ref_loss, loss64, factor=FACTOR, atol_scale=ATOL_ULPS, msg=f"{kind}@{chunk} loss")
+        for i, (gr, r32, r64) in enumerate(zip(got, ref, grads64)):
+            numerics.assert_as_accurate(gr, r32, r64, factor=FACTOR, atol_scale=ATOL_ULPS,
+                                        msg=f"{method} {kind}@{chunk} grad {i}")
+
+
+@pytest.mark.parametrize("method", ["draft_K_full", "draft_lv"])
+def test_chunked_float64_equals_unchunked(method, seed):
+    """In float64 the chunked gradient is the unchunked one up to float64 rounding of the regrouped
+    sums. How much rounding a gradient amplifies (its cancellation) is measured by the float32 run's
+    distance from float64; float64 rounds eps64 / eps32 = 2^-29 as coarsely, so the chunked float64
+    gradient may be FACTOR x that scaled distance away, plus a floor of ATOL_ULPS float64 ulps. A
+    missed or doubled chunk is ~1e8 x outside this."""
+    one = {"decode_chunk": 0}
+    kw = METHODS[method]
+    _, ref32 = _step(_tiny(seed, 4, torch.float32), kw, build_policy("full", **one), seed)
+    models = _tiny(seed, 4, torch.float64)
+    _, ref = _step(models, kw, build_policy("full", **one), seed, dtype=torch.float64)
+    _, got = _step(models, kw, build_policy("full", recompute_chunk=1, **one), seed, dtype=torch.float64)
+    scale = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    for i, (gr, r, r32) in enumerate(zip(got, ref, ref32)):
+        floor = ATOL_ULPS * torch.finfo(torch.float64).eps * r.abs().max().item()
+        allowed = FACTOR * scale * (r32.double() - r).abs().max().item() + floor
+        assert (gr - r).abs().max().item() <= allowed, (i, (gr - r).abs().max().item(), allowed)
+
+
+def test_per_sample_timestep_is_split_with_the_batch(seed):
+    """A call with one timestep per sample (the pre-training diffusion loss) chunks its timesteps
+    with its latents."""
+    unet, _, params, _ = _tiny(seed, 4, torch.float64)
+    eps_fn = make_eps_fn(unet, _conditioning(seed, BATCH, torch.float64), 1.0)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 4, 16, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor([100, 500, 900])
+    grads = []
+    for chunk in (0, 1):
+        policy = build_policy("full", recompute_chunk=chunk)
+        with policy.window(1):
+            loss = policy.unet_call(eps_fn, x, t).square().mean()
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=0, atol=64 * torch.finfo(torch.float64).eps * b.abs().max().item())
+
+
+def test_chunked_call_backward_peak_is_one_chunks():
+    """Measured on one guided UNet call: at chunk 1 the backward peak at batch 8 is batch 1's plus
+    the whole output's gradient, the finished chunks' input gradients and the summed parameter
+    gradients (chunked_profile), byte for byte; unchunked, it is ~8x batch 1's."""
+    unet, _, params, _ = _tiny(0, 4, torch.float32)
+    t = torch.tensor(500)
+    one = {}
+    for batch in (1, 8):
+        fn = make_eps_fn(unet, _conditioning(0, batch, torch.float32), GUIDANCE)
+        x = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        one[batch] = measure.profile_call(fn, [x, t], {"full": CALL_KINDS["full"], "full@1": chunked("full", 1),
+                                                        "selective@1": chunked("selective", 1)})
+    sample = 4 * 16 * 16 * 4  # output and input gradient of one sample
+    lora_grads = sum(p.numel() * p.element_size() for p in params)
+    for kind in ("full", "selective"):
+        want = chunked_profile(one[1][f"{kind}@1"], 8, 1, sample, sample, lora_grads)
+        got = one[8][f"{kind}@1"]
+        assert (got.fwd_peak, got.bwd_peak) == (want.fwd_peak, want.bwd_peak), kind
+    assert one[8]["full"].bwd_peak > 7 * one[8]["full@1"].bwd_peak
+
+
+def test_chunk_on_a_policy_that_checkpoints_nothing_is_refused():
+    from refl_engine.config import ConfigError, TrainConfig, set_field, validate
+
+    cfg = TrainConfig()
+    set_field(cfg, "recompute", "lean")
+    set_field(cfg, "recompute_chunk", 2)
+    with pytest.raises(ConfigError, match="recompute_chunk"):
+        validate(cfg)
