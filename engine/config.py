@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -545,8 +546,6 @@ def validate(cfg: TrainConfig) -> None:
     if m.method in ("refl", "imagerefl"):
         parse_stop_range(m.stop_range, m.num_inference_steps)
     validate_extras(cfg)
-    from .distributed import validate_distributed
-
     validate_distributed(cfg)
     if m.method != "draft" and str(m.K).lower() != "full" and m.method != "draft-lv":
         raise ConfigError(
@@ -587,6 +586,116 @@ def validate(cfg: TrainConfig) -> None:
         if p and not p.startswith("builtin:") and not os.path.isfile(p):
             raise ConfigError(f"--{flag} {p!r}: no such file; give a .txt (one prompt a line), .jsonl or .csv, "
                               "or builtin:toy")
+
+
+# ---------------------------------------------------------------------------------- DeepSpeed flags
+# (the flags' own checks; engine/distributed.py builds the engine from them)
+
+OFFLOADS = ("none", "optimizer", "param")
+
+
+def validate_distributed(cfg: TrainConfig) -> None:
+    """The flags (and a --deepspeed file) -> one consistent setting, or one ConfigError line."""
+    o, d = cfg.optim, cfg.distributed
+    if o.optimizer not in FIELDS["optimizer"].choices:
+        raise ConfigError(f"unknown --optimizer {o.optimizer!r}; choose one of: {', '.join(FIELDS['optimizer'].choices)}")
+    if o.use_8bit_adam:  # the diffusers examples' flag
+        if o.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"--use_8bit_adam conflicts with --optimizer {o.optimizer}; drop one of them")
+        o.optimizer = "adamw8bit"
+    if d.deepspeed:
+        _adopt_file(cfg, d.deepspeed)
+    if d.zero is not None and d.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {d.zero}")
+    if d.offload not in OFFLOADS:
+        raise ConfigError(f"unknown --offload {d.offload!r}; choose none, optimizer or param")
+    stage = d.zero or 0
+    if d.offload == "optimizer" and stage < 1:
+        raise ConfigError("--offload optimizer needs a ZeRO optimizer; add --zero 2 (or 1 or 3)")
+    if d.offload == "param" and stage != 3:
+        raise ConfigError("--offload param needs ZeRO-3, the only stage that partitions parameters; use "
+                          f"--zero 3 --offload param, or --zero {max(stage, 1)} --offload optimizer")
+    if o.optimizer == "adamw8bit" and d.offload != "none":
+        raise ConfigError(f"--optimizer adamw8bit keeps its 8-bit state beside the weights and cannot run with "
+                          f"--offload {d.offload}; use --optimizer cpu-adam with --offload, or adamw8bit without")
+    if o.optimizer == "cpu-adam" and d.offload == "none":
+        raise ConfigError("--optimizer cpu-adam steps CPU copies of the weights; add --zero 2 --offload optimizer "
+                          "(or --zero 3 --offload param), or use --optimizer adamw")
+
+
+def read_deepspeed_file(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --deepspeed {path}: {e.strerror}; give a DeepSpeed JSON config file") from None
+    except ValueError as e:
+        raise ConfigError(f"--deepspeed {path} is not valid JSON ({e}); give a DeepSpeed JSON config file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--deepspeed {path} must hold a JSON object")
+    return data
+
+
+def _offload_of(zero: dict, path: str) -> str:
+    devices = {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(key) or {}).get("device", "none")).lower()
+        if device not in ("none", "cpu"):
+            raise ConfigError(f"--deepspeed {path}: {key}.device {device!r} is not supported; use cpu or none")
+        devices[key] = device
+    if devices["offload_param"] == "cpu":
+        if devices["offload_optimizer"] != "cpu":
+            raise ConfigError(f"--deepspeed {path}: offload_param without offload_optimizer is not supported; "
+                              "offload both (--offload param)")
+        return "param"
+    return "optimizer" if devices["offload_optimizer"] == "cpu" else "none"
+
+
+def _adopt_file(cfg: TrainConfig, path: str) -> None:
+    """A --deepspeed file's settings become the flags': a flag at its default takes the file's
+    value ("auto" in the file keeps the flag), a flag set to something else is a conflict."""
+    data = read_deepspeed_file(path)
+    o, d = cfg.optim, cfg.distributed
+    defaults = OptimConfig()
+
+    def adopt(section, name, value, default, key):
+        if value is None or value == "auto":
+            return
+        current = getattr(section, name)
+        if current == default:
+            setattr(section, name, value)
+        elif current != value:
+            raise ConfigError(f"--{name} {current} conflicts with {key}={value} in --deepspeed {path}; "
+                              "drop one of them")
+
+    if "scheduler" in data:
+        raise ConfigError(f"--deepspeed {path}: its 'scheduler' is not used; remove it and set --lr_scheduler "
+                          "and --lr_warmup_steps")
+    zero = data.get("zero_optimization") or {}
+    if zero.get("stage", "auto") != "auto":
+        adopt(d, "zero", int(zero["stage"]), None, "zero_optimization.stage")
+    adopt(d, "offload", _offload_of(zero, path), "none", "zero_optimization.offload_*")
+    adopt(o, "train_batch_size", data.get("train_micro_batch_size_per_gpu"), defaults.train_batch_size,
+          "train_micro_batch_size_per_gpu")
+    adopt(o, "gradient_accumulation_steps", data.get("gradient_accumulation_steps"),
+          defaults.gradient_accumulation_steps, "gradient_accumulation_steps")
+    adopt(o, "max_grad_norm", data.get("gradient_clipping"), defaults.max_grad_norm, "gradient_clipping")
+    for kind in ("fp16", "bf16"):
+        if (data.get(kind) or {}).get("enabled") in (True, "true"):
+            adopt(o, "mixed_precision", kind, defaults.mixed_precision, f"{kind}.enabled")
+    opt = data.get("optimizer")
+    if opt:
+        if str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+            raise ConfigError(f"--deepspeed {path}: optimizer type {opt.get('type')!r} is not supported; "
+                              "remove it and choose --optimizer adamw, adamw8bit or cpu-adam")
+        p = opt.get("params") or {}
+        adopt(o, "learning_rate", p.get("lr"), defaults.learning_rate, "optimizer.params.lr")
+        adopt(o, "weight_decay", p.get("weight_decay"), defaults.weight_decay, "optimizer.params.weight_decay")
+        adopt(o, "adam_epsilon", p.get("eps"), defaults.adam_epsilon, "optimizer.params.eps")
+        if isinstance(p.get("betas"), list):
+            adopt(o, "adam_beta1", p["betas"][0], defaults.adam_beta1, "optimizer.params.betas[0]")
+            adopt(o, "adam_beta2", p["betas"][1], defaults.adam_beta2, "optimizer.params.betas[1]")
+        if p.get("torch_adam") is False and d.offload != "none" and o.optimizer == "adamw":
+            o.optimizer = "cpu-adam"  # DeepSpeed's own choice for that file
 
 
 def handover_index(handover_step: int, num_steps: int) -> int:
