@@ -180,10 +180,19 @@ def build_tiny_tokenizer(words=TINY_SD_WORDS, pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
+def clip_text_config(cfg: dict, tokenizer):
+    """A CLIPTextConfig for `tokenizer`'s vocabulary and special tokens (the pooled output is read
+    at the end token)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg)
+
+
 def build_tiny_sd(seed: int = 0) -> dict:
     """Instantiate the tiny preset with seeded weights (not yet saved)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     cfgs = tiny_sd_configs()
     tokenizer = build_tiny_tokenizer()
@@ -192,15 +201,7 @@ def build_tiny_sd(seed: int = 0) -> dict:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfgs["unet"])
         vae = AutoencoderKL(**cfgs["vae"])
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **cfgs["text_encoder"],
-            )
-        )
+        text_encoder = CLIPTextModel(clip_text_config(cfgs["text_encoder"], tokenizer))
     return dict(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=DDIMScheduler(**cfgs["scheduler"]),
@@ -218,7 +219,8 @@ def tiny_sdxl_configs() -> dict:
     encoders whose penultimate states are concatenated (cross-attention 32 + 32), the second's
     pooled projection plus six size/crop time ids as the added embedding, SDXL's scheduler
     config (EulerDiscrete, which the loader converts to DDIM) and a VAE with `force_upcast`."""
-    te_dim, te2_proj, time_dim = 32, 32, 8
+    sd = tiny_sd_configs()
+    te_dim, te2_proj, time_dim = sd["text_encoder"]["hidden_size"], 32, 8
     return {
         "unet": dict(
             sample_size=TINY_SDXL_RESOLUTION // 2,
@@ -238,75 +240,34 @@ def tiny_sdxl_configs() -> dict:
             projection_class_embeddings_input_dim=6 * time_dim + te2_proj,
             norm_num_groups=8,
         ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=TINY_SDXL_RESOLUTION,
-            scaling_factor=1.0,  # random weights: latents are not normalized (SDXL's is 0.13025)
-            force_upcast=True,
-        ),
-        "text_encoder": dict(  # CLIP ViT-L's text tower shape (quick_gelu), at toy width
-            hidden_size=te_dim,
-            intermediate_size=2 * te_dim,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=te_dim,
-            hidden_act="quick_gelu",
-        ),
-        "text_encoder_2": dict(  # OpenCLIP bigG's text tower shape (gelu, projection), at toy width
-            hidden_size=te_dim,
-            intermediate_size=2 * te_dim,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=te2_proj,
-            hidden_act="gelu",
-        ),
-        "scheduler": dict(  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            interpolation_type="linear",
-            num_train_timesteps=1000,
-            prediction_type="epsilon",
-            sample_max_value=1.0,
-            set_alpha_to_one=False,
-            skip_prk_steps=True,
-            steps_offset=1,
-            timestep_spacing="leading",
-            trained_betas=None,
-            use_karras_sigmas=False,
-        ),
+        # tiny-sd's VAE (scaling factor 1: random weights do not need SDXL's 0.13025) with SDXL's
+        # force_upcast
+        "vae": dict(sd["vae"], sample_size=TINY_SDXL_RESOLUTION, force_upcast=True),
+        # CLIP ViT-L's text tower (quick_gelu) and OpenCLIP bigG's (gelu, projection) at toy width,
+        # three layers so the penultimate states SDXL takes are not the embeddings' next layer
+        "text_encoder": dict(sd["text_encoder"], num_hidden_layers=3, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(sd["text_encoder"], num_hidden_layers=3, hidden_act="gelu", projection_dim=te2_proj),
+        # SD's schedule as stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json writes it
+        "scheduler": dict(sd["scheduler"], interpolation_type="linear", sample_max_value=1.0, skip_prk_steps=True,
+                          timestep_spacing="leading", trained_betas=None, use_karras_sigmas=False),
     }
 
 
 def build_tiny_sdxl(seed: int = 0) -> dict:
     """Instantiate the tiny SDXL preset with seeded weights (not yet saved)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cfgs = tiny_sdxl_configs()
     tokenizer = build_tiny_tokenizer()
     tokenizer_2 = build_tiny_tokenizer(pad_token="!")
 
-    def text_config(cfg, tok):
-        return CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, **cfg)
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfgs["unet"])
         vae = AutoencoderKL(**cfgs["vae"])
-        text_encoder = CLIPTextModel(text_config(cfgs["text_encoder"], tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(cfgs["text_encoder_2"], tokenizer_2))
+        text_encoder = CLIPTextModel(clip_text_config(cfgs["text_encoder"], tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(cfgs["text_encoder_2"], tokenizer_2))
     return dict(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
