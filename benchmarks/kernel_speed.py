@@ -326,6 +326,32 @@ def fmt_t(entry):
     return f"{entry['median_ms']:.3f}" if isinstance(entry, dict) else "-"
 
 
+def group_norm_summary(result: dict) -> list[str]:
+    """Per model, forward+backward of one UNet forward's GroupNorm calls (sum of count x median):
+    each backend alone, and what `--kernels native` runs - the native op for GroupNorm -> SiLU,
+    torch's GroupNorm for the lone GroupNorms."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in result["group_norm"]):
+        rows = [r for r in result["group_norm"] if r["model"] == model]
+        tot = {}
+        for r in rows:
+            for be, t in r["timings"].items():
+                if t is not None:
+                    tot[be] = tot.get(be, 0.0) + r["count_per_step"] * t["fwd_bwd"]["median_ms"]
+        if not tot:
+            continue
+        line = (f"{model}: GroupNorm(+SiLU) forward+backward per UNet forward (sum of count x median): "
+                + ", ".join(f"{be} {ms:.1f} ms" for be, ms in tot.items()))
+        if tot.get("native") and tot.get("torch"):
+            mix = sum(r["count_per_step"] * r["timings"]["native" if r["activation"] else "torch"]["fwd_bwd"]["median_ms"]
+                      for r in rows)
+            line += (f"; native {tot['torch'] / tot['native']:.2f}x torch; as --kernels native runs it (native with "
+                     f"SiLU, torch alone) {mix:.1f} ms, {tot['torch'] / mix:.2f}x torch")
+            result.setdefault("group_norm_step_ms", {})[model] = {**tot, "kernels_native_mix": mix}
+        lines.append(line)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="sd15,sdxl")
@@ -341,7 +367,14 @@ def main(argv=None):
     p.add_argument("--no-timing", action="store_true", help="only shapes, saved bytes and the compile report")
     p.add_argument("--no-compile-report", action="store_true")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/kernels-<device>.json)")
+    p.add_argument("--from-json", default=None, help="print the GroupNorm step totals of a saved run and exit")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(f"{args.from_json}: {saved['device']}, {saved['dtype']}, batch {saved['batch']}, "
+              f"{saved.get('threads')} threads, clock {saved.get('clock', 'wall')}")
+        print("\n".join(group_norm_summary(saved)))
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -496,10 +529,7 @@ def main(argv=None):
                     line += f"; f+b {row['native_speedup_fwd_bwd']:.2f}x torch"
                 print(line)
         if gn_items and any(step_ms.values()):
-            result.setdefault("group_norm_step_ms", {})[model] = {b: ms for b, ms in step_ms.items() if ms}
-            print(f"\n{model}: GroupNorm(+SiLU) forward+backward per UNet forward (sum of count x median): "
-                  + ", ".join(f"{b} {ms:.1f} ms" for b, ms in step_ms.items() if ms)
-                  + (f"; native {step_ms['torch'] / step_ms['native']:.2f}x torch" if step_ms.get("native") and step_ms.get("torch") else ""))
+            print("\n" + "\n".join(ln for ln in group_norm_summary(result) if ln.startswith(model + ":")))
 
         result["unet_step_saved_bytes"][model] = step
         print(f"\n{model}: saved for backward per UNet forward (batch {batch}, {str(dtype).replace('torch.', '')}): "
