@@ -365,3 +365,30 @@ def test_plan_window_is_the_grad_carrying_calls_a_rollout_makes(method, flags, n
         x_T = torch.randn(4, 1, 2, 2, dtype=torch.float64, generator=g)
         rollouts.rollout(Sampler(eps, schedule, NoRecompute()), x_T, g)
     assert max(counted) == planned, (counted, planned)
+
+
+def test_plan_reads_a_hub_ids_configs_only(tmp_path, tiny_sd_dir, monkeypatch, capsys):
+    """A hub id: its model_index and component configs are fetched (here served from the tiny-sd
+    folder), never its weights, and planned like the local folder; offline, one line."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from refl_engine.config import parse_args
+    from refl_engine.memory.planner import Planner
+    from refl_engine.plan import plan_spec
+
+    fetched = []
+
+    def serve(repo_id, filename, revision=None, cache_dir=None, **kw):
+        assert filename.endswith(".json"), f"the planner fetched {filename}, not a config"
+        fetched.append(filename)
+        return str(Path(tiny_sd_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", serve)
+    hub = Planner(plan_spec(parse_args(["--model", "someone/tiny-sd", "--rank", "0"]))).param_counts()
+    local = Planner(plan_spec(parse_args(["--model", tiny_sd_dir, "--rank", "0"]))).param_counts()
+    assert hub == local and "model_index.json" in fetched and "unet/config.json" in fetched
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code = _plan_main(["--model", "someone/not-cached", "--cache_dir", str(tmp_path / "empty")])
+    _one_line_error(capsys, code, "--model someone/not-cached: cannot read its configs from the hub")

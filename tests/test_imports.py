@@ -130,8 +130,17 @@ def test_no_import_cycles():
 
 _IMPORT_EACH = r"""
 import json, os, sys
-# third-party libraries first, so each child only imports the package's own modules afresh
-import torch, numpy  # noqa: E401
+# third-party libraries first (their import is most of the time), so each child imports only the
+# package's own modules afresh
+import numpy, torch, safetensors.torch, yaml  # noqa: E401
+import diffusers, transformers  # noqa: E401
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: F401
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection  # noqa: F401
+from transformers import AutoTokenizer, HfArgumentParser  # noqa: F401
+try:
+    import peft  # noqa: F401
+except ImportError:
+    pass
 results = {}
 for name in json.loads(sys.argv[1]):
     pid = os.fork()
