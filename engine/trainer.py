@@ -257,7 +257,7 @@ class ReFLTrainer:
             rewards = []
             for x0 in rollout.x0s:
                 images = self.policy.decode_call(self.decode, x0)
-                rewards.append(self.policy.reward_call(lambda im: self.reward(im, prompts).float(), images))
+                rewards.append(self.policy.reward_call(self.reward, images, prompts).float())
             loss = reward_loss = self.method.loss([reward_objective(r, self.cfg.method) for r in rewards])
             terms = self.method.regularize({"trainer": self, "prompts": prompts, "rollout": rollout})
             for value in terms.values():

@@ -46,12 +46,12 @@ from typing import Callable, Sequence
 import torch
 
 from . import measure
-from .recompute import CALL_KINDS
+from .recompute import CALL_KINDS, checkpointed_layers
 from .window import (RECOMPUTE_COST, WINDOW_KINDS, CallProfile, WindowPlan, _window_peak,  # noqa: F401
                      plan_window)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PLANNER_VERSION = 9
+PLANNER_VERSION = 10
 
 GiB = 2**30
 
@@ -420,12 +420,13 @@ def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoin
 
 
 def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoint: bool):
+    """One reward call as `MemoryPolicy.reward_call` runs it: with `checkpoint`, the backbone's
+    layers recomputed one at a time (a backbone-less reward checkpointed as one call)."""
     config_file = REWARD_BACKBONES.get(reward)
     dt = _dtype(dtype)
-    kinds = ["full"] if checkpoint else ["none"]
+    layers: tuple = ()
     with contextlib.ExitStack() as stack:
         if config_file == "imagereward":
-            from ..rewards.base import checkpoint_layers
             from ..rewards.imagereward import MAX_PROMPT_TOKENS, ImageRewardConfig, ImageRewardModel
             from ..rewards.preprocess import ImagePreprocess
 
@@ -433,8 +434,7 @@ def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoi
             with torch.device("meta"):
                 model = ImageRewardModel(cfg)
             model.requires_grad_(False)
-            checkpoint_layers(model.blip.visual_encoder.blocks)  # as ImageReward.__init__
-            checkpoint_layers(model.blip.text_encoder.encoder.layer)
+            layers = (*model.blip.visual_encoder.blocks, *model.blip.text_encoder.encoder.layer)  # as ImageReward
             pre = ImagePreprocess(size=cfg.image_size, crop_rounding="round")
             stack.enter_context(_tracing())
             _cast(model, dt)
@@ -454,12 +454,11 @@ def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoi
             images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
             params = []
         else:
-            from ..rewards.base import checkpoint_layers
             from ..rewards.preprocess import ImagePreprocess
 
             vision = _meta_vision(config_file)
             vision.requires_grad_(False)
-            checkpoint_layers(vision.vision_model.encoder.layers)
+            layers = tuple(vision.vision_model.encoder.layers)
             pre = ImagePreprocess(size=vision.config.image_size)
             stack.enter_context(_tracing())
             _cast(vision, dt)
@@ -470,8 +469,11 @@ def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoi
 
             images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
             params = list(vision.parameters())
-        prof = profile_call(fn, [images], kinds=kinds, exclude=params)
-    return {"reward": prof[kinds[0]]}
+        kind = "full" if checkpoint and not layers else "none"
+        if checkpoint and layers:
+            stack.enter_context(checkpointed_layers(layers))
+        prof = profile_call(fn, [images], kinds=[kind], exclude=params)
+    return {"reward": prof[kind]}
 
 
 # ====================================================================== the plan

@@ -40,6 +40,7 @@ can be broken down by component.
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from typing import Callable
@@ -55,7 +56,7 @@ from .window import CallProfile, plan_window
 
 def _checkpointed(fn, *args, **kwargs):
     if not torch.is_grad_enabled():
-        return fn(*args)
+        return fn(*args, **kwargs)
     return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
@@ -77,6 +78,26 @@ def _selective(fn, *args):
 
 
 # window_pos -> how that call is run
+@contextmanager
+def checkpointed_layers(layers):
+    """For the calls made inside: each of `layers` keeps only its inputs for backward and is
+    recomputed there (non-reentrant checkpoints, which hold the forward they recompute, so the
+    layers' own forwards are restored on exit while their backward is still to come)."""
+    stock = []
+    for layer in layers:
+        inner = layer.forward
+        stock.append((layer, "forward" in vars(layer), inner))
+        layer.forward = functools.partial(_checkpointed, inner)
+    try:
+        yield
+    finally:
+        for layer, had_own, inner in reversed(stock):
+            if had_own:
+                layer.forward = inner
+            else:
+                del layer.forward
+
+
 CALL_KINDS: dict[str, Callable] = {
     "none": lambda fn, *args: fn(*args),
     "lean": _lean,
@@ -231,9 +252,18 @@ class MemoryPolicy:
                 chunks.append(_checkpointed(fn, *part))
             return torch.cat(chunks)
 
-    def reward_call(self, fn: Callable, *args):
+    def reward_call(self, reward, images: torch.Tensor, prompts) -> torch.Tensor:
+        """reward(images, prompts). With `checkpoint_reward` the reward's `recompute_layers` keep
+        only their inputs and are recomputed one at a time in backward (a reward exposing no
+        layers is checkpointed as one call); nothing else checkpoints inside a reward."""
         with component("reward"):
-            return _checkpointed(fn, *args) if self.checkpoint_reward else fn(*args)
+            if not (self.checkpoint_reward and torch.is_grad_enabled()):
+                return reward(images, prompts)
+            layers = getattr(reward, "recompute_layers", ())
+            if not layers:
+                return _checkpointed(reward, images, prompts)
+            with checkpointed_layers(layers):
+                return reward(images, prompts)
 
 
 class NoRecompute(MemoryPolicy):

@@ -28,7 +28,6 @@ from .base import (
     RewardFiles,
     RewardWeightsError,
     _one_line,
-    checkpoint_layers,
     fetch_hub_file,
     find_in_dir,
     load_state_dict_file,
@@ -86,7 +85,7 @@ class LaionAesthetic(Reward):
         self.preprocess = ImagePreprocess(size=cfg.image_size, crop_rounding="floor")
         self.backbone = clip_vision_backbone(cfg)
         self.backbone["num_params"] = sum(p.numel() for p in self.parameters())
-        checkpoint_layers(vision.vision_model.encoder.layers)
+        self.recompute_layers = tuple(vision.vision_model.encoder.layers)
         self.freeze()
 
     def score(self, images, prompts):

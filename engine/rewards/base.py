@@ -33,11 +33,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError
 
@@ -64,6 +63,9 @@ class Reward(nn.Module):
     backbone: dict | None = None
     #: The image side length the backbone reads (after preprocessing); None = any.
     input_size: int | None = None
+    #: The transformer layers a memory policy may recompute one at a time in backward (the policy
+    #: decides; a reward never checkpoints itself). Empty: the reward is one unit.
+    recompute_layers: tuple[nn.Module, ...] = ()
 
     def __init__(self, output: str = "raw"):
         super().__init__()
@@ -107,6 +109,7 @@ class WeightedSum(Reward):
         highs = [w * (hi if w >= 0 else lo) for (w, _), (lo, hi) in zip(terms, spans)]
         self.bounds = (sum(lows), sum(highs))
         self.name = ",".join(f"{r.name}={w:g}" for w, r in terms)
+        self.recompute_layers = tuple(layer for _, r in terms for layer in r.recompute_layers)
 
     def score(self, images, prompts):
         return sum(w * r(images, prompts) for w, r in zip(self.weights, self.terms))
@@ -114,27 +117,6 @@ class WeightedSum(Reward):
     def forward(self, images, prompts):
         # Terms apply their own output mode; the sum is not rescaled again.
         return self.score(images, prompts)
-
-
-def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
-    """Keep only each layer's input for backward and recompute its activations there.
-
-    The reward backbones run in eval mode (dropout off), where transformers' own gradient
-    checkpointing is inactive, so the layers' forwards are wrapped here instead. Without grad
-    (evaluation) the wrapper is a plain call.
-    """
-    for layer in layers:
-        if getattr(layer, "_refl_checkpointed", False):
-            continue
-        inner = layer.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        layer.forward = forward
-        layer._refl_checkpointed = True
 
 
 def _one_line(err: BaseException) -> str:

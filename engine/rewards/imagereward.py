@@ -41,7 +41,6 @@ from .base import (
     RewardFiles,
     RewardWeightsError,
     _one_line,
-    checkpoint_layers,
     fetch_hub_file,
     find_in_dir,
     load_state_dict_file,
@@ -330,8 +329,7 @@ class ImageReward(Reward):
             "activation_checkpointing": "per_layer",
             "num_params": sum(p.numel() for p in model.parameters()),
         }
-        checkpoint_layers(model.blip.visual_encoder.blocks)
-        checkpoint_layers(model.blip.text_encoder.encoder.layer)
+        self.recompute_layers = (*model.blip.visual_encoder.blocks, *model.blip.text_encoder.encoder.layer)
         self.freeze()
 
     def score(self, images, prompts):

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, RewardFiles, RewardWeightsError, _one_line, checkpoint_layers, register_reward
+from .base import Reward, RewardFiles, RewardWeightsError, _one_line, register_reward
 from .preprocess import ImagePreprocess, at_least_float32 as f32, tokenize
 
 PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
@@ -67,7 +67,7 @@ class ClipPreferenceReward(Reward):
         self.backbone = clip_vision_backbone(vision)
         # Every weight stays resident (text tower included); the planner counts them as frozen bytes.
         self.backbone["num_params"] = sum(p.numel() for p in model.parameters())
-        checkpoint_layers(model.vision_model.encoder.layers)
+        self.recompute_layers = tuple(model.vision_model.encoder.layers)
         self.freeze()
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ def _step(models, method_kw, policy, seed, batch=BATCH, dtype=torch.float32, une
         rewards = []
         for x0 in rollout.x0s:
             images = policy.decode_call(lambda z: (vae.decode(z).sample / 2 + 0.5).clamp(0, 1), x0)
-            rewards.append(policy.reward_call(lambda im: Colorfulness().score(im, [""] * im.shape[0]), images))
+            rewards.append(policy.reward_call(Colorfulness(), images, [""] * images.shape[0]))
         loss = method.loss(rewards)
         for p in params:
             p.grad = None

@@ -48,7 +48,7 @@ def _step(policy, unet, vae, params, scheduler, window, x_T, cond, uncond, guida
     schedule = DDIMSchedule.from_scheduler(scheduler, N_STEPS)
     x0 = run_trajectory(eps_fn, schedule, x_T, window, policy)
     images = policy.decode_call(lambda z: (vae.decode(z).sample / 2 + 0.5).clamp(0, 1), x0)
-    reward = policy.reward_call(lambda im: Colorfulness().score(im, [""] * im.shape[0]), images)
+    reward = policy.reward_call(Colorfulness(), images, [""] * images.shape[0])
     loss = -reward.mean()
     for p in params:
         p.grad = None

@@ -130,7 +130,9 @@ def test_aesthetic_gradient_matches_finite_differences(tmp_path, seed):
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
 
 
-def test_backbone_layers_are_recomputed_in_backward(tmp_path):
+def test_backbone_layers_are_recomputed_only_under_the_policy(tmp_path):
+    from refl_engine.memory.recompute import build_policy
+
     root, _, _ = _aesthetic_dir(tmp_path)
     reward = load_aesthetic(str(root))
     calls = []
@@ -143,13 +145,13 @@ def test_backbone_layers_are_recomputed_in_backward(tmp_path):
 
     fc1.forward = counting_forward
     images = random_images(1, 28).requires_grad_(True)
-    out = reward(images, PROMPTS[:1])
-    assert len(calls) == 1
-    out.sum().backward()
-    assert len(calls) == 2  # the checkpointed layer ran again during backward
+    reward(images, PROMPTS[:1]).sum().backward()
+    assert len(calls) == 1  # a reward never checkpoints itself
+    build_policy("full").reward_call(reward, images, PROMPTS[:1]).sum().backward()
+    assert len(calls) == 3  # the policy's per-layer checkpoint ran the layer again during backward
     with torch.no_grad():
-        reward(images, PROMPTS[:1])
-    assert len(calls) == 3
+        build_policy("full").reward_call(reward, images, PROMPTS[:1])
+    assert len(calls) == 4
 
 
 # ---------------------------------------------------------------- HPSv2

@@ -180,18 +180,31 @@ def test_pickscore_without_path_uses_the_official_hub_ids(monkeypatch):
     assert asked == ["yuvalkirstain/PickScore_v1"]
 
 
-def test_nested_in_the_memory_policys_reward_checkpoint(tmp_path):
-    """The trainer may checkpoint the whole reward call on top of the per-layer checkpoints."""
+@pytest.mark.parametrize("checkpoint_reward", [True, False])
+def test_the_memory_policy_alone_decides_reward_recompute(tmp_path, checkpoint_reward):
+    """Same gradients either way; with --checkpoint_reward each backbone layer runs twice (forward
+    and its recompute), without it once: no checkpoint of the reward's own."""
     from refl_engine.memory.recompute import build_policy
 
     root = _clip_dir(tmp_path)
     reward = build_reward(f"aesthetic:{root}=1.0,pickscore:{root}=0.01")
+    assert len(reward.recompute_layers) == 2 * reward.terms[0].vision.config.num_hidden_layers
+    calls = []
+    for i, layer in enumerate(reward.recompute_layers):
+        # a pre-hook on the layer's first op: a recompute stops early once it has what backward needs
+        layer.layer_norm1.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
     images = random_images(2, 30)
     a = images.clone().requires_grad_(True)
     reward(a, PROMPTS).sum().backward()
+    assert sorted(calls) == list(range(len(reward.recompute_layers)))  # plain call: once each
+    calls.clear()
     b = images.clone().requires_grad_(True)
-    build_policy("full").reward_call(reward, b, PROMPTS).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    policy = build_policy("full", checkpoint_reward=checkpoint_reward)
+    policy.reward_call(reward, b, PROMPTS).sum().backward()
+    runs = 2 if checkpoint_reward else 1
+    assert sorted(calls) == sorted(list(range(len(reward.recompute_layers))) * runs)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7 * float(a.grad.abs().max()) + 1e-12)
+    assert all("forward" not in vars(layer) for layer in reward.recompute_layers)  # stock forwards restored
 
 
 def test_backbones_report_what_the_planner_needs(tmp_path):
