@@ -11,8 +11,9 @@ from refl_engine.memory.selective import geglu_gate, install, norm_act_project, 
 
 
 def _assert_exact(got, ref, what):
-    """float64, the same math in another order: a few thousand ulps of the tensor's magnitude
-    (~1e-12 relative; reordering noise is ~1e-15, a wrong formula is O(1))."""
+    """float64, the same math in another order: 4096 ulps of the tensor's largest entry (~1e-12
+    relative). Measured over 50 seeds: at most ~25 ulps (the whole VAE decoder's latent gradient);
+    a wrong formula is off by O(1)."""
     numerics.assert_close(got, ref, atol_scale=2**12, msg=what)
 
 
