@@ -171,7 +171,7 @@ void row_apply(const T* x, T* y, int64_t n, float mean, float scale, float shift
   if (i < n) store(y + i, activation<SILU>(at::vec::fmadd(load(x + i, n - i) - m, s, b)), n - i);
 }
 
-// dz of the row into dz_out; returns (sum dz, sum dz * xhat)
+// dz of the row into dz_out (with SiLU; without, dz is dy itself); returns (sum dz, sum dz * xhat)
 template <typename T, bool SILU>
 std::pair<float, float> row_grad_sums(const T* x, const T* dy, float* dz_out, int64_t n, float mean, float rstd,
                                       float weight, float bias) {
@@ -181,14 +181,14 @@ std::pair<float, float> row_grad_sums(const T* x, const T* dy, float* dz_out, in
   for (; i + kV <= n; i += kV) {
     const Vec xh = (load_full(x + i) - m) * r;
     const Vec dz = grad_pre_activation<SILU>(load_full(dy + i), at::vec::fmadd(xh, w, b));
-    dz.store(dz_out + i);
+    if constexpr (SILU) dz.store(dz_out + i);
     acc_a += dz;
     acc_b = at::vec::fmadd(dz, xh, acc_b);
   }
   if (i < n) {  // lanes past the end have dy = 0, hence dz = 0: they add nothing
     const Vec xh = (load(x + i, n - i) - m) * r;
     const Vec dz = grad_pre_activation<SILU>(load(dy + i, n - i), at::vec::fmadd(xh, w, b));
-    dz.store(dz_out + i, static_cast<int>(n - i));
+    if constexpr (SILU) dz.store(dz_out + i, static_cast<int>(n - i));
     acc_a += dz;
     acc_b = at::vec::fmadd(dz, xh, acc_b);
   }
@@ -197,17 +197,18 @@ std::pair<float, float> row_grad_sums(const T* x, const T* dy, float* dz_out, in
 
 // dx = r (w dz - c1 - xhat c2), in this order: with one element per group w dz == c1 and
 // xhat == 0, so dx is exactly 0 (a folded r w dz - r c1 would leave rounding times rstd)
-template <typename T>
-void row_dx(const T* x, const float* dz, T* dx, int64_t n, float mean, float rstd, float weight, float c1, float c2) {
+// dz is the float scratch (with SiLU) or dy itself (without)
+template <typename T, typename DZ>
+void row_dx(const T* x, const DZ* dz, T* dx, int64_t n, float mean, float rstd, float weight, float c1, float c2) {
   const Vec m(mean), r(rstd), w(weight), c1v(c1), c2v(c2);
   int64_t i = 0;
   for (; i + kV <= n; i += kV) {
     const Vec xh = (load_full(x + i) - m) * r;
-    store_full(dx + i, r * (w * Vec::loadu(dz + i) - c1v - xh * c2v));
+    store_full(dx + i, r * (w * load_full(dz + i) - c1v - xh * c2v));
   }
   if (i < n) {
     const Vec xh = (load(x + i, n - i) - m) * r;
-    store(dx + i, r * (w * Vec::loadu(dz + i, static_cast<int>(n - i)) - c1v - xh * c2v), n - i);
+    store(dx + i, r * (w * load(dz + i, n - i) - c1v - xh * c2v), n - i);
   }
 }
 
@@ -238,9 +239,10 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
                    T* dx, float* sum_dz, float* sum_dz_xhat, int64_t N, int64_t C, int64_t HW, int64_t G) {
   const int64_t D = C / G, L = D * HW;
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    // this group's dz, reused by the dx pass; kept per thread across calls (no page faults per call)
+    // with SiLU, this group's dz (the exponential once per element), reused by the dx pass; kept
+    // per thread across calls (no page faults per call). Without, the dx pass reads dy.
     thread_local std::vector<float> dz_buf;
-    if (static_cast<int64_t>(dz_buf.size()) < L) dz_buf.resize(L);
+    if (SILU && static_cast<int64_t>(dz_buf.size()) < L) dz_buf.resize(L);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
       const float m = mean[ng], r = rstd[ng];
@@ -257,7 +259,8 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       const float c2f = static_cast<float>(c2 / static_cast<double>(L));
       for (int64_t c = 0; c < D; ++c) {
         const int64_t off = ng * L + c * HW;
-        row_dx(x + off, dz_buf.data() + c * HW, dx + off, HW, m, r, w[g * D + c], c1f, c2f);
+        if constexpr (SILU) row_dx(x + off, dz_buf.data() + c * HW, dx + off, HW, m, r, w[g * D + c], c1f, c2f);
+        else row_dx(x + off, dy + off, dx + off, HW, m, r, w[g * D + c], c1f, c2f);
       }
     }
   });
