@@ -63,7 +63,8 @@ def plan_spec(cfg: TrainConfig, opts: PlanOptions | None = None):
         lv_inner=m.lv_inner, method_options=method_options,
         rank=mo.rank, lora_targets=mo.lora_target_modules, mixed_precision=o.mixed_precision,
         optimizer=o.optimizer, zero=d.zero or 0, offload=d.offload, num_gpus=opts.num_gpus,
-        recompute=mem.recompute, checkpoint_decode=mem.checkpoint_decode, selective_decode=mem.selective_decode,
+        recompute=mem.recompute, recompute_chunk=mem.recompute_chunk, checkpoint_decode=mem.checkpoint_decode,
+        selective_decode=mem.selective_decode,
         checkpoint_reward=mem.checkpoint_reward, reward=m.reward,
         budget_gb=budget_gb, reserve_gb=opts.reserve_gb, use_cache=not opts.no_cache,
     )

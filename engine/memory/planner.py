@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import measure
-from .recompute import CALL_KINDS, checkpointed_layers
+from .recompute import CALL_KINDS, CHUNKABLE, chunked_profile, checkpointed_layers
 from .window import (RECOMPUTE_COST, WINDOW_KINDS, CallProfile, WindowPlan, _window_peak,  # noqa: F401
                      plan_window)
 
@@ -510,6 +510,7 @@ class PlanSpec:
     selective_decode: bool = True  # MemoryPolicy.selective_decode
     checkpoint_reward: bool = True
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
+    recompute_chunk: int = 0  # samples per checkpoint of a full/selective UNet call; 0 = whole batch (auto: chosen)
     lv_inner: int = 2
     use_cache: bool = True
     method_options: dict = field(default_factory=dict)  # other MethodConfig fields (alignprop_k_max, ...)
@@ -742,28 +743,68 @@ class Planner:
         side = self.resolution // factor
         return batch * self.model.unet.get("in_channels", 4) * side * side * _dtype(self.spec.mixed_precision).itemsize
 
+    def param_grad_bytes(self) -> int:
+        """The trainable parameters' gradients in the compute dtype, as autograd's input buffers
+        sum them over the chunks of a chunked call."""
+        c = self.param_counts()
+        return (c["lora"] if self.spec.rank > 0 else c["unet"]) * _dtype(self.spec.mixed_precision).itemsize
+
+    def chunked_profiles(self, profiles: dict[str, CallProfile], batch: int, chunk: int,
+                         x_grad: bool) -> dict[str, CallProfile]:
+        """`profiles` with the checkpointed kinds run as the trainer runs them at `--recompute_chunk
+        chunk` (recompute.chunked): one chunk's call, plus what grows with the batch around it."""
+        if chunk <= 0 or chunk >= batch:
+            return profiles
+        one = self.unet_profiles(chunk, x_grad=x_grad)
+        sample = self.latent_bytes(1)  # the call's output per sample, and its input's gradient
+        out = dict(profiles)
+        for k in CHUNKABLE:
+            if k in one:
+                out[k] = chunked_profile(one[k], batch, chunk, sample, sample if x_grad else 0,
+                                         self.param_grad_bytes())
+        return out
+
     # -- composition ----------------------------------------------------------------------------------
     def activation_plan(self, batch: int, recompute: str, window: int, available: int | None = None):
-        """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`."""
+        """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`. The plan's
+        `recompute_chunk` is the chunk its checkpointed calls run at (0 = the whole batch): the
+        spec's, or under `auto` with none given the largest that fits (bigger chunks run faster)."""
         s = self.spec
         # The first window step's latent comes from no-grad steps and carries no gradient; later
         # ones do. With one step (ReFL, K = 1) that first step is the whole window; DRaFT-LV's and
         # ImageReFL's calls each start from a latent without gradient.
         x_grad = window > 1 and s.method not in ("draft-lv", "imagerefl")
-        profiles = self.unet_profiles(batch, x_grad=x_grad)
+        whole = self.unet_profiles(batch, x_grad=x_grad)
         vae, rew = self.after_window(batch)
         latent = self.latent_bytes(batch)
         # decode output (the fp32 image) stays for the reward; reward backward, then decode backward
         after = self.after_window_bytes(batch)
+        chunk = s.recompute_chunk if s.recompute_chunk < batch else 0
+        profiles = self.chunked_profiles(whole, batch, chunk, x_grad)
         if recompute == "auto":
             budget = available if available is not None else 0
             plan = plan_window(window, profiles, budget, after, latent)
+            if not s.recompute_chunk and not plan.fits and batch > 1:
+                # the largest chunk that fits (the peak grows with the chunk); else chunk 1's plan
+                lo, hi, best = 1, batch - 1, None
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    p = plan_window(window, self.chunked_profiles(whole, batch, mid, x_grad), budget, after, latent)
+                    if p.fits:
+                        best, lo = (mid, p), mid + 1
+                    else:
+                        hi = mid - 1
+                chunk = best[0] if best else 1
+                profiles = self.chunked_profiles(whole, batch, chunk, x_grad)
+                plan = best[1] if best else plan_window(window, profiles, budget, after, latent)
         else:  # a fixed policy: every window position of that kind
             peak, kept, phase = _window_peak([(recompute, window)], profiles, latent, after)
             plan = WindowPlan([recompute] * window, peak, kept, phase, RECOMPUTE_COST[recompute] * window, True)
-        # no-grad steps before the window: one forward at a time
+        plan.recompute_chunk = chunk if recompute in ("auto", *CHUNKABLE) else 0
+        # no-grad steps before the window: one forward at a time, of the whole batch (DRaFT with
+        # K = N has none; with the checkpointed calls chunked they can set the peak)
         pre = profiles["nograd"].fwd_peak + latent
-        if pre > plan.peak:
+        if not (s.method == "draft" and window >= s.num_inference_steps) and pre > plan.peak:
             plan.peak, plan.phase = pre, "no-grad steps before the window"
         return plan, after, profiles, vae, rew
 
@@ -832,7 +873,7 @@ class Planner:
             max_batch=self.max_batch(s.recompute, state), recommended_recompute=recommended,
             components=components,
             window={"size": s.window_size(), "kinds": _counts_text(wplan.counts), "phase": wplan.phase,
-                    "recompute_unet_forwards": wplan.recompute_cost},
+                    "recompute_unet_forwards": wplan.recompute_cost, "recompute_chunk": wplan.recompute_chunk},
             policies=policies, param_counts=dict(self.param_counts()), host_bytes=self.host_bytes(),
             notes=[f"budget: {how}; usable = budget - {s.reserve_gb:g} GiB reserve (CUDA context, workspaces, fragmentation)",
                    f"resolution {self.resolution}, latent {self.resolution // (2 ** (len(self.model.vae['block_out_channels']) - 1))}",
