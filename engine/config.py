@@ -378,7 +378,8 @@ def _make_parser_class():
             meta = {k: v for k, v in f.metadata.items() if k not in ("valid", "aliases", "help")}
             text = info.help + (f"; valid {info.valid}" if info.valid else "")
             meta["help"] = text.replace("%", "%%")
-            meta["aliases"] = list(dict.fromkeys(s for a in info.aliases for s in (f"--{a}", f"--{a.replace('_', '-')}")))
+            spellings = (s for a in info.aliases for s in (f"--{a}", f"--{a.replace('_', '-')}"))
+            meta["aliases"] = list(dict.fromkeys(spellings))
             if _metavar(info) not in (None, "BOOL"):  # bool: set below (the --no_ form takes no metavar)
                 meta["metavar"] = _metavar(info)
             g = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=meta)
@@ -598,7 +599,8 @@ def validate_distributed(cfg: TrainConfig) -> None:
     """The flags (and a --deepspeed file) -> one consistent setting, or one ConfigError line."""
     o, d = cfg.optim, cfg.distributed
     if o.optimizer not in FIELDS["optimizer"].choices:
-        raise ConfigError(f"unknown --optimizer {o.optimizer!r}; choose one of: {', '.join(FIELDS['optimizer'].choices)}")
+        choices = ", ".join(FIELDS["optimizer"].choices)
+        raise ConfigError(f"unknown --optimizer {o.optimizer!r}; choose one of: {choices}")
     if o.use_8bit_adam:  # the diffusers examples' flag
         if o.optimizer not in ("adamw", "adamw8bit"):
             raise ConfigError(f"--use_8bit_adam conflicts with --optimizer {o.optimizer}; drop one of them")

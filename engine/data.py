@@ -75,7 +75,8 @@ def load_prompts(spec: str) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise ConfigError(f"{spec}:{n}: not valid JSON; write one {{\"prompt\": \"...\"}} object a line") from None
+                raise ConfigError(f"{spec}:{n}: not valid JSON; write one {{\"prompt\": \"...\"}} object a "
+                                  "line") from None
             prompts.append(_prompt_of(row, f"{spec}:{n}"))
     elif suffix == ".csv":
         try:

@@ -78,7 +78,8 @@ def render(plan) -> str:
     s = plan.spec
     c = plan.components
     lines = [
-        f"refl-plan: {s['model'] or 'the embedded toy-world model'} @ {s['resolution'] or 'native'} px, batch {s['batch_size']}, {s['method']}"
+        f"refl-plan: {s['model'] or 'the embedded toy-world model'} @ {s['resolution'] or 'native'} px, "
+        f"batch {s['batch_size']}, {s['method']}"
         + (f" K={s['K']}" if s["method"] == "draft" else "")
         + f", N={s['num_inference_steps']}, CFG {s['guidance_scale']:g}, "
         + (f"LoRA r={s['rank']}" if s["rank"] else "full fine-tune")

@@ -180,5 +180,6 @@ def build_random_pickscore(tokenizer, output: str = "raw") -> PickScore:
 
 register_reward("pickscore", "PickScore_v1: CLIP ViT-H/14, logit_scale x cosine (path: model directory)",
                 files=RewardFiles(local=("config.json",), directory=True,
-                                  hub=((PICKSCORE_HUB_ID, "config.json"), (LAION_VIT_H14_HUB_ID, "tokenizer_config.json")))
+                                  hub=((PICKSCORE_HUB_ID, "config.json"),
+                                       (LAION_VIT_H14_HUB_ID, "tokenizer_config.json")))
                 )(load_pickscore)
