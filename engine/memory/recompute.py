@@ -217,6 +217,10 @@ class MemoryPolicy:
     def call_kind(self, window_pos: int) -> str:
         raise NotImplementedError
 
+    def call_chunk(self) -> int:
+        """Samples per checkpoint of this window's `full` / `selective` calls (0 = the batch)."""
+        return self.recompute_chunk
+
     def _next_window_pos(self) -> int:
         if self._open is None:
             raise RuntimeError("a grad-carrying UNet call outside a gradient window; open one with policy.window(size)")
@@ -231,7 +235,7 @@ class MemoryPolicy:
         """The next grad-carrying UNet call of the open window, run as `call_kind` says."""
         window_pos = self._next_window_pos()
         kind = self.call_kind(window_pos)
-        run = chunked(kind, self.recompute_chunk) if kind in CHUNKABLE else CALL_KINDS[kind]
+        run = chunked(kind, self.call_chunk()) if kind in CHUNKABLE else CALL_KINDS[kind]
         with component("unet"):
             return run(fn, *args)
 
@@ -305,6 +309,8 @@ class AutoRecompute(MemoryPolicy):
     budget_bytes    total bytes the step may use on the device (alias: memory_budget).
     reserve_bytes   bytes to hold back for what comes after the window (VAE decode and reward
                     forward/backward); the planner's `vae_decode` + `reward` estimate is right here.
+    When no plan of whole-batch calls fits and `recompute_chunk` is 0, the checkpointed kinds run
+    chunked (`chunked`) at the largest chunk whose plan fits (`self.chunk`; bigger chunks run faster).
     The bytes already live when the window begins (parameters, optimizer state, text embeddings)
     are read from `measure.live_bytes` (the CUDA allocator, or the active CPU tracker); with
     neither, the budget applies to the window alone.
@@ -325,6 +331,7 @@ class AutoRecompute(MemoryPolicy):
         self.window_size: int | None = None
         self.plan: list[str] | None = None
         self.last_plan = None  # window.WindowPlan of the latest window, for logs and tests
+        self.chunk = self.recompute_chunk  # the latest window's chunk (0 = the batch): given, or planned
         self._profiles: dict = {}
 
     def begin_window(self, window_size: int) -> None:
@@ -354,9 +361,37 @@ class AutoRecompute(MemoryPolicy):
             self._profiles[key] = measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in self.kinds})
         live = measure.live_bytes(device) or 0
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
-        self.last_plan = plan_window(self.window_size, self._profiles[key], self.memory_budget - live,
-                                             after=self.reserve_bytes, latent_bytes=latent)
-        self.plan = self.last_plan.kinds
+        profiles, available = self._profiles[key], self.memory_budget - live
+        plan = plan_window(self.window_size, profiles, available, after=self.reserve_bytes, latent_bytes=latent)
+        self.chunk = self.recompute_chunk
+        x = args[0]
+        if not self.recompute_chunk and not plan.fits and x.shape[0] > 1 and hasattr(fn, "rows"):
+            # The largest chunk of the checkpointed calls that fits (bigger chunks run faster):
+            # one chunk's profile scaled from the batch's, the rest as `chunked_profile` counts it.
+            batch, sample = x.shape[0], x[:1].nbytes
+            x_grad = self.window_size > 1  # later window steps' latents carry gradient
+            unet = getattr(fn, "unet", None)
+            grads = sum(p.numel() for p in unet.parameters() if p.requires_grad) * x.element_size() if unet else 0
+
+            def at(c):
+                return {k: chunked_profile(v.scaled(c / batch), batch, c, sample, sample if x_grad else 0, grads)
+                        if k in CHUNKABLE else v for k, v in profiles.items()}
+
+            lo, hi, best = 1, batch - 1, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                p = plan_window(self.window_size, at(mid), available, after=self.reserve_bytes, latent_bytes=latent)
+                if p.fits:
+                    best, lo = (mid, p), mid + 1
+                else:
+                    hi = mid - 1
+            self.chunk, plan = best or (1, plan_window(self.window_size, at(1), available, after=self.reserve_bytes,
+                                                       latent_bytes=latent))
+        self.last_plan = plan
+        self.plan = plan.kinds
+
+    def call_chunk(self) -> int:
+        return self.chunk
 
 
 def _parse_bytes(value) -> int:

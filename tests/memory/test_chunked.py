@@ -240,3 +240,30 @@ def test_chunk_1_peak_grows_only_by_latents_and_outputs_and_planner_agrees():
     assert measured8 - measured1 <= 7 * per_sample, (measured1, measured8, per_sample)
     for measured, planned in ((measured1, planned1), (measured8, planned8)):
         assert abs(planned - measured) <= 0.05 * measured, (planned, measured)
+
+
+def test_auto_picks_a_chunk_and_stays_within_budget():
+    """A budget between the measured peaks of `full` at chunk 1 and unchunked: no plan of whole-
+    batch calls fits, so auto chunks its checkpointed calls (the largest chunk that fits) and the
+    measured step stays within the budget."""
+    from refl_engine.memory.planner import Planner, PlanSpec
+
+    batch = 4
+    models = _tiny(0, 4, torch.float32)
+    kw = METHODS["draft_K_full"]
+
+    def measured_peak(policy):
+        with measure.LiveBytesTracker(devices={"cpu"}) as tracker:
+            _step(models, kw, policy, 0, batch=batch)
+        return tracker.peak
+
+    chunk1 = measured_peak(build_policy("full", recompute_chunk=1))
+    whole = measured_peak(build_policy("full"))
+    assert whole > 2 * chunk1
+    reserve = Planner(PlanSpec(model="tiny-sd", mixed_precision="no")).after_window_bytes(batch)
+    budget = int(chunk1 + 0.3 * (whole - chunk1))
+    policy = build_policy("auto", budget_bytes=budget, reserve_bytes=reserve)
+    _step(models, kw, policy, 0, batch=batch)  # the first window profiles each kind on the whole batch
+    peak = measured_peak(policy)
+    assert 1 <= policy.chunk < batch and policy.last_plan.fits, (policy.chunk, policy.last_plan)
+    assert peak <= budget, (peak, budget, policy.chunk, policy.last_plan.counts)
