@@ -74,6 +74,8 @@ def _selective(fn, *args):
     """A checkpoint whose forward and recompute run the UNet in selective mode: the recomputed
     call saves what `lean` saves, so its backward peaks lower than a plain checkpoint's."""
     ensure_installed(getattr(fn, "unet", None))
+    if not torch.is_grad_enabled():  # nothing to checkpoint; context_fn is checkpoint's, not fn's
+        return fn(*args)
     return _checkpointed(fn, *args, context_fn=_both_selective)
 
 

@@ -267,3 +267,18 @@ def test_auto_picks_a_chunk_and_stays_within_budget():
     peak = measured_peak(policy)
     assert 1 <= policy.chunk < batch and policy.last_plan.fits, (policy.chunk, policy.last_plan)
     assert peak <= budget, (peak, budget, policy.chunk, policy.last_plan.counts)
+
+
+@pytest.mark.parametrize("kind", ["full", "selective"])
+def test_checkpointed_kinds_without_grad_just_call(kind):
+    """Without grad a checkpointed kind (chunked or not) is the plain call: the checkpoint's own
+    options never reach `fn`."""
+    def fn(x, t):
+        return x * t
+
+    fn.unet = None
+    x = torch.arange(6.0).view(3, 2)
+    for chunk in (0, 1):
+        policy = build_policy(kind, recompute_chunk=chunk)
+        with torch.no_grad(), policy.window(1):
+            assert torch.equal(policy.unet_call(fn, x, torch.tensor(2.0)), x * 2)
