@@ -1,8 +1,8 @@
 """CPU seconds per optimizer step of the tiny preset under each DeepSpeed setting, against the
 single-process plain-torch run with the same global batch.
 
-    python benchmarks/distributed.py [--steps 6] [--out benchmarks/results/distributed-tiny-sd-cpu.json]
-    python benchmarks/distributed.py --plan    # the planner's per-GPU peak, host memory and largest
+    python benchmarks/zero_stages.py [--steps 6] [--out benchmarks/results/distributed-tiny-sd-cpu.json]
+    python benchmarks/zero_stages.py --plan    # the planner's per-GPU peak, host memory and largest
                                                # batch for full fine-tuning of SD1.5 / SDXL on 80 GB GPUs
 
 Each row launches its ranks as processes with the environment torchrun sets (gloo on CPU) and
