@@ -78,8 +78,9 @@ class ModelConfig:
                     aliases=("lora_rank",))
     lora_alpha: float = arg(0.0, "LoRA alpha (adapters scale by alpha / rank); 0 = same as --rank", valid="[0, inf)")
     lora_target_modules: str = arg("to_q,to_k,to_v,to_out.0", "comma-separated module-name suffixes LoRA wraps")
-    kernels: Literal["torch", "triton", "sdpa", "xformers"] = arg(
-        "torch", "attention/normalization kernels: stock torch, the Triton kernels, SDPA or xformers")
+    kernels: Literal["torch", "triton", "native", "sdpa", "xformers"] = arg(
+        "torch", "attention/normalization kernels: stock torch, the Triton kernels, the native (csrc/) "
+        "GroupNorm+SiLU, SDPA or xformers")
     enable_xformers_memory_efficient_attention: bool = arg(False, "diffusers' flag: the same as --kernels xformers")
 
 
