@@ -10,6 +10,7 @@ is random; its row is predicted for the window the measured step actually drew.
 
     python benchmarks/memory.py                      # tiny-sd @ 64 px, N = 50
     python benchmarks/memory.py --json benchmarks/memory.json
+    python benchmarks/memory.py --chunked --steps 4 --json benchmarks/results/memory-chunked-tiny-sd.json
     python benchmarks/memory.py --model /path/to/diffusers/dir --resolution 512 --steps 50
 
 On the tiny preset at 64 px the UNet's activations are several times its weights, so the
@@ -35,15 +36,25 @@ ROWS = [
     ("alignprop", "-", "full"), ("alignprop", "-", "selective"),
 ]
 POLICIES = ("none", "lean", "full", "selective")
+# --chunked: batch-chunked recomputation (`policy@chunk`, --recompute_chunk) at batch 1, 4 and 8,
+# beside the unchunked checkpoint at the same batch: (method, K, recompute[@chunk], batch)
+CHUNKED_ROWS = [("draft", "full", pol, str(b)) for b in (1, 4, 8) for pol in ("full", "full@1", "selective@1")]
+
+
+def _policy(recompute: str) -> tuple[str, int]:
+    """'selective@2' -> ('selective', 2): the policy and its --recompute_chunk."""
+    name, _, chunk = recompute.partition("@")
+    return name, int(chunk or 0)
 
 
 def _config(args, method, K, recompute, out_dir, budget=None):
     from refl_engine.config import TrainConfig, set_field, validate
 
     cfg = TrainConfig()
+    recompute, chunk = _policy(recompute)
     fields = dict(model=args.model, resolution=args.resolution, method=method, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, train_batch_size=args.batch_size, rank=args.rank,
-                  mixed_precision="no", recompute=recompute, seed=args.seed, max_train_steps=10,
+                  mixed_precision="no", recompute=recompute, recompute_chunk=chunk, seed=args.seed, max_train_steps=10,
                   output_dir=out_dir, progress=False, reward=args.reward, num_sample_images=1)
     if method == "draft":
         fields["K"] = K
@@ -60,7 +71,8 @@ def _planner(args, method, K, recompute, window_size=None, budget=None):
 
     if method == "alignprop" and window_size is not None:
         method, K = "draft", str(window_size)  # the window the measured step drew
-    spec = PlanSpec(model=args.model, resolution=args.resolution, batch_size=args.batch_size, method=method,
+    recompute, chunk = _policy(recompute)
+    spec = PlanSpec(recompute_chunk=chunk, model=args.model, resolution=args.resolution, batch_size=args.batch_size, method=method,
                     K=K if method == "draft" else "full", num_inference_steps=args.steps,
                     guidance_scale=args.guidance_scale, rank=args.rank, mixed_precision="no", optimizer="adamw",
                     recompute=recompute, reward=args.reward,
@@ -83,7 +95,9 @@ def worker(args) -> dict:
     from refl_engine.trainer import ReFLTrainer
 
     torch.set_num_threads(args.threads)
-    method, K, recompute = args.row.split(",")
+    method, K, recompute, *batch = args.row.split(",")
+    if batch:
+        args.batch_size = int(batch[0])
     budget = auto_budget(args) if recompute == "auto" else None
     with tempfile.TemporaryDirectory() as out:
         trainer = ReFLTrainer(_config(args, method, K, recompute, out, budget)).setup()
@@ -116,7 +130,8 @@ def worker(args) -> dict:
                predicted_phase=pplan.window["phase"], budget_bytes=budget,
                auto_plan=getattr(trainer.policy, "last_plan", None) and trainer.policy.last_plan.counts,
                measured_with=peak.method, resolution=args.resolution, batch_size=args.batch_size,
-               guidance_scale=args.guidance_scale, model=args.model, rank=args.rank)
+               guidance_scale=args.guidance_scale, model=args.model, rank=args.rank,
+               recompute_chunk=_policy(recompute)[1], planned_chunk=pplan.window.get("recompute_chunk", 0))
     return rec
 
 
@@ -160,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--reward", default="colorfulness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunked", action="store_true", help="the batch-chunked rows (draft K=full at batch 1, 4, 8) "
+                   "instead of the default rows")
     p.add_argument("--rows", default="", help="only these rows: 'draft,full,selective;refl,-,none' ('skip': none)")
     p.add_argument("--json", default="", help="write the records to this file")
     p.add_argument("--row", help=argparse.SUPPRESS)
@@ -183,7 +200,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(timing_worker(args)))
         return 0
 
-    rows = [tuple(r.split(",")) for r in args.rows.split(";")] if args.rows else ROWS
+    rows = [tuple(r.split(",")) for r in args.rows.split(";")] if args.rows else (CHUNKED_ROWS if args.chunked else ROWS)
     if args.rows == "skip":
         rows = []
     records = []
@@ -229,13 +246,14 @@ def main(argv=None) -> int:
 
 def render(records, timings=()) -> str:
     MiB = 2**20
-    lines = [f"{'method':10s} {'K':>7s} {'W':>3s} {'recompute':10s} {'peak MiB':>9s} {'pred MiB':>9s} {'err':>7s} "
-             f"{'step s':>7s}"]
+    lines = [f"{'method':10s} {'K':>7s} {'W':>3s} {'B':>3s} {'recompute':12s} {'peak MiB':>9s} {'pred MiB':>9s} "
+             f"{'err':>7s} {'step s':>7s}"]
     for r in records:
-        lines.append(f"{r['method']:10s} {r['K']:>7s} {r['window_size']:>3d} {r['recompute']:10s} "
+        lines.append(f"{r['method']:10s} {r['K']:>7s} {r['window_size']:>3d} {r['batch_size']:>3d} {r['recompute']:12s} "
                      f"{r['peak_bytes'] / MiB:9.2f} {r['predicted_bytes'] / MiB:9.2f} {100 * r['planner_error']:+6.1f}% "
                      f"{r['step_seconds']:7.2f}")
     by = {(r["method"], r["K"], r["recompute"]): r for r in records}
+    by_batch = {(r["method"], r["K"], r["recompute"], r["batch_size"]): r for r in records}
     lines.append("")
     for pol in POLICIES:
         a, b = by.get(("draft", "full", pol)), by.get(("draft", "1", pol))
@@ -254,6 +272,13 @@ def render(records, timings=()) -> str:
         lines.append(f"step time, {t['method']} K={t['K']} (one process, interleaved, {t['reps']} runs each): "
                      + ", ".join(f"{p} median {med[p]:.2f}s ({med[p] / med['none']:.3f}x none), "
                                  f"min {low[p]:.2f}s ({low[p] / low['none']:.3f}x)" for p in med))
+    chunked = [r for r in records if r.get("recompute_chunk")]
+    for r in chunked:  # the chunked row's peak beside the unchunked one at the same batch, and at batch 1
+        whole = by_batch.get((r["method"], r["K"], r["recompute"].split("@")[0], r["batch_size"]))
+        one = by_batch.get((r["method"], r["K"], r["recompute"], 1))
+        if whole and one:
+            lines.append(f"{r['recompute']:12s} batch {r['batch_size']}: peak {r['peak_bytes'] / whole['peak_bytes']:.3f}x "
+                         f"the unchunked one, {r['peak_bytes'] / one['peak_bytes']:.3f}x batch 1's")
     if records:
         worst = max(records, key=lambda r: abs(r["planner_error"]))
         lines.append(f"planner: worst error {100 * worst['planner_error']:+.1f}% "

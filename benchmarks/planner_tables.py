@@ -85,8 +85,40 @@ def tables(budget_gb: float = 80.0) -> str:
                         out.append(f"| {mname} | {tname} | {b} | {pol} | {peak / GiB:.1f} | {pol1} | {peak1 / GiB:.1f} |")
                 print(f"  {model} {cfg_name} {mname} done", file=sys.stderr)
             out.append("")
+    out += chunk_table(budget_gb)
     out += decode_table()
     return "\n".join(out) + "\n"
+
+
+def chunk_table(budget_gb: float, models=MODELS, methods=(METHODS[0], METHODS[2])) -> list[str]:
+    """Batch-chunked recomputation (--recompute_chunk), CFG 7.5: the largest batch with the
+    checkpointed calls unchunked (`selective`) and chunked one sample at a time (`selective`,
+    chunk 1), and at that batch `auto`'s plan under the budget: the largest chunk that fits and
+    the kinds of its window steps."""
+    out = ["## Batch-chunked recomputation, CFG 7.5", "",
+           "`selective` unchunked vs `--recompute_chunk 1`; at the chunked max batch, `auto` picks the largest chunk "
+           "that fits (bigger chunks run faster). Without chunking the backward of one recomputed UNet call holds "
+           "the whole batch's activations; chunked, one chunk's (the no-grad steps before a window still run the "
+           "whole batch, which limits ReFL and DRaFT K<N).", "",
+           "| model | method | training | max batch, unchunked | max batch, chunk 1 | auto at that batch: chunk | "
+           "window steps | peak GiB |", "|---|---|---|---:|---:|---:|---|---:|"]
+    for model, res in models:
+        for mname, method, K in methods:
+            for tname, training in TRAINING:
+                spec = dict(model=model, resolution=res, method=method, K=K, num_inference_steps=50, guidance_scale=7.5,
+                            mixed_precision="bf16", recompute="selective", budget_gb=budget_gb, reward="aesthetic",
+                            **training)
+                whole = Planner(PlanSpec(**spec)).max_batch("selective")
+                chunked = Planner(PlanSpec(**spec, recompute_chunk=1)).max_batch("selective")
+                cells = ["-", "-", "-"]
+                if chunked:
+                    peak, wplan, _ = Planner(PlanSpec(**spec)).peak(chunked, "auto")
+                    kinds = ", ".join(f"{n} {k}" for k, n in wplan.counts.items())
+                    cells = [str(wplan.recompute_chunk or chunked), kinds, f"{peak / GiB:.1f}"]
+                out.append(f"| {model} @ {res} | {mname} | {tname} | {whole} | {chunked} | " + " | ".join(cells) + " |")
+                print(f"  chunked {model} {mname} {tname}: {whole} -> {chunked}", file=sys.stderr)
+    out.append("")
+    return out
 
 
 def decode_table() -> list[str]:
@@ -109,7 +141,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).with_name("PLANNER_TABLES.md")))
     p.add_argument("--budget-gb", dest="budget_gb", type=float, default=80.0)
+    p.add_argument("--chunked-only", dest="chunked_only", action="store_true",
+                   help="print only the batch-chunked table (stdout)")
     args = p.parse_args(argv)
+    if args.chunked_only:
+        print("\n".join(chunk_table(args.budget_gb)))
+        return 0
     text = tables(args.budget_gb)
     if args.out == "-":
         print(text)
