@@ -282,3 +282,22 @@ def test_checkpointed_kinds_without_grad_just_call(kind):
         policy = build_policy(kind, recompute_chunk=chunk)
         with torch.no_grad(), policy.window(1):
             assert torch.equal(policy.unet_call(fn, x, torch.tensor(2.0)), x * 2)
+
+
+def test_planner_auto_picks_the_largest_chunk_that_fits():
+    """The planner's `auto` with no chunk given, under a budget between the chunk-1 and the
+    whole-batch checkpointed peaks: it picks a chunk, fits, and the next larger chunk would not."""
+    from refl_engine.memory.planner import Planner, PlanSpec
+
+    batch, GiB = 8, 2**30
+    common = dict(model="tiny-sd", method="draft", K="full", num_inference_steps=4, guidance_scale=3.0, rank=4,
+                  mixed_precision="no", batch_size=batch, reserve_gb=0.0)
+    one = Planner(PlanSpec(recompute="selective", recompute_chunk=1, **common)).peak(batch, "selective")[0]
+    whole = Planner(PlanSpec(recompute="selective", **common)).peak(batch, "selective")[0]
+    budget = one + 0.4 * (whole - one)
+    planner = Planner(PlanSpec(recompute="auto", budget_gb=budget / GiB, **common))
+    peak, plan, _ = planner.peak(batch, "auto")
+    assert plan.fits and peak <= planner.usable_bytes() and 1 <= plan.recompute_chunk < batch
+    bigger = Planner(PlanSpec(recompute="auto", budget_gb=budget / GiB, recompute_chunk=plan.recompute_chunk + 1,
+                              **common))
+    assert not bigger.peak(batch, "auto")[1].fits
