@@ -85,11 +85,17 @@ def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad, seed):
     assert real["lean"].retained < 0.75 * real["none"].retained
 
 
-def test_meta_trace_equals_fake_tensor_trace():
-    """Meta device + flash-type SDPA (the planner) vs FakeTensorMode on CPU (SDPA's own dispatch)."""
+def test_meta_trace_equals_fake_tensor_trace(monkeypatch):
+    """Meta device + flash-type SDPA (the planner) vs FakeTensorMode on CPU (SDPA's own dispatch).
+
+    Both on the GroupNorm path the planner models (the GPU's): on a CPU tensor the lean mode would
+    take the native fused op, which also keeps its per-group fp32 mean and rstd (8 bytes a group)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from refl_engine.memory import selective
     from refl_engine.models.load import tiny_sd_configs
+
+    monkeypatch.setattr(selective, "_use_native", lambda x: False)
 
     unet_cfg = tiny_sd_configs()["unet"]
     unet = planner._unet_for_trace(unet_cfg, 4, "to_q,to_k,to_v,to_out.0")
