@@ -1,4 +1,4 @@
-"""DDIM step math, classifier-free guidance, x0_hat, the noise helper, and the trajectory runner
+"""DDIM step math, x0_hat, the noise helper, and the trajectory runner
 with a gradient window.
 
 The runner is the one loop all methods share: steps before the window run under torch.no_grad()
@@ -142,10 +142,6 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, alpha_bar: float, alp
             raise ValueError("ddim_step with eta > 0 needs the noise z")
         x_prev = x_prev + sigma * noise
     return x_prev
-
-
-def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 # ---------------------------------------------------------------- the window
