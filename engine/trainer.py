@@ -126,6 +126,12 @@ class ReFLTrainer:
         self.prompts = load_prompts(cfg.data.prompts)
         self.sample_prompts = sample_prompts(cfg.data, self.prompts)
         check_reward_spec(cfg.method.reward)
+        # The reward before the diffusion model: a malformed reward checkpoint is caught by loading
+        # it, and should not wait for minutes of model loading.
+        try:
+            self.reward = build_reward(cfg.method.reward, cfg.method.reward_output).to(self.device, weight_dtype)
+        except (RewardSpecError, FileNotFoundError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
 
         c = load_pipeline_components(cfg.model.model, cfg.model.revision, cache_dir=cfg.model.cache_dir,
                                      variant=cfg.model.variant)
@@ -157,10 +163,6 @@ class ReFLTrainer:
         self.resolution = max(self.height, self.width)  # the planner's square side (an upper bound)
         self.latent_size = (self.height // c.vae_scale_factor, self.width // c.vae_scale_factor)
         self.schedule = DDIMSchedule.from_scheduler(c.scheduler, cfg.method.num_inference_steps)
-        try:
-            self.reward = build_reward(cfg.method.reward, cfg.method.reward_output).to(self.device, weight_dtype)
-        except (RewardSpecError, FileNotFoundError) as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
         self.method = build_method(cfg.method)
         attach_regularizers(self.method, cfg.method)
         # Real image-caption pairs (ImageReFL, --pretrain_loss_coeff), this rank's shard.

@@ -174,9 +174,14 @@ def _malformed_weights(name, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", REAL_REWARDS)
-def test_reward_malformed_weights(name, capsys, tmp_path, tiny_sd_dir):
+def test_reward_malformed_weights(name, capsys, tmp_path, tiny_sd_dir, monkeypatch):
     root = _malformed_weights(name, tmp_path / "weights")
     capsys.readouterr()  # the fixture's own save_pretrained progress output
+
+    def no_diffusion_model(*args, **kwargs):
+        raise AssertionError("the diffusion model loaded before the reward's weights were read")
+
+    monkeypatch.setattr("refl_engine.trainer.load_pipeline_components", no_diffusion_model)
     code = main(["--reward", f"{name}:{root}", "--model", tiny_sd_dir, "--output_dir", str(tmp_path / "o"),
                  "--max_train_steps", "1", "--num_inference_steps", "2"])
     _one_line_error(capsys, code, str(root), after_loading=True)
