@@ -95,7 +95,9 @@ def render(plan) -> str:
     for k in summed:
         lines.append(f"{k:34s} {_gib(c[k])}")
     lines.append(f"{'window: kept for backward':34s} {_gib(c['window_kept_activations'])}"
-                 f"   ({plan.window['size']} steps: {plan.window['kinds']})")
+                 f"   ({plan.window['size']} steps: {plan.window['kinds']}"
+                 + (f"; --recompute_chunk {plan.window['recompute_chunk']}"
+                    if plan.window.get("recompute_chunk") else "") + ")")
     lines.append(f"{'peak phase on top':34s} {_gib(c['peak_phase_activations'])}   ({plan.window['phase']})")
     lines.append(f"{'-' * 34} {'-' * 8}")
     lines.append(f"{'peak':34s} {_gib(plan.peak_bytes)}" + (f"   (per GPU, {s['num_gpus']} GPUs)" if s["num_gpus"] > 1 else ""))
