@@ -1,6 +1,6 @@
 """The training loop. Read `ReFLTrainer.train` top to bottom; `train_step` is one optimizer step.
 
-One step, as data (DESIGN.md): prompts -> cached text embeddings -> method.window -> x_T down the
+One step, as data: prompts -> cached text embeddings -> method.window -> x_T down the
 schedule (no-grad outside the window, the memory policy inside) -> x0 -> VAE decode -> reward ->
 method.loss (+ regularizers) -> backward -> clip -> optimizer step -> log, sample, checkpoint.
 """
