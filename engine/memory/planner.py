@@ -526,7 +526,11 @@ class PlanSpec:
         AlignProp's k_max, DRaFT-LV's 1 + n): the method is the only source of the window."""
         from ..methods import build_method
 
-        return build_method(self.method_config()).grad_calls(self.num_inference_steps)
+        mc = self.method_config()
+        # --pretrain_loss_coeff: one more grad-carrying UNet call (its own one-call window), kept
+        # beside the rollout's until the joint backward; counted as a guided call (an upper bound:
+        # it runs unguided). --kl_coeff's base calls run without grad and keep only their output.
+        return build_method(mc).grad_calls(self.num_inference_steps) + (mc.pretrain_loss_coeff > 0)
 
 
 @dataclass

@@ -195,3 +195,11 @@ def test_infeasible_plan_says_what_would_fit():
                             mixed_precision="no")).plan()
     assert not plan.fits
     assert plan.suggestions
+
+
+def test_window_counts_the_pretrain_loss_call():
+    """--pretrain_loss_coeff adds one grad-carrying UNet call beside the method's own."""
+    for method, n in (("draft", 50), ("refl", 40), ("imagerefl", 40), ("draft-lv", 50)):
+        plain = PlanSpec(method=method, num_inference_steps=n).window_size()
+        spec = PlanSpec(method=method, num_inference_steps=n, method_options={"pretrain_loss_coeff": 1e-3})
+        assert spec.window_size() == plain + 1
