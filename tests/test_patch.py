@@ -15,23 +15,13 @@ from interpreted_kernels import INTERPRETED  # noqa: E402  (before diffusers imp
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
+from tiny_unet import tiny_unet  # noqa: E402
 from refl_engine.models.patch import (  # noqa: E402
     FusedAttnProcessor, FusedGroupNorm, FusedGroupNormSiLU, FusedResnetBlock2D, apply_kernels,
 )
 
 
-TINY = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(8, 16), norm_num_groups=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16, attention_head_dim=2,
-)
-
-
-def _unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**TINY).float()
+_unet = tiny_unet
 
 
 def _inputs(seed):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import refl_kernels
 from refl_kernels import native, reference
+from tiny_unet import tiny_unet
 
 pytestmark = pytest.mark.no_interpreter  # nothing here runs Triton
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,20 +175,7 @@ def test_op_rejects_bad_arguments():
 
 # ---------------------------------------------------------------------------------- tiny UNet
 
-TINY = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(8, 16), norm_num_groups=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16, attention_head_dim=2,
-)
-
-
-def _unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**TINY).float()
+_unet = tiny_unet
 
 
 def _policy_step(unet, policy_name, seed=0):
