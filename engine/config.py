@@ -110,7 +110,8 @@ class MethodConfig:
                           valid="[0, inf)")
     diffusion_loss_weight: float = arg(1e-5, "ImageReFL: weight of ||eps - eps_theta(x_t', t', c)||^2",
                                        valid="[0, inf)")
-    kl_coeff: float = arg(0.0, "DRaFT+ penalty coeff * ||eps_theta - eps_base||^2 on the window steps (LoRA only)",
+    kl_coeff: float = arg(0.0, "DRaFT+ penalty coeff * ||eps_theta - eps_base||^2 on the window steps (base: LoRA "
+                          "off, or a frozen copy under --rank 0)",
                           valid="[0, inf)")
     pretrain_loss_coeff: float = arg(0.0, "diffusion loss on --train_data_dir pairs, added to every method's loss",
                                      valid="[0, inf)")
@@ -624,6 +625,10 @@ def validate_distributed(cfg: TrainConfig) -> None:
     if o.optimizer == "cpu-adam" and d.offload == "none":
         raise ConfigError("--optimizer cpu-adam steps CPU copies of the weights; add --zero 2 --offload optimizer "
                           "(or --zero 3 --offload param), or use --optimizer adamw")
+    if cfg.method.kl_coeff > 0 and cfg.model.rank == 0 and stage == 3:
+        raise ConfigError("--kl_coeff with full fine-tuning (--rank 0) keeps a frozen copy of the whole UNet as the "
+                          "base model, which ZeRO-3 would not partition (every rank would hold all of it); use LoRA "
+                          "(--rank > 0: the base is the adapter switched off) or --zero 2")
 
 
 def read_deepspeed_file(path: str) -> dict:
@@ -730,9 +735,6 @@ def validate_extras(cfg: TrainConfig) -> None:
                               "metadata.jsonl, or COCO captions); `python -m refl_engine.toyworld.make_dataset` makes one")
     if m.pretrain_loss_coeff > 0 and not (d.train_data_dir or d.coco_captions):
         raise ConfigError("--pretrain_loss_coeff needs image-caption pairs: give --train_data_dir")
-    if m.kl_coeff > 0 and cfg.model.rank == 0:
-        raise ConfigError("--kl_coeff needs LoRA (--rank > 0): the base prediction is the same UNet with its "
-                          "adapter switched off")
     if d.train_data_dir and not os.path.isdir(d.train_data_dir):
         raise ConfigError(f"--train_data_dir {d.train_data_dir!r}: no such folder")
     if d.coco_captions and not os.path.isfile(d.coco_captions):

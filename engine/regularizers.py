@@ -8,7 +8,8 @@ see the rollout as it happens also has `watch(sampler) -> sampler`, which the tr
     --kl_coeff c             DRaFT+'s KL-like penalty: c * mean over the window's grad-carrying
                              UNet calls of ||out_theta(x_t) - out_base(x_t)||^2 (mean over
                              elements), with the base output from the same UNet with its LoRA
-                             adapter switched off: one copy of the weights.
+                             adapter switched off (one copy of the weights); for full fine-tuning
+                             (--rank 0) from a frozen copy of the UNet as loaded (`frozen_base`).
     --pretrain_loss_coeff c  the diffusion (pre-training) loss on real image-caption pairs.
     --reward_loss relu       relu(threshold - r) instead of -r (the ImageReward ReFL script).
 
@@ -16,6 +17,7 @@ ImageReFL's own diffusion-loss term goes through the same mechanism (methods/ima
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -85,6 +87,21 @@ def adapter_disabled(unet):
         unet.enable_adapters()
 
 
+def frozen_base(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Full fine-tuning's base model for the KL penalty: a copy of the UNet as it is now (before
+    any step), frozen (eval, no gradient) in `dtype` on the UNet's device. Each parameter is
+    copied straight into `dtype` (deepcopy's memo takes the cast copy), so the weights never
+    exist a third time in another precision, not even for a moment."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+            for p in unet.parameters()}
+    base = copy.deepcopy(unet, memo)
+    for module in base.modules():  # float buffers in the same dtype as the weights
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point() and dtype is not None:
+                module._buffers[name] = buf.to(dtype)
+    return base.requires_grad_(False).eval()
+
+
 class _KLWatch:
     """The sampler's memory policy, plus: for each grad-carrying call of the sampler's model,
     the base model's output at the same input, kept beside the fine-tuned output."""
@@ -107,26 +124,35 @@ class _KLWatch:
         # The base output is a target: no graph, so the penalty's gradient flows through the
         # fine-tuned output only (and the x_t it sees), not through a second network's activations.
         if self._base_fn is not None:
-            return self._base_fn(x, t)
+            return self._base_fn(x.detach(), t)
         with adapter_disabled(self._unet):
             return fn(x.detach(), t)
 
 
 class KLPenalty:
-    """coeff * mean_k ||out_theta(x_{t_k}) - out_base(x_{t_k})||^2 over the rollout's window calls."""
+    """coeff * mean_k ||out_theta(x_{t_k}) - out_base(x_{t_k})||^2 over the rollout's window calls.
 
-    def __init__(self, base_fn=None):
+    The base output: `base_unet` (full fine-tuning's frozen copy) run with the sampler's own
+    conditioning and guidance; without it the sampler's UNet with its LoRA adapter off."""
+
+    def __init__(self, base_fn=None, base_unet: torch.nn.Module | None = None):
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.base_fn = base_fn  # tests: a fixed base output (x, t) -> out instead of the adapter switch
+        self.base_unet = base_unet
 
     def watch(self, sampler):
         from .methods.base import Sampler
+        from .models.lora import has_lora
 
         self.records.clear()
         unet = getattr(sampler.eps_fn, "unet", None)
-        if unet is None and self.base_fn is None:
-            raise ValueError("the KL penalty needs the sampler's eps_fn.unet (make_eps_fn sets it)")
-        policy = _KLWatch(sampler.policy, sampler.eps_fn, unet, self.records, self.base_fn)
+        base_fn = self.base_fn
+        if base_fn is None and self.base_unet is not None:
+            base_fn = sampler.eps_fn.with_unet(self.base_unet)
+        if base_fn is None and not (unet is not None and has_lora(unet)):
+            raise ValueError("the KL penalty needs a base model: a LoRA adapter on the sampler's eps_fn.unet "
+                             "(make_eps_fn sets it) or, for full fine-tuning, KLPenalty(base_unet=frozen_base(unet))")
+        policy = _KLWatch(sampler.policy, sampler.eps_fn, unet, self.records, base_fn)
         return Sampler(sampler.eps_fn, sampler.schedule, policy, sampler.eta)
 
     def __call__(self, context: dict) -> torch.Tensor:
@@ -166,10 +192,15 @@ def pretrain_loss(context: dict) -> torch.Tensor:
 
 # ---------------------------------------------------------------- wiring
 
-def attach_regularizers(method, cfg) -> None:
-    """Register the regularizers the MethodConfig asks for."""
+def attach_regularizers(method, cfg, unet: torch.nn.Module | None = None, dtype: torch.dtype | None = None) -> None:
+    """Register the regularizers the MethodConfig asks for. `unet`: the model to be trained,
+    placed and patched but not yet stepped; without LoRA on it (full fine-tuning) the KL penalty
+    takes a frozen copy of it in `dtype` (the training dtype) as its base model."""
     if cfg.kl_coeff > 0:
-        method.add_regularizer("kl", cfg.kl_coeff, KLPenalty())
+        from .models.lora import has_lora
+
+        base = frozen_base(unet, dtype) if unet is not None and not has_lora(unet) else None
+        method.add_regularizer("kl", cfg.kl_coeff, KLPenalty(base_unet=base))
     if cfg.pretrain_loss_coeff > 0:
         method.add_regularizer("pretrain_loss", cfg.pretrain_loss_coeff, pretrain_loss)
 

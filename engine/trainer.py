@@ -164,7 +164,8 @@ class ReFLTrainer:
         self.latent_size = (self.height // c.vae_scale_factor, self.width // c.vae_scale_factor)
         self.schedule = DDIMSchedule.from_scheduler(c.scheduler, cfg.method.num_inference_steps)
         self.method = build_method(cfg.method)
-        attach_regularizers(self.method, cfg.method)
+        # full fine-tuning's KL base: a frozen copy of the UNet as loaded, made before DeepSpeed wraps it
+        attach_regularizers(self.method, cfg.method, self.unet, weight_dtype)
         # Real image-caption pairs (ImageReFL, --pretrain_loss_coeff), this rank's shard.
         self.dataset = image_dataset(cfg, (self.height, self.width), self.rank, self.world_size)
         budget = parse_memory(cfg.memory.memory_budget) if cfg.memory.memory_budget else None

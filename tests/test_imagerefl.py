@@ -14,7 +14,8 @@ from refl_engine.memory.recompute import FullRecompute, NoRecompute
 from refl_engine.methods import Sampler, build_method
 from refl_engine.models.conditioning import Conditioning, make_eps_fn
 from refl_engine.models.load import tiny_sd_configs
-from refl_engine.regularizers import KLPenalty, adapter_disabled, attach_regularizers, reward_objective, watch_rollout
+from refl_engine.regularizers import (KLPenalty, adapter_disabled, attach_regularizers, frozen_base, reward_objective,
+                                     watch_rollout)
 from refl_engine.rewards.toy import Colorfulness
 from refl_engine.sampling import DDIMSchedule
 
@@ -246,6 +247,87 @@ def test_kl_gradient_matches_finite_differences(tiny64, policy):
     _directional_check(params, loss_fn, seed=4)
 
 
+# -------------------------------------------- the KL penalty under full fine-tuning (--rank 0)
+
+def _full_ft_unet(tiny64):
+    unet = copy.deepcopy(tiny64[0]).requires_grad_(True)
+    return unet, list(unet.parameters())
+
+
+def test_frozen_base_is_a_frozen_copy_in_the_training_dtype(tiny64):
+    unet, params = _full_ft_unet(tiny64)
+    base = frozen_base(unet, torch.float32)
+    pairs = list(zip(unet.named_parameters(), base.named_parameters()))
+    assert len(pairs) == len(params) and not base.training
+    for (name, p), (base_name, b) in pairs:
+        assert name == base_name and b.dtype == torch.float32 and b.device == p.device and not b.requires_grad
+        assert b.data_ptr() != p.data_ptr() and torch.equal(b, p.detach().float())
+    assert all(p.dtype == torch.float64 and p.requires_grad for p in params)  # the trained model untouched
+    # the copy's tensors are its own: changing the trained weights leaves it as it was
+    before = next(base.parameters()).clone()
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert torch.equal(next(base.parameters()), before)
+
+
+def test_kl_full_ft_is_zero_for_an_identical_copy_and_positive_after_a_step(tiny64):
+    unet, params = _full_ft_unet(tiny64)
+    base = frozen_base(unet)
+    snapshot = [b.clone() for b in base.parameters()]
+    value, rollout = _kl_loss(unet, tiny64, KLPenalty(base_unet=base))
+    assert float(value.detach()) == 0.0 and rollout.window_size == N
+    value.backward()  # a flat penalty: zero gradient, and none reaches the frozen copy
+    assert all(b.grad is None for b in base.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3)
+    vae = tiny64[1]
+    m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="2"))
+    schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
+    x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ro = m.rollout(Sampler(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
+                   torch.Generator().manual_seed(0))
+    loss = m.loss([Colorfulness()((vae.decode(ro.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after, _ = _kl_loss(unet, tiny64, KLPenalty(base_unet=base))
+    assert float(after) > 1e-12
+    assert all(torch.equal(b, s) for b, s in zip(base.parameters(), snapshot))  # the base did not move
+
+
+@pytest.mark.parametrize("policy", [FullRecompute(), NoRecompute()], ids=["checkpointed", "no-checkpoint"])
+def test_kl_full_ft_gradient_matches_finite_differences(tiny64, policy):
+    """Full fine-tuning: the penalty against the frozen copy's outputs (a fixed target, as for
+    LoRA): autograd's derivative over every UNet weight equals central differences, and the
+    frozen copy's path gives exactly the gradient of the replayed targets (no graph through it)."""
+    unet, params = _full_ft_unet(tiny64)
+    base = frozen_base(unet)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # move off the base so the penalty is not flat
+        for p in params:
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    kl = KLPenalty(base_unet=base)
+    m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="full"))
+    m.add_regularizer("kl", 1.0, kl)
+    schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
+    x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sampler = watch_rollout(m, Sampler(make_eps_fn(unet, tiny64[2], 2.0), schedule, policy))
+    rollout = m.rollout(sampler, x_T, torch.Generator().manual_seed(0))
+    targets = [b for _, b in kl.records]  # the frozen copy's outputs, before regularize() clears them
+    for p in params:
+        p.grad = None
+    m.regularize({"rollout": rollout})["kl"].backward()
+    via_copy = [p.grad.clone() for p in params]
+    assert len(targets) == N and all(not t.requires_grad for t in targets)
+
+    def loss_fn():
+        replay = iter(targets)
+        value, _ = _kl_loss(unet, tiny64, KLPenalty(base_fn=lambda x, t: next(replay)), policy)
+        return value
+
+    _directional_check(params, loss_fn, seed=4)
+    assert all(torch.equal(g, p.grad) for g, p in zip(via_copy, params))
+
+
 def test_relu_reward_loss():
     cfg = MethodConfig(reward_loss="relu", reward_loss_threshold=2.0)
     r = torch.tensor([1.5, 2.5, -1.0], dtype=torch.float64)
@@ -294,6 +376,32 @@ def test_trainer_runs_imagerefl_with_every_regularizer_and_raises_the_reward(tin
     assert set(m) == {"eval_reward", "eval_reward_se", "eval_diversity"} and 0 < m["eval_diversity"] <= 2
 
 
+def test_trainer_full_ft_kl_against_a_frozen_copy(tiny_sd_dir, tmp_path):
+    """--rank 0 --kl_coeff: the trainer's base model is a frozen copy of the UNet (every weight,
+    the training dtype, its device, eval, no gradient); the penalty is 0 at the first step and
+    positive once the weights moved, while the copy stays as loaded."""
+    from engine_config import make_config
+
+    from refl_engine.trainer import ReFLTrainer
+
+    cfg = make_config(tmp_path, method="draft", K="2", num_inference_steps=4, rank=0, kl_coeff=1.0,
+                      learning_rate=1e-3)
+    trainer = ReFLTrainer(cfg).setup()
+    base = trainer.method.regularizers["kl"][1].base_unet
+    unet_params = dict(trainer.unet.named_parameters())
+    base_params = dict(base.named_parameters())
+    assert base_params.keys() == unet_params.keys() and not base.training
+    for name, b in base_params.items():
+        p = unet_params[name]
+        assert not b.requires_grad and b.dtype == torch.float32 and b.device == p.device
+        assert b.data_ptr() != p.data_ptr() and torch.equal(b, p.detach())
+    loaded = {n: b.clone() for n, b in base_params.items()}
+    rows = [trainer.train_step() for _ in range(3)]
+    assert rows[0]["kl"] < 1e-12 and rows[-1]["kl"] > 1e3 * max(rows[0]["kl"], 1e-15), [r["kl"] for r in rows]
+    assert all(torch.equal(b, loaded[n]) for n, b in base.named_parameters())
+    assert any(not torch.equal(p.detach(), loaded[n]) for n, p in trainer.unet.named_parameters())
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--method", "imagerefl"], "--train_data_dir"),
     (["--method", "imagerefl", "--train_data_dir", "{data}", "--handover_step", "25"], "--handover_step"),
@@ -301,7 +409,7 @@ def test_trainer_runs_imagerefl_with_every_regularizer_and_raises_the_reward(tin
     (["--refl_every", "1"], "--refl_every"),
     (["--reward_loss", "square"], "reward_loss"),
     (["--kl_coeff", "-1"], "kl_coeff"),
-    (["--kl_coeff", "0.1", "--rank", "0"], "--kl_coeff needs LoRA"),
+    (["--kl_coeff", "0.1", "--rank", "0", "--zero", "3"], "--kl_coeff with full fine-tuning"),
     (["--pretrain_loss_coeff", "0.1"], "--pretrain_loss_coeff needs"),
     (["--diffusion_loss_weight", "nan"], "diffusion_loss_weight"),
     (["--train_data_dir", "/nonexistent/folder"], "--train_data_dir"),

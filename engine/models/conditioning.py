@@ -124,4 +124,6 @@ def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
     # The same guided prediction for samples lo..hi-1 only: a memory policy runs a batch in chunks
     # (memory/recompute.py); CFG pairs stay together because the chunk is taken before doubling.
     eps_fn.rows = lambda lo, hi: make_eps_fn(unet, conditioning.rows(lo, hi), guidance_scale)
+    # The same prediction by another UNet (the KL penalty's frozen base under full fine-tuning).
+    eps_fn.with_unet = lambda other: make_eps_fn(other, conditioning, guidance_scale)
     return eps_fn
