@@ -18,6 +18,10 @@ Backends ("auto" picks the first that applies):
     "xformers" xformers.ops.memory_efficient_attention (attention only; needs xformers and CUDA);
     "reference" the float64-capable unfused references of refl_kernels.reference.
 A backend that cannot run raises ValueError naming what is missing and how to get it.
+
+GroupNorm(+SiLU) also comes in pieces, for an autograd Function that keeps less than the op does
+(the engine's lean recompute): group_norm_with_stats -> (y, mean, rstd), group_norm_from_stats
+(y again from the saved statistics), group_norm_backward; backends "triton" and "native".
 """
 from __future__ import annotations
 
@@ -109,6 +113,11 @@ def _resolve(backend: str, device: torch.device, allowed: tuple[str, ...], op: s
     return backend
 
 
+def auto_group_norm_backend(device: torch.device | str) -> str:
+    """The backend group_norm(backend="auto") runs on `device`."""
+    return _resolve("auto", torch.device(device), GROUP_NORM_BACKENDS, "group_norm")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T * scale) v for q (B, H, Nq, D), k and v (B, H, Nk, D); scale defaults to D**-0.5."""
@@ -141,6 +150,69 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
+
+
+# ------------------------------------------------------------------------------------------------
+# GroupNorm(+SiLU) in pieces, for an autograd Function that saves less than the op's own: the lean
+# recompute of refl_engine keeps x and the statistics of a GroupNorm -> SiLU -> convolution, not
+# the normalised tensor, and runs these three in its forward and backward. No autograd here.
+# ------------------------------------------------------------------------------------------------
+STATS_BACKENDS = ("triton", "native")  # the backends whose forward hands out its statistics
+
+
+def group_norm_runs(backend: str, x: torch.Tensor) -> bool:
+    """Whether `backend` ("triton" or "native") takes x, its device and dtype, here and now."""
+    if backend == "triton":
+        return (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and (triton_unavailable_reason(x.device) is None
+                     or (x.device.type == "meta" and _groupnorm_mod is not None)))  # shapes only
+    if backend == "native":
+        return x.dtype in native.DTYPES and native.available(x.device)
+    return False
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, C, HW) contiguous, the layout the Triton kernels read."""
+    t3 = t.reshape(t.shape[0], t.shape[1], -1)
+    return t3 if t3.is_contiguous() else t3.contiguous()
+
+
+def _stats_backend(backend: str) -> None:
+    if backend not in STATS_BACKENDS:
+        raise ValueError(f"GroupNorm in pieces runs on {' or '.join(STATS_BACKENDS)}, not {backend!r}")
+
+
+def group_norm_with_stats(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                          silu: bool, backend: str):
+    """(y, mean, rstd): act(group_norm(x)) and its per-(sample, group) fp32 statistics, (N, G)."""
+    _stats_backend(backend)
+    if backend == "triton":
+        y, mean, rstd = _groupnorm_mod.group_norm_forward(_rows(x), int(num_groups), weight, bias, float(eps), silu)
+        return y.view(x.shape), mean, rstd
+    return tuple(torch.ops.refl.group_norm_silu(x, weight, bias, int(num_groups), float(eps), silu))
+
+
+def group_norm_from_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                          rstd: torch.Tensor, eps: float, silu: bool, backend: str) -> torch.Tensor:
+    """y of `group_norm_with_stats` again from the statistics it returned: Triton runs its apply
+    pass alone; the native op has no such entry point and runs its forward."""
+    _stats_backend(backend)
+    if backend == "triton":
+        return _groupnorm_mod.group_norm_apply(_rows(x), weight, bias, mean, rstd, silu).view(x.shape)
+    return torch.ops.refl.group_norm_silu(x, weight, bias, mean.shape[1], float(eps), silu)[0]
+
+
+def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        mean: torch.Tensor, rstd: torch.Tensor, silu: bool, backend: str):
+    """(dx, dweight, dbias) of `group_norm_with_stats` for the output gradient dy; dweight and
+    dbias in the parameters' dtypes."""
+    _stats_backend(backend)
+    if backend == "triton":
+        dx, dw, db = _groupnorm_mod.group_norm_backward(_rows(dy), _rows(x), weight, bias, mean, rstd, silu)
+        dx = dx.view(x.shape)
+    else:
+        dx, dw, db = torch.ops.refl.group_norm_silu_backward(dy, x, weight, bias, mean, rstd, silu)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -319,6 +319,21 @@ def group_norm_forward(x, num_groups: int, weight, bias, eps: float, silu: bool)
     return y, mean, rstd
 
 
+def group_norm_apply(x, weight, bias, mean, rstd, silu: bool):
+    """The forward's output again from its saved statistics: the apply launch alone (a caller that
+    saved x, mean and rstd recomputes y in backward without the two statistics passes)."""
+    N, C, HW = x.shape
+    G = mean.shape[1]
+    y = _empty_like(x)
+    if x.device.type == "meta":
+        return y
+    _check_device(x)
+    block, chunk, split = _tile_and_split(N * C, HW, x.device)
+    _gn_fwd_apply_kernel[(N * C, split)](x, y, weight, bias, mean, rstd, C, C // G, HW, chunk,
+                                         BLOCK=block, SILU=silu, num_warps=4)
+    return y
+
+
 def group_norm_backward(dy, x, weight, bias, mean, rstd, silu: bool):
     """Launch the backward; returns (dx, dw, db) with dw, db fp32 (C,)."""
     N, C, HW = x.shape

@@ -123,3 +123,24 @@ def test_argument_errors():
         refl_kernels.group_norm(x, 3, backend="sdpa")
     torch.testing.assert_close(refl_kernels.group_norm(x, 3, activation="silu", backend="torch"),
                                reference.group_norm(x, 3, activation="silu"))
+
+
+@pytest.mark.parametrize("act", ["silu", None])
+def test_pieces_are_the_op(act, poisoned, seed):
+    """group_norm_with_stats / _from_stats / _backward (what the lean recompute runs) give
+    exactly the fused op's output, statistics-based recompute and gradients: the same launches."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w, b, dy = _inputs(2, 12, (9, 11), torch.float32, gen)
+    silu = act == "silu"
+    y_op, dx_op, dw_op, db_op = _run(lambda a, c, d: refl_kernels.group_norm(a, 3, c, d, activation=act,
+                                                                            backend="triton"), x, w, b, dy)
+    assert refl_kernels.group_norm_runs("triton", x)
+    y, mean, rstd = refl_kernels.group_norm_with_stats(x, 3, w, b, 1e-5, silu, "triton")
+    assert mean.shape == rstd.shape == (2, 3) and mean.dtype == torch.float32
+    again = refl_kernels.group_norm_from_stats(x, w, b, mean, rstd, 1e-5, silu, "triton")
+    dx, dw, db = refl_kernels.group_norm_backward(dy, x, w, b, mean, rstd, silu, "triton")
+    for got, ref in ((y, y_op), (again, y_op), (dx, dx_op), (dw, dw_op), (db, db_op)):
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="triton or native"):
+        refl_kernels.group_norm_with_stats(x, 3, w, b, 1e-5, silu, "torch")
+    assert not refl_kernels.group_norm_runs("triton", x.double())
