@@ -74,6 +74,16 @@ def no_model_load(monkeypatch):
     (["--reward", "colorfulness:/some/file"], "takes no path"),
     (["--config", "nosuchpreset"], "neither a YAML file nor a preset"),
     (["--resolution", "30"], "--resolution 30 is not a multiple of 4"),  # tiny-sd: VAE x2 times UNet x2
+    # ImageReFL, the regularizers, training-time evaluation (their numeric ranges: BAD_NUMERIC below)
+    (["--reward_loss", "square"], "invalid choice: 'square'"),
+    (["--kl_coeff", "0.1", "--rank", "0", "--zero", "3"], "--kl_coeff with full fine-tuning (--rank 0)"),
+    (["--pretrain_loss_coeff", "0.1"], "--pretrain_loss_coeff needs image-caption pairs"),
+    (["--method", "imagerefl"], "--method imagerefl trains on real images: give --train_data_dir"),
+    (["--method", "imagerefl", "--handover_step", "20", "--num_inference_steps", "20"], "--handover_step 20 must be"),
+    (["--method", "imagerefl", "--stop_range", "2:5", "--num_inference_steps", "20"], "ends before --handover_step"),
+    (["--refl_every", "1"], "--refl_every must be 0 (never) or >= 2"),
+    (["--train_data_dir", "/nonexistent/folder"], "--train_data_dir '/nonexistent/folder': no such folder"),
+    (["--eval_every", "5", "--eval_images_per_prompt", "1"], "--eval_images_per_prompt"),
 ])
 def test_bad_input_one_line_exit_2(argv, needle, capsys, tmp_path, tiny_sd_dir):
     extra = ["--output_dir", str(tmp_path / "out")] + ([] if "--model" in argv else ["--model", tiny_sd_dir])

@@ -123,3 +123,43 @@ def test_a_training_output_dir_loads_its_latest_checkpoint(lora_file, tmp_path):
     run = load_combined(str(tmp_path / "run"))
     assert run.base_unet is None and run.source.endswith("trainable.safetensors")
     _close(combined_generate(run, PROMPTS, SEEDS, 0, N), combined_generate(exported, PROMPTS, SEEDS, 0, N))
+
+
+# ---------------------------------------------------------------- the two CLIs: bad input, one line
+
+CLI_BAD = [
+    ("generate", [], "--finetuned is required"),
+    ("generate", ["--finetuned", "{lora}", "--handover", "x"], "--handover must be integers separated by commas"),
+    ("generate", ["--finetuned", "{lora}", "--handover", "0,21"], "--handover '0,21': each value must be in 0..20"),
+    ("generate", ["--finetuned", "{lora}", "--handover", "-1"], "each value must be in 0..20"),
+    ("generate", ["--finetuned", "{lora}", "--handover", ","], "each value must be in 0..20"),
+    ("generate", ["--finetuned", "{lora}", "--base_guidance_scale", "nan"], "--base_guidance_scale"),
+    ("generate", ["--finetuned", "{lora}", "--num_prompts", "0"], "--num_prompts 0 is out of range"),
+    ("generate", ["--finetuned", "{lora}", "--images_per_prompt", "0"], "--images_per_prompt 0 is out of range"),
+    ("generate", ["--finetuned", "/nonexistent/run"], "--finetuned '/nonexistent/run': no such file or folder"),
+    ("generate", ["--finetuned", "{tmp}"], "is not a training output dir"),
+    ("evaluate", ["--sweep_handover", "0,a"], "--sweep_handover must be integers separated by commas"),
+    ("evaluate", ["--sweep_handover", "0,10,99"], "--sweep_handover '0,10,99': each value must be in 0..20"),
+    ("evaluate", ["--handover", "-1"], "--handover"),
+    ("evaluate", ["--handover", "21"], "--handover '21': each value must be in 0..20"),
+    ("evaluate", ["--images_per_prompt", "1"], "--images_per_prompt 1 is out of range"),
+    ("evaluate", ["--num_prompts", "0"], "--num_prompts 0 is out of range"),
+    ("evaluate", ["--reference_limit", "-1"], "--reference_limit"),
+    ("evaluate", ["--base_guidance_scale", "-1"], "--base_guidance_scale"),
+    ("evaluate", ["--finetuned", "/nonexistent/run"], "no such file or folder"),
+    ("evaluate", ["--reference_dir", "/nonexistent/images"], "--reference_dir '/nonexistent/images': no such folder"),
+]
+
+
+@pytest.mark.parametrize("entry,argv,needle", CLI_BAD, ids=[f"{e}:{' '.join(a)}" for e, a, _ in CLI_BAD])
+def test_cli_bad_input_one_line_exit_2(entry, argv, needle, lora_file, tmp_path, capsys):
+    from refl_engine import evaluate, generate
+
+    main = {"generate": generate.main, "evaluate": evaluate.main}[entry]
+    argv = [a.replace("{lora}", str(lora_file)).replace("{tmp}", str(tmp_path)) for a in argv]
+    code = main(argv + ["--num_inference_steps", "20", "--output_dir", str(tmp_path / "out"), "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert code == 2 and errors == err[-1:] and needle in errors[0], err
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
