@@ -7,7 +7,7 @@ this fit". It predicts the peak bytes of one training step from the model's arch
 (a hub id's configs are fetched, never its weights) and prints where the bytes go, whether it fits
 the budget, the largest batch that fits and the cheapest recompute policy that fits. The window
 (how many UNet calls keep activations for backward) comes from the method, as the trainer's does.
-See engine/memory/planner.py for the method.
+See engine/memory/planner.py for the method (trace.py and meta.py for the traces).
 
     refl-plan --config draft-sd15 --budget_gb 24
     refl-plan --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --method draft --K 1 \\

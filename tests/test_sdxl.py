@@ -212,15 +212,15 @@ def test_fp16_decode_follows_force_upcast(tiny_sdxl_dir, tmp_path):
 
 @pytest.mark.parametrize("spec_name", ["tiny-sdxl", "dir"])
 def test_planner_model_spec_is_the_loaders_architecture(tiny_sdxl_dir, spec_name):
-    from refl_engine.memory.planner import _meta_text_encoder, _meta_unet, _meta_vae, model_spec
+    from refl_engine.memory.meta import meta_text_encoder, meta_unet, meta_vae, model_spec
 
     spec = model_spec(tiny_sdxl_dir if spec_name == "dir" else spec_name)
     c = load_pipeline_components(tiny_sdxl_dir)
     assert spec.kind == c.kind == "sdxl" and spec.native_resolution == c.native_resolution
     shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}  # noqa: E731
-    assert shapes(_meta_unet(spec.unet)) == shapes(c.unet)
-    assert shapes(_meta_vae(spec.vae)) == shapes(c.vae)
-    assert [shapes(_meta_text_encoder(t)) for t in spec.text_encoders] == [shapes(c.text_encoder),
+    assert shapes(meta_unet(spec.unet)) == shapes(c.unet)
+    assert shapes(meta_vae(spec.vae)) == shapes(c.vae)
+    assert [shapes(meta_text_encoder(t)) for t in spec.text_encoders] == [shapes(c.text_encoder),
                                                                           shapes(c.text_encoder_2)]
 
 
@@ -228,11 +228,11 @@ def test_planner_sdxl_preset_is_consistent_as_the_pipeline_checks():
     """SDXL base's configs: the added embedding takes six time ids and the second encoder's pooled
     projection (the check in StableDiffusionXLPipeline._get_add_time_ids), and cross-attention
     takes both encoders' states concatenated."""
-    from refl_engine.memory.planner import _meta_unet, model_spec
+    from refl_engine.memory.meta import meta_unet, model_spec
 
     spec = model_spec("sdxl")
     te1, te2 = spec.text_encoders
-    unet = _meta_unet(spec.unet)
+    unet = meta_unet(spec.unet)
     assert unet.add_embedding.linear_1.in_features == 6 * spec.unet["addition_time_embed_dim"] + te2["projection_dim"]
     assert spec.unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"]
     assert spec.native_resolution == 1024 and spec.vae["force_upcast"]

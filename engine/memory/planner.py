@@ -1,26 +1,21 @@
 """The memory-budget planner: predict the peak bytes of one training step without weights.
 
-How: the UNet, the VAE decoder and the reward's vision tower are instantiated from their configs on
-the meta device (shapes and dtypes, no data) and one call of each runs forward and backward with
-`measure.LiveBytesTracker` watching — the same op-level byte accounting that measures real CPU
-runs. Attention is counted as the GPU's flash / memory-efficient kernels keep it (q, k, v, O and an
-fp32 log-sum-exp, never the N x N matrix): on meta tensors SDPA would take the math path (about 4x
-too much for SD1.5), so during tracing it is routed to the flash-type CPU kernel, which saves that
-set — exactly what FakeTensorMode on CPU would pick; tests/memory/test_planner.py checks meta
-against FakeTensorMode and both against the tracker on a real model. Each call is profiled as a
-`CallProfile`:
+How: `trace.py` runs one call of the UNet, the VAE decoder and the reward on the meta device (models
+built by `meta.py` from their configs) and profiles each as a `CallProfile`:
 
     retained   bytes the call leaves alive for backward (its output excluded)
     fwd_peak   peak above the bytes live before the call, during its forward
     bwd_peak   peak above the bytes live before the call, during its backward (recompute included)
 
 at batch 1 (activations are proportional to the batch; the planner scales). `full` is derived
-from the `none` and no-grad traces. A step is then composed: parameters, gradients and optimizer
-state, plus the largest of the phase peaks of the window (each window position's retained bytes
-stacked, then the backward of the last one), the VAE decode and the reward. `window.plan_window`
-is the shared optimiser that `--recompute auto` uses too (runtime code: this module imports the
-runtime, never the other way). Traces are cached on disk
-($REFL_ENGINE_CACHE or ~/.cache/refl-engine/planner), so a repeated plan takes seconds.
+from the `none` and no-grad traces. A step is then composed here: parameters, gradients and
+optimizer state, plus the largest of the phase peaks of the window (each window position's
+retained bytes stacked, then the backward of the last one), the VAE decode and the reward.
+`window.plan_window` is the shared optimiser that `--recompute auto` uses too. The window's size
+comes from the method (`grad_calls`), as the trainer's rollout makes its calls.
+
+Offline code (planner, trace, meta) imports the runtime (recompute, lean mode, window, measure),
+never the other way.
 
 Precision model (stated, not measured on GPU here): with --mixed_precision bf16/fp16 activations
 and frozen weights are half precision; trainable LoRA weights, master weights of a full fine-tune,
@@ -32,451 +27,16 @@ the host and holds on the GPU the half working copy of the parameters being gath
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import itertools
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
 
-import torch
-
-from . import measure
-from .recompute import CALL_KINDS, CHUNKABLE, chunked_profile, checkpointed_layers
-from .window import (RECOMPUTE_COST, WINDOW_KINDS, CallProfile, WindowPlan, _window_peak,  # noqa: F401
-                     plan_window)
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PLANNER_VERSION = 10
+from .meta import REWARD_BACKBONES, dtype_of, model_spec, param_counts, reward_terms
+from .recompute import CHUNKABLE, chunked_profile
+from .trace import cached_json, trace
+from .window import RECOMPUTE_COST, WINDOW_KINDS, CallProfile, WindowPlan, _window_peak, plan_window  # noqa: F401
 
 GiB = 2**30
 
-
-# ====================================================================== call profiles
-
-def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = WINDOW_KINDS, **kwargs) -> dict[str, CallProfile]:
-    """`measure.profile_call` with the memory kinds named as `--recompute` names them."""
-    return measure.profile_call(fn, args, {k: CALL_KINDS.get(k) for k in kinds}, **kwargs)
-
-
-# ====================================================================== model specs
-
-@dataclass
-class ModelSpec:
-    name: str
-    kind: str  # sd15 | sdxl
-    unet: dict
-    vae: dict
-    text_encoders: list[dict]  # transformers CLIPTextConfig dicts (with "with_projection")
-    native_resolution: int
-
-
-def _read(name: str) -> dict:
-    return json.loads((CONFIG_DIR / name).read_text())
-
-
-def _te(cfg: dict, with_projection: bool) -> dict:
-    cfg = dict(cfg)
-    cfg["with_projection"] = with_projection
-    return cfg
-
-
-# Hub ids whose architecture configs ship in engine/configs (planned offline).
-KNOWN_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-                 "stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
-_COMPONENT_CONFIGS = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
-
-
-def _hub_configs(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """The configs of a hub model (never its weights) in the local hub cache; their folder."""
-    from ..config import ConfigError
-
-    try:
-        from huggingface_hub import hf_hub_download
-
-        files = [hf_hub_download(repo_id, "model_index.json", revision=revision, cache_dir=cache_dir)]
-        index = json.loads(Path(files[0]).read_text())
-        for name in _COMPONENT_CONFIGS + (("text_encoder_2/config.json",) if "text_encoder_2" in index else ()):
-            files.append(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir))
-    except Exception as err:  # noqa: BLE001 - offline, no such repo, not a diffusers pipeline
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ConfigError(f"--model {repo_id}: cannot read its configs from the hub ({type(err).__name__}: {first}); "
-                          "connect once (only the config files are fetched), or give a local diffusers directory"
-                          ) from None
-    return Path(files[0]).parent
-
-
-def model_spec(model: str | None, revision: str | None = None, cache_dir: str | None = None) -> ModelSpec:
-    """sd15, sdxl, tiny-sd, tiny-sdxl, a diffusers directory or a hub id (their unet/vae/text_encoder
-    configs; a hub id's configs are fetched, never its weights); unset = the embedded toy-world
-    model the trainer runs without --model."""
-    from ..config import ConfigError
-
-    model = KNOWN_HUB_IDS.get(model, model)
-    if model in (None, ""):
-        from ..toyworld import PIPELINE_DIR
-
-        if (PIPELINE_DIR / "unet" / "config.json").is_file():
-            spec = model_spec(str(PIPELINE_DIR))
-            spec.name = "toy-world (default)"
-            return spec
-    if model in ("sd15", "sd1.5", "stable-diffusion-v1-5"):
-        return ModelSpec("sd15", "sd15", _read("sd15_unet_config.json"), _read("sd15_vae_config.json"),
-                         [_te(_read("sd15_text_encoder_config.json"), False)], 512)
-    if model in ("sdxl", "sdxl-base"):
-        return ModelSpec("sdxl", "sdxl", _read("sdxl_unet_config.json"), _read("sdxl_vae_config.json"),
-                         [_te(_read("sdxl_text_encoder_config.json"), False),
-                          _te(_read("sdxl_text_encoder_2_config.json"), True)], 1024)
-    if model == "tiny-sdxl":
-        from ..models.load import TINY_SDXL_RESOLUTION, build_tiny_tokenizer, tiny_sdxl_configs
-
-        cfgs = tiny_sdxl_configs()
-        tok = build_tiny_tokenizer()
-        ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        tes = [_te(dict(cfgs["text_encoder"], **ids, pad_token_id=tok.pad_token_id), False),
-               _te(dict(cfgs["text_encoder_2"], **ids, pad_token_id=tok.convert_tokens_to_ids("!")), True)]
-        return ModelSpec("tiny-sdxl", "sdxl", dict(cfgs["unet"]), dict(cfgs["vae"]), tes, TINY_SDXL_RESOLUTION)
-    if model in (None, "", "tiny-sd"):
-        from ..models.load import TINY_SD_RESOLUTION, build_tiny_tokenizer, tiny_sd_configs
-
-        cfgs = tiny_sd_configs()
-        tok = build_tiny_tokenizer()
-        te = dict(cfgs["text_encoder"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        name = "tiny-sd" if model else "tiny-sd (default)"
-        return ModelSpec(name, "sd15", dict(cfgs["unet"]), dict(cfgs["vae"]), [_te(te, False)], TINY_SD_RESOLUTION)
-    root = Path(model).expanduser()
-    if not root.exists() and model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        root = _hub_configs(model, revision, cache_dir)
-    if not (root / "unet" / "config.json").is_file():
-        raise ConfigError(f"--model {model!r}: give a diffusers directory with unet/config.json, a hub id, or sd15, "
-                          "sdxl, tiny-sd")
-    unet = json.loads((root / "unet" / "config.json").read_text())
-    vae = json.loads((root / "vae" / "config.json").read_text())
-    tes = [_te(json.loads((root / "text_encoder" / "config.json").read_text()), False)]
-    if (root / "text_encoder_2" / "config.json").is_file():
-        tes.append(_te(json.loads((root / "text_encoder_2" / "config.json").read_text()), True))
-    kind = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"
-    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-    return ModelSpec(str(root), kind, unet, vae, tes, int(native))
-
-
-REWARD_BACKBONES = {
-    # reward name -> vision tower config file (None: pixel statistics, no network)
-    "aesthetic": "clip_vit_l14_vision_config.json",
-    "pickscore": "clip_vit_h14_vision_config.json",
-    "hps": "clip_vit_h14_vision_config.json",
-    "imagereward": "imagereward",  # BLIP ViT-L + BERT cross-attention (ImageRewardConfig), built from its code
-    "colorfulness": None, "brightness": None, "contrast": None, "none": None,
-}
-
-
-def reward_terms(reward: str) -> list[str]:
-    """The reward names of a --reward spec ('aesthetic', 'aesthetic=1,hps:PATH=0.5', ...)."""
-    from ..rewards.base import parse_reward_spec
-
-    return list(dict.fromkeys(name for _, name, _ in parse_reward_spec(reward)))
-
-
-def _meta_reward_params(name: str) -> int:
-    backbone = REWARD_BACKBONES.get(name)
-    if backbone is None:
-        return 0
-    if backbone == "imagereward":
-        from ..rewards.imagereward import ImageRewardConfig, ImageRewardModel
-
-        with torch.device("meta"):
-            return count_params(ImageRewardModel(ImageRewardConfig()))
-    return count_params(_meta_vision(backbone))
-
-
-# ====================================================================== building fake models
-
-def _strip(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def _meta_unet(cfg: dict):
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(_strip(cfg))
-
-
-def _meta_vae(cfg: dict):
-    from diffusers import AutoencoderKL
-
-    with torch.device("meta"):
-        return AutoencoderKL.from_config(_strip(cfg))
-
-
-def _meta_text_encoder(cfg: dict):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = dict(cfg)
-    proj = cfg.pop("with_projection", False)
-    config = CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    with torch.device("meta"):
-        return (CLIPTextModelWithProjection if proj else CLIPTextModel)(config)
-
-
-def _meta_vision(config_file: str):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    cfg = _read(config_file)
-    config = CLIPVisionConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    with torch.device("meta"):
-        return CLIPVisionModelWithProjection(config)
-
-
-def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def lora_param_count(unet, rank: int, targets: str = "to_q,to_k,to_v,to_out.0") -> int:
-    """Parameters peft's LoRA adds on the Linear modules named by `targets` (name suffixes)."""
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    total = 0
-    for name, mod in unet.named_modules():
-        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in names):
-            total += rank * (mod.in_features + mod.out_features)
-    return total
-
-
-def _fakeify(module: torch.nn.Module, dtype: torch.dtype, trainable_dtype: torch.dtype | None = None):
-    """Replace every (meta) parameter and buffer by a FakeTensor of the same shape on CPU; call
-    inside a FakeTensorMode. Trainable parameters (requires_grad) get `trainable_dtype`."""
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            dt = trainable_dtype if (p.requires_grad and trainable_dtype is not None) else dtype
-            dt = dt if p.is_floating_point() else p.dtype
-            mod._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=p.requires_grad)
-        for name, b in list(mod._buffers.items()):
-            if b is not None:
-                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype if not b.is_floating_point() else dtype)
-    return module
-
-
-# ====================================================================== tracing the components
-
-def _dtype(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-
-
-def _cache_path(key: dict) -> Path:
-    from importlib.metadata import version
-
-    blob = json.dumps([key, PLANNER_VERSION, torch.__version__, version("diffusers"), version("transformers")],
-                      sort_keys=True, default=str)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
-    root = os.environ.get("REFL_ENGINE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refl-engine")
-    return Path(root) / "planner" / f"{digest}.json"
-
-
-def _cached(kind: str, key: dict, compute: Callable[[], dict[str, CallProfile]], use_cache: bool):
-    path = _cache_path({"what": kind, **key})
-    if use_cache and path.is_file():
-        try:
-            return {k: CallProfile(**v) for k, v in json.loads(path.read_text()).items()}
-        except (ValueError, TypeError):
-            pass
-    result = compute()
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({k: asdict(v) for k, v in result.items()}))
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    return result
-
-
-@functools.lru_cache(maxsize=64)
-def _memo(kind: str, key_json: str, use_cache: bool):
-    key = json.loads(key_json)
-    compute = {"unet": _trace_unet, "vae": _trace_vae, "reward": _trace_reward}[kind]
-    return _cached(kind, key, lambda: compute(**key), use_cache)
-
-
-def _trace(kind: str, use_cache: bool = True, **key):
-    return _memo(kind, json.dumps(key, sort_keys=True, default=str), use_cache)
-
-
-_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-
-def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    """On meta tensors, route SDPA to the flash-type kernel (saves q, k, v, O and an fp32
-    logsumexp, like CUDA's flash / memory-efficient kernels) instead of the math path."""
-    if query.device.type == "meta" and attn_mask is None and not kwargs.get("enable_gqa", False):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, is_causal, scale=scale)[0]
-    return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                 **kwargs)
-
-
-@contextlib.contextmanager
-def _tracing():
-    """Build inputs on the meta device with flash-type SDPA. Same bytes as FakeTensorMode on CPU
-    (tests/memory/test_planner.py checks it), three times faster."""
-    torch.nn.functional.scaled_dot_product_attention = _flash_sdpa
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = _sdpa
-
-
-def _cast(module: torch.nn.Module, dtype: torch.dtype, trainable_dtype: torch.dtype | None = None):
-    for p in module.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(trainable_dtype if (p.requires_grad and trainable_dtype is not None) else dtype)
-    for b in module.buffers():
-        if b.is_floating_point():
-            b.data = b.data.to(dtype)
-    return module
-
-
-def _unet_for_trace(spec_unet: dict, rank: int, lora_targets: str):
-    unet = _meta_unet(spec_unet)
-    if rank > 0:
-        from ..models.lora import add_lora
-
-        add_lora(unet, rank, target_modules=lora_targets)
-    else:
-        unet.requires_grad_(True)
-    return unet
-
-
-def _trace_unet(unet_cfg: dict, kind_model: str, cross_dims: list, resolution: int, batch: int, cfg: bool,
-                dtype: str, rank: int, lora_targets: str, x_grad: bool, kinds: list, seq_len: int = 77):
-    from ..models.conditioning import Conditioning, make_eps_fn
-
-    dt = _dtype(dtype)
-    unet = _unet_for_trace(unet_cfg, rank, lora_targets)
-    with _tracing():
-        # LoRA weights trace in the compute dtype, as autocast runs them (their fp32 master copy
-        # is in the `params` component)
-        _cast(unet, dt)
-        trainable = [p for p in unet.parameters() if p.requires_grad]
-        for p in trainable:
-            p.grad = torch.zeros_like(p)
-        latent = resolution // unet_cfg["_latent_factor"]
-        x = torch.randn(batch, unet_cfg.get("in_channels", 4), latent, latent, dtype=dt)
-        hidden = unet_cfg["cross_attention_dim"]
-        hidden = hidden if isinstance(hidden, int) else hidden[0]
-        cond = torch.randn(batch, seq_len, hidden, dtype=dt)
-        added = {}
-        if kind_model == "sdxl":
-            pooled_dim = cross_dims[-1]
-            added = {"text_embeds": torch.randn(batch, pooled_dim, dtype=dt), "time_ids": torch.randn(batch, 6, dtype=dt)}
-        if cfg:
-            c = Conditioning(cond, torch.randn_like(cond), added, {k: torch.randn_like(v) for k, v in added.items()})
-        else:
-            c = Conditioning(cond, added=added)
-        eps_fn = make_eps_fn(unet, c, 7.5 if cfg else 1.0)
-        t = torch.full((), 500, dtype=torch.long)
-        prof = profile_call(eps_fn, [x, t], kinds=kinds, grad_into_params=True, inputs_require_grad=x_grad,
-                            exclude=list(unet.parameters()))
-    return prof
-
-
-def _decode_fn(vae):
-    scaling = vae.config.scaling_factor
-
-    def decode(latents):  # as ReFLTrainer.decode
-        image = vae.decode(latents / scaling).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    return decode
-
-
-def _trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool, selective: bool = False):
-    from .selective import in_selective_mode, install
-
-    dt = _dtype(dtype)
-    vae = _meta_vae(vae_cfg)
-    vae.requires_grad_(False)
-    decode = _decode_fn(vae)
-    if selective:  # as MemoryPolicy.decode_call with selective_decode
-        install(vae)
-        decode = in_selective_mode(decode)
-
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    with _tracing():
-        _cast(vae, dt)
-        z = torch.randn(batch, vae_cfg.get("latent_channels", 4), resolution // factor, resolution // factor, dtype=dt)
-        kinds = ["full"] if checkpoint else ["none"]
-        prof = profile_call(decode, [z], kinds=kinds, exclude=list(vae.parameters()))
-    return {"decode": prof[kinds[0]]}
-
-
-def _trace_reward(reward: str, resolution: int, batch: int, dtype: str, checkpoint: bool):
-    """One reward call as `MemoryPolicy.reward_call` runs it: with `checkpoint`, the backbone's
-    layers recomputed one at a time (a backbone-less reward checkpointed as one call)."""
-    config_file = REWARD_BACKBONES.get(reward)
-    dt = _dtype(dtype)
-    layers: tuple = ()
-    with contextlib.ExitStack() as stack:
-        if config_file == "imagereward":
-            from ..rewards.imagereward import MAX_PROMPT_TOKENS, ImageRewardConfig, ImageRewardModel
-            from ..rewards.preprocess import ImagePreprocess
-
-            cfg = ImageRewardConfig()
-            with torch.device("meta"):
-                model = ImageRewardModel(cfg)
-            model.requires_grad_(False)
-            layers = (*model.blip.visual_encoder.blocks, *model.blip.text_encoder.encoder.layer)  # as ImageReward
-            pre = ImagePreprocess(size=cfg.image_size, crop_rounding="round")
-            stack.enter_context(_tracing())
-            _cast(model, dt)
-            ids = torch.ones(batch, MAX_PROMPT_TOKENS, dtype=torch.long)
-
-            def fn(images):
-                return model(pre(images.float()).to(dt), ids, torch.ones_like(ids)).float()
-
-            images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
-            params = list(model.parameters())
-        elif config_file is None:
-            from ..rewards.toy import Colorfulness
-
-            model = Colorfulness()
-            fn = lambda images: model.score(images, [""] * images.shape[0])  # noqa: E731
-            stack.enter_context(_tracing())
-            images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
-            params = []
-        else:
-            from ..rewards.preprocess import ImagePreprocess
-
-            vision = _meta_vision(config_file)
-            vision.requires_grad_(False)
-            layers = tuple(vision.vision_model.encoder.layers)
-            pre = ImagePreprocess(size=vision.config.image_size)
-            stack.enter_context(_tracing())
-            _cast(vision, dt)
-
-            def fn(images):
-                pixels = pre(images.float()).to(dt)
-                return vision(pixel_values=pixels).image_embeds.float().sum(-1)
-
-            images = torch.rand(batch, 3, resolution, resolution, dtype=dt)
-            params = list(vision.parameters())
-        kind = "full" if checkpoint and not layers else "none"
-        if checkpoint and layers:
-            stack.enter_context(checkpointed_layers(layers))
-        prof = profile_call(fn, [images], kinds=[kind], exclude=params)
-    return {"reward": prof[kind]}
-
-
-# ====================================================================== the plan
 
 OPTIMIZERS = ("adamw", "adamw8bit", "cpu-adam")
 POLICIES = ("none", "lean", "full", "selective", "auto")
@@ -598,34 +158,12 @@ class Planner:
     # -- static bytes ---------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
         if self._static is None:
+            s = self.spec
             key = {"what": "params", "unet": self.model.unet, "vae": self.model.vae, "te": self.model.text_encoders,
-                   "rank": self.spec.rank, "targets": self.spec.lora_targets, "reward": self.spec.reward}
-            path = _cache_path(key)
-            if self.spec.use_cache and path.is_file():
-                try:
-                    self._static = {k: int(v) for k, v in json.loads(path.read_text()).items()}
-                    return self._static
-                except (ValueError, TypeError):
-                    pass
-            self._static = self._count_params()
-            if self.spec.use_cache:
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(self._static))
-                except OSError:
-                    pass
+                   "rank": s.rank, "targets": s.lora_targets, "reward": s.reward}
+            counts = cached_json(key, lambda: param_counts(self.model, s.rank, s.lora_targets, s.reward), s.use_cache)
+            self._static = {k: int(v) for k, v in counts.items()}
         return self._static
-
-    def _count_params(self) -> dict[str, int]:
-        m = self.model
-        unet = _meta_unet(m.unet)
-        counts = {"unet": count_params(unet), "vae": count_params(_meta_vae(m.vae)),
-                  "text_encoders": sum(count_params(_meta_text_encoder(c)) for c in m.text_encoders),
-                  "lora": lora_param_count(unet, self.spec.rank, self.spec.lora_targets) if self.spec.rank else 0,
-                  "reward": 0}
-        # every term of a weighted sum is resident
-        counts["reward"] = sum(_meta_reward_params(name) for name in reward_terms(self.spec.reward))
-        return counts
 
     @property
     def vae_precision(self) -> str:
@@ -644,9 +182,9 @@ class Planner:
             offload = ("param" if zero == 3 else "optimizer") if offload else "none"
         rank = s.rank if rank is None else rank
         c = self.param_counts()
-        half = _dtype(s.mixed_precision).itemsize
+        half = dtype_of(s.mixed_precision).itemsize
         frozen = c["text_encoders"] + c["reward"]
-        vae = c["vae"] * _dtype(self.vae_precision).itemsize
+        vae = c["vae"] * dtype_of(self.vae_precision).itemsize
         out = {}
         if rank > 0:
             trainable = c["lora"]
@@ -696,7 +234,7 @@ class Planner:
         trainable = c["lora"] if s.rank > 0 else c["unet"]
         per = 8 + 4 + 4  # AdamW or DeepSpeedCPUAdam moments, fp32 master, fp32 gradient
         if offload == "param":
-            per += _dtype(s.mixed_precision).itemsize
+            per += dtype_of(s.mixed_precision).itemsize
         return -(-trainable * per // max(1, s.num_gpus))
 
     # -- traced profiles ----------------------------------------------------------------------------
@@ -707,7 +245,7 @@ class Planner:
         cross = [c.get("projection_dim", c["hidden_size"]) for c in self.model.text_encoders]
         unet_cfg = dict(self.model.unet)
         unet_cfg["_latent_factor"] = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
-        traced = _trace("unet", s.use_cache, unet_cfg=unet_cfg, kind_model=self.model.kind, cross_dims=cross,
+        traced = trace("unet", s.use_cache, unet_cfg=unet_cfg, kind_model=self.model.kind, cross_dims=cross,
                         resolution=self.resolution, batch=1, cfg=s.guidance_scale > 1.0, dtype=s.mixed_precision,
                         rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", *WINDOW_KINDS])
         return {k: v.scaled(batch) for k, v in traced.items()}
@@ -715,11 +253,11 @@ class Planner:
     def after_window(self, batch: int) -> tuple[CallProfile, CallProfile]:
         """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1)."""
         s = self.spec
-        vae = _trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
+        vae = trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
                      dtype=self.vae_precision, checkpoint=s.checkpoint_decode,
                      selective=s.selective_decode)["decode"]
         # a weighted sum runs its terms one after another: the largest term sets the phase's peak
-        rew = max((_trace("reward", s.use_cache, reward=name, resolution=self.resolution, batch=1,
+        rew = max((trace("reward", s.use_cache, reward=name, resolution=self.resolution, batch=1,
                           dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
                    for name in reward_terms(s.reward)), key=lambda p: (max(p.fwd_peak, p.bwd_peak), p.retained))
         chunk = s.decode_chunk
@@ -745,13 +283,13 @@ class Planner:
     def latent_bytes(self, batch: int) -> int:
         factor = 2 ** (len(self.model.vae["block_out_channels"]) - 1)
         side = self.resolution // factor
-        return batch * self.model.unet.get("in_channels", 4) * side * side * _dtype(self.spec.mixed_precision).itemsize
+        return batch * self.model.unet.get("in_channels", 4) * side * side * dtype_of(self.spec.mixed_precision).itemsize
 
     def param_grad_bytes(self) -> int:
         """The trainable parameters' gradients in the compute dtype, as autograd's input buffers
         sum them over the chunks of a chunked call."""
         c = self.param_counts()
-        return (c["lora"] if self.spec.rank > 0 else c["unet"]) * _dtype(self.spec.mixed_precision).itemsize
+        return (c["lora"] if self.spec.rank > 0 else c["unet"]) * dtype_of(self.spec.mixed_precision).itemsize
 
     def chunked_profiles(self, profiles: dict[str, CallProfile], batch: int, chunk: int,
                          x_grad: bool) -> dict[str, CallProfile]:

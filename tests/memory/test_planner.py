@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from refl_engine.memory import measure, planner
-from refl_engine.memory.planner import CallProfile, Planner, PlanSpec, plan_window
+from refl_engine.memory import measure, meta, trace
+from refl_engine.memory.planner import Planner, PlanSpec
+from refl_engine.memory.window import RECOMPUTE_COST, CallProfile, plan_window
 
 
 def test_param_counts_equal_real_tiny_models(seed):
@@ -52,9 +53,9 @@ def _planner_unet_profile(batch, cfg, x_grad, resolution=32):
     from refl_engine.models.load import tiny_sd_configs
 
     unet_cfg = dict(tiny_sd_configs()["unet"], _latent_factor=2)
-    return planner._trace_unet(unet_cfg=unet_cfg, kind_model="sd15", cross_dims=[32], resolution=resolution,
-                               batch=batch, cfg=cfg, dtype="no", rank=4, lora_targets="to_q,to_k,to_v,to_out.0",
-                               x_grad=x_grad, kinds=["nograd", "none", "lean", "full", "selective"])
+    return trace.trace_unet(unet_cfg=unet_cfg, kind_model="sd15", cross_dims=[32], resolution=resolution,
+                            batch=batch, cfg=cfg, dtype="no", rank=4, lora_targets="to_q,to_k,to_v,to_out.0",
+                            x_grad=x_grad, kinds=["nograd", "none", "lean", "full", "selective"])
 
 
 @pytest.mark.parametrize("cfg,x_grad", [(True, True), (False, False)])
@@ -67,8 +68,8 @@ def test_traced_unet_bytes_equal_tracker_on_real_tiny(cfg, x_grad, seed):
             p.grad = torch.zeros_like(p)
     x = torch.randn(batch, 4, 16, 16)
     kinds = ["nograd", "none", "lean", "full", "selective"]
-    real = planner.profile_call(_eps_fn(unet, batch, cfg), [x, torch.tensor(500)], kinds=kinds,
-                                grad_into_params=True, inputs_require_grad=x_grad, exclude=list(unet.parameters()))
+    real = trace.profile_call(_eps_fn(unet, batch, cfg), [x, torch.tensor(500)], kinds=kinds,
+                              grad_into_params=True, inputs_require_grad=x_grad, exclude=list(unet.parameters()))
     traced = _planner_unet_profile(batch, cfg, x_grad)
     for kind in real:
         for f in ("retained", "fwd_peak", "bwd_peak", "saved"):
@@ -98,19 +99,19 @@ def test_meta_trace_equals_fake_tensor_trace(monkeypatch):
     monkeypatch.setattr(selective, "_use_native", lambda x: False)
 
     unet_cfg = tiny_sd_configs()["unet"]
-    unet = planner._unet_for_trace(unet_cfg, 4, "to_q,to_k,to_v,to_out.0")
+    unet = trace.unet_for_trace(unet_cfg, 4, "to_q,to_k,to_v,to_out.0")
     with FakeTensorMode():
-        planner._fakeify(unet, torch.float32)
+        meta.fakeify(unet, torch.float32)
         for p in unet.parameters():
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         x = torch.randn(2, 4, 16, 16)
-        fake = planner.profile_call(_eps_fn(unet, 2, True), [x, torch.tensor(500)], kinds=["none", "lean", "selective"],
-                                    grad_into_params=True, exclude=list(unet.parameters()))
-    meta = _planner_unet_profile(2, True, True)
+        fake = trace.profile_call(_eps_fn(unet, 2, True), [x, torch.tensor(500)], kinds=["none", "lean", "selective"],
+                                  grad_into_params=True, exclude=list(unet.parameters()))
+    traced = _planner_unet_profile(2, True, True)
     for kind in fake:
-        assert fake[kind].retained == meta[kind].retained
-        assert abs(fake[kind].bwd_peak - meta[kind].bwd_peak) <= 64
+        assert fake[kind].retained == traced[kind].retained
+        assert abs(fake[kind].bwd_peak - traced[kind].bwd_peak) <= 64
 
 
 def test_activations_proportional_to_batch():
@@ -151,7 +152,7 @@ def test_plan_window_matches_brute_force(seed):
         best = None
         for seq in itertools.product(("none", "lean", "full", "selective"), repeat=W):
             peak = _simulate(seq, profiles, latent, after)
-            cost = sum(planner.RECOMPUTE_COST[k] for k in seq)
+            cost = sum(RECOMPUTE_COST[k] for k in seq)
             if peak <= available and (best is None or cost < best - 1e-9):
                 best = cost
         plan = plan_window(W, profiles, available, after, latent)
