@@ -52,7 +52,12 @@ inline void store_full(float* p, const Vec& v) { v.store(p); }
 // One float vector to 16-bit floats (round to nearest even), stored as a half-width register.
 #if defined(CPU_CAPABILITY_AVX512)
 inline void store_full(at::BFloat16* p, const Vec& v) {
+#if defined(__AVX512BF16__)  // one instruction (vcvtneps2bf16) instead of ATen's ~6-op rounding sequence
+  const __m256bh h = _mm512_cvtneps_pbh(__m512(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<const __m256i&>(h));
+#else
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#endif
 }
 inline void store_full(at::Half* p, const Vec& v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(__m512(v)));
@@ -90,6 +95,16 @@ inline void store(T* p, const Vec& v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+inline float hsum(const Vec& v) { return _mm512_reduce_add_ps(__m512(v)); }  // in-register shuffles
+
+// 1 / d for 1 <= d < 2^127: rcp14 (14 bits) and one Newton step, r (2 - d r) (~1 ulp): three cheap
+// instructions where a 16-lane divide has a throughput of one per several cycles
+inline Vec reciprocal(const Vec& d) {
+  const __m512 r = _mm512_rcp14_ps(__m512(d));
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(__m512(d), r, _mm512_set1_ps(2.f)));
+}
+#else
 inline float hsum(const Vec& v) {
   float tmp[kV];
   v.store(tmp);
@@ -98,7 +113,12 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
-inline Vec sigmoid(const Vec& z) { return Vec(1.f) / (Vec(1.f) + z.neg().exp_u20()); }
+inline Vec reciprocal(const Vec& d) { return Vec(1.f) / d; }
+#endif
+
+// -z is capped at 80 so 1 + exp(-z) stays finite (exp_u20 gives inf near 88.7, and the Newton
+// step would turn inf * 0 into NaN); below z = -80 sigmoid is < 2e-35, far under any tolerance
+inline Vec sigmoid(const Vec& z) { return reciprocal(Vec(1.f) + at::vec::minimum(z.neg(), Vec(80.f)).exp_u20()); }
 
 // dz from dy and z (z = w * xhat + b)
 template <bool SILU>
@@ -454,6 +474,20 @@ void dispatch_dtype(at::ScalarType t, const Fn& fn) {
   }
 }
 
+// weight or bias as fp32: the tensor's own data when it is fp32 and contiguous (the usual case),
+// else converted into `buf` in a plain loop (at the UNet's small shapes each extra ATen op costs a
+// few microseconds, as much as the kernel at 8x8)
+const float* as_float(const at::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.const_data_ptr<float>();
+  const int64_t n = t.numel();
+  buf.resize(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "group_norm_silu_params", [&] {
+    const auto acc = t.accessor<scalar_t, 1>();
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(acc[i]);
+  });
+  return buf.data();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                            const at::Tensor& bias, int64_t groups, double eps,
                                                            bool silu) {
@@ -465,12 +499,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_i
   auto stats = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({N, groups}, stats), rstd = at::empty({N, groups}, stats);
   if (x.numel() == 0) return {y, mean.fill_(NAN), rstd.fill_(NAN)};
-  const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();  // no-ops for fp32
+  std::vector<float> w_buf, b_buf;
+  const float *w = as_float(weight, w_buf), *b = as_float(bias, b_buf);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto kernel) {
-      kernel(x.const_data_ptr<T>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(), y.mutable_data_ptr<T>(),
-             mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), N, C, HW, groups, static_cast<float>(eps));
+      kernel(x.const_data_ptr<T>(), w, b, y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
+             rstd.mutable_data_ptr<float>(), N, C, HW, groups, static_cast<float>(eps));
     };
     if (nhwc) silu ? run(forward_nhwc<T, true>) : run(forward_nhwc<T, false>);
     else silu ? run(forward_nchw<T, true>) : run(forward_nchw<T, false>);
@@ -486,45 +521,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
   const bool nhwc = is_channels_last(x_in);
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor dy = dy_in.to(x.scalar_type()).contiguous(fmt);
+  const at::Tensor dy = (dy_in.scalar_type() == x.scalar_type() ? dy_in : dy_in.to(x.scalar_type())).contiguous(fmt);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), G = mean.size(1), HW = N * C > 0 ? x.numel() / (N * C) : 0;
   at::Tensor dx = empty_output_like(x);
-  // (N, C) channel sums: the kernels write every element (zeros when there are no elements to sum)
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor sum_dz = x.numel() > 0 ? at::empty({N, C}, f32) : at::zeros({N, C}, f32);
-  at::Tensor sum_dz_xhat = x.numel() > 0 ? at::empty({N, C}, f32) : at::zeros({N, C}, f32);
+  // (N, C) channel sums of dz and dz * xhat: the kernels write every element; zeros when there
+  // are no elements to sum
+  std::vector<float> sum_dz(N * C, 0.f), sum_dz_xhat(N * C, 0.f);
   if (x.numel() > 0) {
-    const at::Tensor w = weight.to(at::kFloat).contiguous(), b = bias.to(at::kFloat).contiguous();  // no-ops for fp32
+    std::vector<float> w_buf, b_buf;
+    const float *w = as_float(weight, w_buf), *b = as_float(bias, b_buf);
     dispatch_dtype(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       auto run = [&](auto kernel) {
-        kernel(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
-               mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), dx.mutable_data_ptr<T>(),
-               sum_dz.mutable_data_ptr<float>(), sum_dz_xhat.mutable_data_ptr<float>(), N, C, HW, G);
+        kernel(dy.const_data_ptr<T>(), x.const_data_ptr<T>(), w, b, mean.const_data_ptr<float>(),
+               rstd.const_data_ptr<float>(), dx.mutable_data_ptr<T>(), sum_dz.data(), sum_dz_xhat.data(), N, C, HW, G);
       };
       if (nhwc) silu ? run(backward_nhwc<T, true>) : run(backward_nhwc<T, false>);
       else silu ? run(backward_nchw<T, true>) : run(backward_nchw<T, false>);
     });
   }
-  // dweight, dbias: sums over the batch, in a plain loop (two small ATen reductions cost more at
-  // the UNet's small shapes than the kernels themselves)
-  at::Tensor dw = at::empty({C}, x.options().dtype(at::kFloat)), db = at::empty({C}, x.options().dtype(at::kFloat));
-  {
-    const float *a = sum_dz.const_data_ptr<float>(), *bs = sum_dz_xhat.const_data_ptr<float>();
-    float *dwp = dw.mutable_data_ptr<float>(), *dbp = db.mutable_data_ptr<float>();
+  // dweight, dbias: sums over the batch, in a plain loop written in the parameters' dtype (two
+  // ATen reductions and casts cost more at the UNet's small shapes than the kernels themselves)
+  at::Tensor dw = at::empty({C}, weight.options()), db = at::empty({C}, bias.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "group_norm_silu_dweight", [&] {
+    scalar_t* dwp = dw.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      float s_a = 0.f, s_b = 0.f;
-      for (int64_t n = 0; n < N; ++n) {
-        s_a += a[n * C + c];
-        s_b += bs[n * C + c];
-      }
-      dbp[c] = s_a;
-      dwp[c] = s_b;
+      float s = 0.f;
+      for (int64_t n = 0; n < N; ++n) s += sum_dz_xhat[n * C + c];
+      dwp[c] = static_cast<scalar_t>(s);
     }
-  }
-  return {dx, dw.scalar_type() == weight.scalar_type() ? dw : dw.to(weight.scalar_type()),
-          db.scalar_type() == bias.scalar_type() ? db : db.to(bias.scalar_type())};
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bias.scalar_type(), "group_norm_silu_dbias", [&] {
+    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      float s = 0.f;
+      for (int64_t n = 0; n < N; ++n) s += sum_dz[n * C + c];
+      dbp[c] = static_cast<scalar_t>(s);
+    }
+  });
+  return {dx, dw, db};
 }
 
 }  // namespace

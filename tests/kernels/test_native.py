@@ -173,6 +173,90 @@ def test_op_rejects_bad_arguments():
         torch.ops.refl.group_norm_silu(x, torch.ones(5), torch.zeros(6), 3, 1e-5, True)
 
 
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_extreme_pre_activations(dtype, channels_last):
+    """Pre-activations far past the sigmoid's range (|z| up to ~300): the kernels' sigmoid caps
+    exp's argument (a reciprocal's Newton step would turn exp's inf into NaN); y and the gradients
+    stay finite and match the float64 reference."""
+    x, w, b, dy = _inputs(2, 24, (7, 9), dtype, seed=11, channels_last=channels_last)
+    w = (w.float() * 100).to(dtype)  # xhat ~ N(0, 1) times 100: z spans about -300..300
+    got = _run(lambda a, c, d: native.group_norm(a, 6, c, d, activation="silu"), x, w, b, dy)
+    ref64 = _run(lambda a, c, d: reference.group_norm(a, 6, c, d, activation="silu"), x, w, b, dy, torch.float64)
+    plain = _run(lambda a, c, d: reference.group_norm(a, 6, c, d, activation="silu"), x, w, b, dy)
+    _check(got, ref64, plain, dtype)
+
+
+@needs_lib
+@pytest.mark.parametrize("x_dtype,p_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["bf16-x-fp32-params", "fp32-x-bf16-params"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_parameters_in_another_dtype_or_strided(x_dtype, p_dtype, channels_last):
+    """weight and bias in another dtype than x, and not contiguous (every other element of a
+    longer tensor): the kernels convert them to fp32 themselves; dweight and dbias come back in
+    the parameters' dtype and match the float64 reference."""
+    N, C, G = 2, 20, 5
+    x, _, _, dy = _inputs(N, C, (5, 6), x_dtype, seed=5, channels_last=channels_last)
+    gen = torch.Generator().manual_seed(6)
+    w_long = (torch.randn(2 * C, generator=gen) * 0.5 + 1).to(p_dtype).requires_grad_()
+    b_long = torch.randn(2 * C, generator=gen).to(p_dtype).requires_grad_()
+    w, b = w_long[::2], b_long[::2]
+    assert not w.is_contiguous()
+    xg = x.detach().requires_grad_()
+    y = native.group_norm(xg, G, w, b, activation="silu")
+    y.backward(dy)
+    assert y.dtype == x_dtype and xg.grad.dtype == x_dtype and w_long.grad.dtype == p_dtype
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = reference.group_norm(x64, G, w64, b64, activation="silu")
+    y64.backward(dy.double())
+    # error budget: a few roundings in x's dtype (the output and dx) or the parameters' (dw, db),
+    # plus this file's floor for that dtype, on the size of the values
+    for name, g, r, dt in (("y", y, y64, x_dtype), ("dx", xg.grad, x64.grad, x_dtype),
+                           ("dw", w_long.grad[::2], w64.grad, p_dtype), ("db", b_long.grad[::2], b64.grad, p_dtype)):
+        tol = (4 * torch.finfo(dt).eps + ATOL[dt]) * max(1.0, r.abs().max().item())
+        assert (g.double() - r).abs().max().item() <= tol, name
+    assert (w_long.grad[1::2] == 0).all() and (b_long.grad[1::2] == 0).all()
+
+
+@needs_lib
+def test_gradients_only_for_inputs_that_need_them():
+    """A frozen norm (weight and bias without grad) gives dx alone; a detached x gives dweight
+    and dbias alone; each equals the gradient of the full call."""
+    x, w, b, dy = _inputs(1, 8, (4, 5), torch.float32, seed=9, channels_last=False)
+    full = _run(lambda a, c, d: native.group_norm(a, 2, c, d, activation="silu"), x, w, b, dy)
+    xg = x.detach().requires_grad_()
+    native.group_norm(xg, 2, w, b, activation="silu").backward(dy)
+    torch.testing.assert_close(xg.grad, full[1], rtol=0, atol=0)
+    wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+    native.group_norm(x, 2, wg, bg, activation="silu").backward(dy)
+    torch.testing.assert_close(wg.grad, full[2], rtol=0, atol=0)
+    torch.testing.assert_close(bg.grad, full[3], rtol=0, atol=0)
+
+
+@needs_lib
+def test_double_backward_is_refused():
+    x, w, b, dy = _inputs(1, 4, (3, 3), torch.float32, seed=2, channels_last=False)
+    x = x.requires_grad_()
+    y = native.group_norm(x, 2, w, b, activation="silu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y, x, dy, create_graph=True)
+
+
+def test_library_without_autograd_formula_is_not_used(monkeypatch, caplog):
+    """A library built before the op had its C++ autograd formula (its outputs would carry no
+    gradient) is reported as out of date and the torch path is used."""
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "library_candidates", lambda: [Path(__file__)])  # any existing file
+    monkeypatch.setattr(native, "_has_kernel", lambda key: key != "Autograd")
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available("cpu")
+    msgs = [r.getMessage() for r in caplog.records if r.name == native.__name__]
+    assert len(msgs) == 1 and "out of date" in msgs[0] and "make install" in msgs[0]
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(native.group_norm(x, 2, activation="silu"), F.silu(F.group_norm(x, 2)), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------- tiny UNet
 
 _unet = tiny_unet
