@@ -189,18 +189,11 @@ def _trainer(tmp_path, **overrides):
 
 
 def _count_grad_unet_forwards(trainer, prompts):
-    count = [0]
+    from refl_engine.memory.measure import GradCallCounter
 
-    def hook(module, args):
-        if torch.is_grad_enabled():
-            count[0] += 1
-
-    handle = trainer.unet.register_forward_pre_hook(hook)
-    try:
+    with GradCallCounter(trainer.unet) as counter:
         result = trainer.micro_step(prompts)
-    finally:
-        handle.remove()
-    return count[0], result
+    return counter.calls, result
 
 
 @pytest.mark.parametrize("n", [2, 5])

@@ -309,6 +309,29 @@ class SavedTensorCounter:
         self._keep.clear()
 
 
+# -- grad-carrying calls --------------------------------------------------------------------------
+class GradCallCounter:
+    """Counts the forwards of `module` that run with grad enabled inside the block: the calls
+    that carry gradient (the window), counted on the module itself, not derived from the method.
+    Under `--recompute none` a backward runs no forward again, so each call counts once."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.calls = 0
+        self._handle = None
+
+    def _hook(self, module, args):
+        if torch.is_grad_enabled():
+            self.calls += 1
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
 # ---------------------------------------------------------------- one call, profiled
 
 def _graph_leaves(roots: Sequence[torch.Tensor]) -> list[torch.Tensor]:
