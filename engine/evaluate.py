@@ -171,6 +171,10 @@ class HFVisionEmbedder:
 
 
 def build_embedder(spec: str, device="cpu"):
+    if spec == "toyworld":  # the toy world's own contrastive encoder (shipped weights)
+        from refl_engine.toyworld.embed import ToyworldEmbedder
+
+        return ToyworldEmbedder(device=device)
     return PixelEmbedder() if spec in ("", "pixels") else HFVisionEmbedder(spec, device)
 
 
