@@ -174,11 +174,11 @@ def group_norm_saved(N, C, H, W, G, act, dtype):
 def group_norm_native_saved(N, C, H, W, G, act, dtype) -> dict | None:
     """The native op's saved bytes and, for it and for torch's two ops, the number of saved
     activation-sized tensors per call; with SiLU also in the UNet's GroupNorm -> SiLU -> 3x3 conv
-    pattern: stock modules vs the lean recompute's Function (selective.py) running the native op.
+    pattern: stock modules vs the lean recompute's Function (lean.py) running the native op.
     Meta tensors through the op's Meta kernels. None when the library is not loaded."""
     if not native.available("meta") or dtype not in native.DTYPES:
         return None
-    from refl_engine.memory import selective
+    from refl_engine.memory import lean as lean_mod
 
     x = torch.empty(N, C, H, W, device="meta", dtype=dtype, requires_grad=True)
     w = torch.empty(C, device="meta", dtype=dtype, requires_grad=True)
@@ -193,13 +193,13 @@ def group_norm_native_saved(N, C, H, W, G, act, dtype) -> dict | None:
         conv = nn.Conv2d(C, C, 3, padding=1, device="meta", dtype=dtype)
         params = list(norm.parameters()) + list(conv.parameters())
         stock = saved_storages(lambda: conv(F.silu(norm(x))), (), exclude=params)
-        use_native = selective._use_native  # the Function picks the native op on CPU; here on meta
-        selective._use_native = lambda t: t.dtype in native.DTYPES
+        use_native = lean_mod._use_native  # the Function picks the native op on CPU; here on meta
+        lean_mod._use_native = lambda t: t.dtype in native.DTYPES
         try:
-            with selective.selective_recompute():
-                lean = saved_storages(lambda: selective.norm_act_project(x, norm, "silu", conv), (), exclude=params)
+            with lean_mod.lean_mode():
+                lean = saved_storages(lambda: lean_mod.norm_act_project(x, norm, "silu", conv), (), exclude=params)
         finally:
-            selective._use_native = use_native
+            lean_mod._use_native = use_native
         out.update({"pattern_saved_bytes_stock": sum(stock), "pattern_act_tensors_stock": n_act(stock),
                     "pattern_saved_bytes_lean_native": sum(lean), "pattern_act_tensors_lean_native": n_act(lean)})
     return out

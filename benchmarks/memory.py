@@ -108,7 +108,7 @@ def worker(args) -> dict:
             trainer.policy = AutoRecompute(budget_bytes=budget, reserve_bytes=reserve,
                                            checkpoint_decode=trainer.policy.checkpoint_decode,
                                            checkpoint_reward=trainer.policy.checkpoint_reward,
-                                           selective_decode=trainer.policy.selective_decode)
+                                           lean_decode=trainer.policy.lean_decode)
         trainer.train_step()  # warm-up: optimizer state now exists, as in every later step
         t0 = time.perf_counter()
         timed = trainer.train_step()

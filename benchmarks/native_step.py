@@ -1,7 +1,7 @@
 """Seconds per training step of the demo (`--config demo`: DRaFT through all 20 steps, the
 default `--recompute selective`) with and without the native GroupNorm(+SiLU) op.
 
-The recompute modes run GroupNorm -> SiLU -> projection through selective.py, which uses the
+The recompute modes run GroupNorm -> SiLU -> projection through lean.py, which uses the
 native op on CPU when its library is loaded. "off" hides the library (REFL_NATIVE_LIB pointing
 nowhere), so the same code takes torch's GroupNorm and SiLU. Each run is its own process (a
 loaded library cannot be unloaded); runs alternate off, on, off, on, ... so load from other

@@ -123,13 +123,13 @@ def chunk_table(budget_gb: float, models=MODELS, methods=(METHODS[0], METHODS[2]
 
 def decode_table() -> list[str]:
     """VAE decode activations of one sample (bf16; the larger of its forward and backward peaks,
-    checkpointed): the stock modules vs `--selective_decode` (lean mode)."""
+    checkpointed): the stock modules vs `--lean_decode` (lean mode)."""
     out = ["## VAE decode, one sample, bf16", "",
            "| model | stock MiB | lean MiB | lean / stock |", "|---|---:|---:|---:|"]
     for model, res in MODELS:
         peaks = []
-        for selective in (False, True):
-            spec = PlanSpec(model=model, resolution=res, mixed_precision="bf16", selective_decode=selective)
+        for lean in (False, True):
+            spec = PlanSpec(model=model, resolution=res, mixed_precision="bf16", lean_decode=lean)
             vae, _ = Planner(spec).after_window(1)
             peaks.append(max(vae.fwd_peak, vae.bwd_peak))
         out.append(f"| {model} @ {res} | {peaks[0] / 2**20:.0f} | {peaks[1] / 2**20:.0f} | {peaks[1] / peaks[0]:.2f} |")

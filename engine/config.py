@@ -175,7 +175,8 @@ class MemoryConfig:
         "--memory_budget)")
     memory_budget: str = arg("", "device memory for --recompute auto (and refl-plan): bytes or a size such as 40GB")
     checkpoint_decode: bool = arg(True, "recompute the VAE decode in backward instead of keeping it")
-    selective_decode: bool = arg(True, "recompute the VAE's GroupNorm/SiLU outputs and frozen-conv inputs in backward")
+    lean_decode: bool = arg(True, "recompute the VAE's GroupNorm/SiLU outputs and frozen-conv inputs in backward",
+                             aliases=("selective_decode",))
     checkpoint_reward: bool = arg(True, "recompute the reward model in backward instead of keeping it")
     recompute_chunk: int = arg(
         0, "samples per checkpoint of a full/selective UNet call, so its backward recomputes one chunk at a time; "

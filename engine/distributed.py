@@ -184,7 +184,7 @@ def initialize(trainer, lr_schedule_fn):
             raise ConfigError(f"DeepSpeed refused the config: {str(e).splitlines()[0]}") from None
         raise
     if zero_stage(engine) == 3 and cfg.memory.recompute in ("lean", "selective", "auto"):  # lean-mode policies
-        from .memory.selective import ensure_installed, report_partitioned
+        from .memory.lean import ensure_installed, report_partitioned
 
         ensure_installed(trainer.unet)
         if trainer.is_main:

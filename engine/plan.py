@@ -64,7 +64,7 @@ def plan_spec(cfg: TrainConfig, opts: PlanOptions | None = None):
         rank=mo.rank, lora_targets=mo.lora_target_modules, mixed_precision=o.mixed_precision,
         optimizer=o.optimizer, zero=d.zero or 0, offload=d.offload, num_gpus=opts.num_gpus,
         recompute=mem.recompute, recompute_chunk=mem.recompute_chunk, checkpoint_decode=mem.checkpoint_decode,
-        selective_decode=mem.selective_decode,
+        lean_decode=mem.lean_decode,
         checkpoint_reward=mem.checkpoint_reward, reward=m.reward,
         budget_gb=budget_gb, reserve_gb=opts.reserve_gb, use_cache=not opts.no_cache,
     )

@@ -171,10 +171,10 @@ class ReFLTrainer:
         budget = parse_memory(cfg.memory.memory_budget) if cfg.memory.memory_budget else None
         policy_kwargs = dict(checkpoint_decode=cfg.memory.checkpoint_decode,
                              checkpoint_reward=cfg.memory.checkpoint_reward,
-                             selective_decode=cfg.memory.selective_decode,
+                             lean_decode=cfg.memory.lean_decode,
                              recompute_chunk=cfg.memory.recompute_chunk)
-        if cfg.memory.selective_decode:
-            from .memory.selective import install
+        if cfg.memory.lean_decode:
+            from .memory.lean import install
 
             install(c.vae)
         if cfg.memory.recompute == "auto":
@@ -185,7 +185,7 @@ class ReFLTrainer:
             policy_kwargs["reserve_bytes"] = auto_reserve_bytes(
                 c.path if Path(c.path).is_dir() else c.kind, self.resolution, cfg.optim.train_batch_size,
                 cfg.optim.mixed_precision, cfg.method.reward, cfg.memory.checkpoint_decode,
-                cfg.memory.checkpoint_reward, cfg.memory.selective_decode)
+                cfg.memory.checkpoint_reward, cfg.memory.lean_decode)
         try:
             self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
         except (ValueError, TypeError) as e:

@@ -67,7 +67,7 @@ class PlanSpec:
     reserve_gb: float = 3.0  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
     reward: str | None = None  # None: aesthetic (CLIP ViT-L/14) for sd15/sdxl, colorfulness for tiny-sd
     checkpoint_decode: bool = True
-    selective_decode: bool = True  # MemoryPolicy.selective_decode
+    lean_decode: bool = True  # MemoryPolicy.lean_decode
     checkpoint_reward: bool = True
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
     recompute_chunk: int = 0  # samples per checkpoint of a full/selective UNet call; 0 = whole batch (auto: chosen)
@@ -255,7 +255,7 @@ class Planner:
         s = self.spec
         vae = trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
                      dtype=self.vae_precision, checkpoint=s.checkpoint_decode,
-                     selective=s.selective_decode)["decode"]
+                     lean=s.lean_decode)["decode"]
         # a weighted sum runs its terms one after another: the largest term sets the phase's peak
         rew = max((trace("reward", s.use_cache, reward=name, resolution=self.resolution, batch=1,
                           dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
@@ -478,9 +478,9 @@ def make_plan(**kwargs) -> Plan:
 
 def auto_reserve_bytes(model: str | None, resolution: int, batch_size: int, mixed_precision: str = "no",
                        reward: str | None = None, checkpoint_decode: bool = True, checkpoint_reward: bool = True,
-                       selective_decode: bool = True) -> int:
+                       lean_decode: bool = True) -> int:
     """What `--recompute auto` should hold back for decode + reward (AutoRecompute(reserve_bytes=...))."""
     spec = PlanSpec(model=model, resolution=resolution, batch_size=batch_size, mixed_precision=mixed_precision,
                     reward=reward if reward in REWARD_BACKBONES else None, checkpoint_decode=checkpoint_decode,
-                    checkpoint_reward=checkpoint_reward, selective_decode=selective_decode)
+                    checkpoint_reward=checkpoint_reward, lean_decode=lean_decode)
     return Planner(spec).after_window_bytes(batch_size)

@@ -16,7 +16,7 @@ Policies (`--recompute`), cheapest in recompute first:
                     cheap-but-large tensors a call would save (GroupNorm and SiLU outputs feeding
                     a convolution or projection, GEGLU's GELU output, the inputs of frozen
                     convolutions) and recompute them inside the backward of the op that needs
-                    them (selective.py). Elementwise recompute only (1.06-1.07x `none`'s step
+                    them (lean.py). Elementwise recompute only (1.06-1.07x `none`'s step
                     time at K=full on CPU) and about 0.63 of `none`'s activations per step (tiny-sd, LoRA; 0.66 for
                     SD1.5); kept for every window step, so not flat in K.
     full            checkpoint every UNet call: keep its input latent, recompute the call during
@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import measure
 from .measure import component
-from .selective import ensure_installed, in_selective_mode, selective_recompute
+from .lean import ensure_installed, in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
 
@@ -63,20 +63,20 @@ def _checkpointed(fn, *args, **kwargs):
 def _lean(fn, *args):
     # `fn` is the guided noise prediction of make_eps_fn, which carries its UNet
     ensure_installed(getattr(fn, "unet", None))
-    return in_selective_mode(fn)(*args)
+    return in_lean_mode(fn)(*args)
 
 
-def _both_selective():
-    return selective_recompute(), selective_recompute()
+def _both_lean():
+    return lean_mode(), lean_mode()
 
 
 def _selective(fn, *args):
-    """A checkpoint whose forward and recompute run the UNet in selective mode: the recomputed
+    """A checkpoint whose forward and recompute run the UNet in lean mode: the recomputed
     call saves what `lean` saves, so its backward peaks lower than a plain checkpoint's."""
     ensure_installed(getattr(fn, "unet", None))
     if not torch.is_grad_enabled():  # nothing to checkpoint; context_fn is checkpoint's, not fn's
         return fn(*args)
-    return _checkpointed(fn, *args, context_fn=_both_selective)
+    return _checkpointed(fn, *args, context_fn=_both_lean)
 
 
 # window_pos -> how that call is run
@@ -171,13 +171,13 @@ class MemoryPolicy:
     name = "base"
 
     def __init__(self, checkpoint_decode: bool = True, checkpoint_reward: bool = True, decode_chunk: int = 1,
-                 selective_decode: bool = True, recompute_chunk: int = 0):
+                 lean_decode: bool = True, recompute_chunk: int = 0):
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
-        # Decode with the VAE's modules in selective mode (selective.py; the trainer installs it on
+        # Decode with the VAE's modules in lean mode (lean.py; the trainer installs it on
         # the VAE): its GroupNorm / SiLU outputs and the inputs of its frozen convolutions are not
         # kept for backward, in the checkpoint's recompute or, unchecked, in the forward.
-        self.selective_decode = selective_decode
+        self.lean_decode = lean_decode
         # Samples per checkpointed decode chunk (0 = the whole batch in one). The VAE decoder's
         # activations at 512-1024 px rival a UNet call's; decoding the batch sample by sample
         # (each its own checkpoint) makes its recompute peak that of one image, not of the batch.
@@ -244,8 +244,8 @@ class MemoryPolicy:
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
         with component("vae"):
-            if self.selective_decode:
-                fn = in_selective_mode(fn)
+            if self.lean_decode:
+                fn = in_lean_mode(fn)
             if not self.checkpoint_decode:
                 return fn(*args)
             batch = args[0].shape[0]

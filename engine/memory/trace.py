@@ -182,16 +182,16 @@ def _decode_fn(vae):
     return decode
 
 
-def trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool, selective: bool = False):
-    from .selective import in_selective_mode, install
+def trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool, lean: bool = False):
+    from .lean import in_lean_mode, install
 
     dt = dtype_of(dtype)
     vae = meta_vae(vae_cfg)
     vae.requires_grad_(False)
     decode = _decode_fn(vae)
-    if selective:  # as MemoryPolicy.decode_call with selective_decode
+    if lean:  # as MemoryPolicy.decode_call with lean_decode
         install(vae)
-        decode = in_selective_mode(decode)
+        decode = in_lean_mode(decode)
 
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     with _tracing():

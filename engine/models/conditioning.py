@@ -120,7 +120,7 @@ def make_eps_fn(unet, conditioning: Conditioning, guidance_scale: float):
         eps_u, eps_c = unet(x_in, t, encoder_hidden_states=states, **kwargs).sample.chunk(2)
         return eps_u + guidance_scale * (eps_c - eps_u)
 
-    eps_fn.unet = unet  # for memory policies that act on the UNet's modules (memory/selective.py)
+    eps_fn.unet = unet  # for memory policies that act on the UNet's modules (memory/lean.py)
     # The same guided prediction for samples lo..hi-1 only: a memory policy runs a batch in chunks
     # (memory/recompute.py); CFG pairs stay together because the chunk is taken before doubling.
     eps_fn.rows = lambda lo, hi: make_eps_fn(unet, conditioning.rows(lo, hi), guidance_scale)

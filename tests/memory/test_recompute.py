@@ -71,7 +71,7 @@ def _policies():
 
 
 # Two float32 computations of the same gradient that differ only in rounding (recomputation,
-# another decode batch size, selective mode's own backward formulas, the native GroupNorm) are each
+# another decode batch size, lean mode's own backward formulas, the native GroupNorm) are each
 # within the float32 rounding error of the exact value. So a policy's gradient may be at most
 # FACTOR x as far from the float64 result as the stock path's float32 gradient is, plus a floor of
 # a few float32 ulps of the tensor's magnitude. The stock path's error carries the cancellation

@@ -1,4 +1,4 @@
-"""Module-level selective recomputation: drop the cheap-but-large tensors a UNet call would save
+"""Lean recomputation: drop the cheap-but-large tensors a UNet call would save
 for backward and recompute them locally, inside the backward of the op that needs them.
 
 What a stock diffusers UNet saves for backward, by producer (tiny-sd @ 64 px, LoRA r=4, CFG):
@@ -21,7 +21,7 @@ elementwise work only (no matmul, no convolution forward), and no region is rema
 whole: the backward peak drops with the saved bytes. A fourth Function, for frozen convolutions,
 saves nothing (below). On tiny-sd this keeps 0.63 of what the stock UNet saves.
 
-The mode is active only inside `selective_recompute()`: recompute.py's `lean` call kind runs a
+The mode is active only inside `lean_mode()`: recompute.py's `lean` call kind runs a
 window step in it (kept for every step, so not flat in K), and its `selective` kind runs a
 checkpointed step in it, forward and recompute alike (flat in K). `none` and `full` steps of the
 same model run the stock modules. Installed by `install(unet)`: it sets an instance-level
@@ -34,7 +34,7 @@ CPU that GroupNorm(+SiLU) is the fused native op of refl_kernels.native when its
 (forward and backward in one C++ kernel each; the backward reuses the forward's statistics), else
 torch's two ops.
 
-The same applies to a VAE (`MemoryPolicy.selective_decode`): its ResnetBlock2Ds and its frozen
+The same applies to a VAE (`MemoryPolicy.lean_decode`): its ResnetBlock2Ds and its frozen
 convolutions. A frozen convolution's backward needs only its weight, yet torch's convolution saves
 its input regardless; `_FrozenConv` saves nothing (the 2x-upsampled input of every upsampler conv
 is the largest such tensor).
@@ -60,8 +60,8 @@ def is_active() -> bool:
 
 
 @contextlib.contextmanager
-def selective_recompute(enabled: bool = True):
-    """Run the installed modules in selective mode inside this block."""
+def lean_mode(enabled: bool = True):
+    """Run the installed modules in lean mode inside this block."""
     prev = getattr(_state, "active", False)
     _state.active = enabled
     try:
@@ -70,10 +70,10 @@ def selective_recompute(enabled: bool = True):
         _state.active = prev
 
 
-def in_selective_mode(fn):
-    """fn, run in selective mode (so a checkpoint's forward and recompute of it both are)."""
+def in_lean_mode(fn):
+    """fn, run in lean mode (so a checkpoint's forward and recompute of it both are)."""
     def run(*args):
-        with selective_recompute():
+        with lean_mode():
             return fn(*args)
 
     return run
@@ -351,7 +351,7 @@ def install(unet: nn.Module) -> int:
         if name not in m.__dict__:
             setattr(m, name, types.MethodType(fn, m))
         count += 1
-    unet._refl_selective_installed = True
+    unet._refl_lean_installed = True
     return count
 
 
@@ -368,11 +368,11 @@ def report_partitioned(unet: nn.Module) -> list[str]:
     if names:
         kinds = Counter(type(unet.get_submodule(n)).__name__ for n in names)
         logging.getLogger("refl_engine").info(
-            "ZeRO-3: %d modules keep the stock forward in lean/selective mode (partitioned weights): %s; e.g. %s",
+            "ZeRO-3: %d modules keep the stock forward in lean mode (partitioned weights): %s; e.g. %s",
             len(names), ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())), ", ".join(names[:3]))
     return names
 
 
 def ensure_installed(unet: nn.Module | None) -> None:
-    if unet is not None and not getattr(unet, "_refl_selective_installed", False):
+    if unet is not None and not getattr(unet, "_refl_lean_installed", False):
         install(unet)

@@ -1,4 +1,4 @@
-"""Module-level selective recomputation: the same values and gradients as the stock diffusers
+"""Lean recomputation: the same values and gradients as the stock diffusers
 modules (float64, autograd as the reference), with only the declared tensors saved."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import numerics
 from refl_engine.memory import measure
-from refl_engine.memory.selective import geglu_gate, install, norm_act_project, selective_recompute
+from refl_engine.memory.lean import geglu_gate, install, norm_act_project, lean_mode
 
 
 def _assert_exact(got, ref, what):
@@ -104,9 +104,9 @@ def _unet(linear_projection: bool, rank: int, seed: int):
 
 @pytest.mark.parametrize("linear_projection,rank", [(False, 4), (True, 4), (False, 0)],
                          ids=["conv_proj_lora", "linear_proj_lora", "full_finetune"])
-def test_unet_selective_equals_stock(linear_projection, rank, seed):
+def test_unet_lean_equals_stock(linear_projection, rank, seed):
     """The whole tiny UNet: same output and gradients (input and every trainable parameter) with
-    and without selective mode, and fewer saved bytes."""
+    and without lean mode, and fewer saved bytes."""
     unet, params = _unet(linear_projection, rank, seed)
     n = install(unet)
     assert n >= 5  # resnets, GEGLUs and transformer inputs of the tiny UNet
@@ -118,21 +118,21 @@ def test_unet_selective_equals_stock(linear_projection, rank, seed):
     def call():
         return unet(x, torch.tensor(321), encoder_hidden_states=cond).sample
 
-    def selective():
-        with selective_recompute():
+    def lean():
+        with lean_mode():
             return call()
 
     ref_out, ref = _grads(call, [x] + params, w)
-    out, got = _grads(selective, [x] + params, w)
+    out, got = _grads(lean, [x] + params, w)
     _assert_exact(out, ref_out, "out")
     for i, (a, b) in enumerate(zip(got, ref)):
         _assert_exact(a, b, f"grad {i}")
     stock_bytes = _saved_bytes(call, list(unet.parameters()))
-    sel_bytes = _saved_bytes(selective, list(unet.parameters()))
+    sel_bytes = _saved_bytes(lean, list(unet.parameters()))
     assert sel_bytes < 0.8 * stock_bytes, (sel_bytes, stock_bytes)
 
 
-def test_selective_under_bf16_autocast_close_to_stock(seed):
+def test_lean_under_bf16_autocast_close_to_stock(seed):
     """Mixed precision: the Functions run their projection backward in the dtype autocast ran the
     forward in, and return parameter gradients in the parameters' dtype."""
     unet, params = _unet(True, 4, seed)
@@ -142,8 +142,8 @@ def test_selective_under_bf16_autocast_close_to_stock(seed):
     x = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)
     cond = torch.randn(2, 7, 32, generator=g)
 
-    def run(selective):
-        with torch.autocast("cpu", dtype=torch.bfloat16), selective_recompute(selective):
+    def run(lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16), lean_mode(lean):
             out = unet(x, torch.tensor(500), encoder_hidden_states=cond).sample
         return out.float(), torch.autograd.grad(out.float().square().mean(), [x] + params)
 
@@ -164,7 +164,7 @@ def test_inactive_or_no_grad_is_the_stock_path():
     before = _saved_bytes(call, list(unet.parameters()))
     install(unet)
     assert _saved_bytes(call, list(unet.parameters())) == before
-    with torch.no_grad(), selective_recompute():
+    with torch.no_grad(), lean_mode():
         y = call()
     assert y.grad_fn is None
 
@@ -182,20 +182,20 @@ def test_frozen_conv_saves_nothing_and_matches_autograd(stride, padding, dilatio
     ref_out, ref = _grads(lambda: conv(x), [x], w)
     install(conv)
 
-    def selective():
-        with selective_recompute():
+    def lean():
+        with lean_mode():
             return conv(x)
 
-    out, got = _grads(selective, [x], w)
+    out, got = _grads(lean, [x], w)
     _assert_exact(out, ref_out, "out")
     _assert_exact(got[0], ref[0], "grad")
-    assert _saved_bytes(selective, list(conv.parameters())) == 0
+    assert _saved_bytes(lean, list(conv.parameters())) == 0
     assert _saved_bytes(lambda: conv(x), list(conv.parameters())) == x.untyped_storage().nbytes()
     conv.requires_grad_(True)  # a trainable conv keeps the stock path (its weight gradient needs x)
-    assert _saved_bytes(selective, list(conv.parameters())) == x.untyped_storage().nbytes()
+    assert _saved_bytes(lean, list(conv.parameters())) == x.untyped_storage().nbytes()
 
 
-def test_vae_decode_selective_equals_stock(seed):
+def test_vae_decode_lean_equals_stock(seed):
     """A VAE decoder (ResnetBlock2D with time_embedding_norm="group", upsamplers, mid-block
     attention): same image and latent gradient, fewer saved bytes."""
     from diffusers import AutoencoderKL
@@ -212,13 +212,13 @@ def test_vae_decode_selective_equals_stock(seed):
     def stock():
         return vae.decode(z).sample
 
-    def selective():
-        with selective_recompute():
+    def lean():
+        with lean_mode():
             return stock()
 
     ref_out, ref = _grads(stock, [z], w)
-    out, got = _grads(selective, [z], w)
+    out, got = _grads(lean, [z], w)
     _assert_exact(out, ref_out, "out")
     _assert_exact(got[0], ref[0], "grad")
     params = list(vae.parameters())
-    assert _saved_bytes(selective, params) < 0.5 * _saved_bytes(stock, params)
+    assert _saved_bytes(lean, params) < 0.5 * _saved_bytes(stock, params)
