@@ -10,6 +10,10 @@ by SiLU saves x and the normalised tensor (plus the same statistics), so the fus
 activation-sized tensor instead of two.
 x is (N, C, *spatial), fp32, bf16 or fp16, channels-first or channels-last (kept as it is).
 
+On CPU, outputs (y, dx) of 1 MiB or more come from a cache of the op's freed outputs of the same
+size, so a training loop's repeated shapes do not page-fault fresh memory every call (bounded:
+$REFL_NATIVE_CACHE_MB idle MiB, default 256, 0 turns it off; torch.ops.refl.output_cache_limit).
+
 The ops have CPU kernels (vectorized, parallel over samples and groups), CUDA kernels when the
 library was built against a CUDA torch, and Meta kernels, so they also run on the meta device
 (the planner's traces) and under torch.compile (FakeTensor uses the Meta kernels).

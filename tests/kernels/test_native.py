@@ -243,6 +243,40 @@ def test_double_backward_is_refused():
         torch.autograd.grad(y, x, dy, create_graph=True)
 
 
+@needs_lib
+def test_output_cache_reuses_freed_outputs_and_can_be_turned_off():
+    """Outputs of 1 MiB or more come back from the cache when an earlier output of the same size
+    was freed (same memory, no page faults), with the same values and gradients as the first
+    call; with the bound at 0 nothing is kept and outputs come from torch's allocator."""
+    x, w, b, dy = _inputs(1, 64, (64, 64), torch.float32, seed=4, channels_last=False)  # 1 MiB tensors
+    nbytes = x.numel() * x.element_size()
+    limit = torch.ops.refl.output_cache_limit(-1)
+    try:
+        torch.ops.refl.output_cache_limit(1 << 30)
+        run = _run(lambda a, c, d: native.group_norm(a, 8, c, d, activation="silu"), x, w, b, dy)
+        first = [t.clone() for t in run]  # clones come from torch's allocator
+        idle = torch.ops.refl.output_cache_idle_bytes()
+        del run  # frees y and dx
+        assert torch.ops.refl.output_cache_idle_bytes() == idle + 2 * nbytes
+        idle += 2 * nbytes
+        y, _, _ = torch.ops.refl.group_norm_silu(x, w, b, 8, 1e-5, True)
+        assert torch.ops.refl.output_cache_idle_bytes() == idle - nbytes  # taken from the cache
+        torch.testing.assert_close(y, first[0], rtol=0, atol=0)
+        del y
+        assert torch.ops.refl.output_cache_idle_bytes() == idle
+        second = _run(lambda a, c, d: native.group_norm(a, 8, c, d, activation="silu"), x, w, b, dy)
+        for a, c in zip(first, second):  # computed in reused memory
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+        torch.ops.refl.output_cache_limit(0)
+        assert torch.ops.refl.output_cache_idle_bytes() == 0  # lowering the bound frees idle blocks
+        third = _run(lambda a, c, d: native.group_norm(a, 8, c, d, activation="silu"), x, w, b, dy)
+        assert torch.ops.refl.output_cache_idle_bytes() == 0
+        for a, c in zip(first, third):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    finally:
+        torch.ops.refl.output_cache_limit(limit)
+
+
 def test_library_without_autograd_formula_is_not_used(monkeypatch, caplog):
     """A library built before the op had its C++ autograd formula (its outputs would carry no
     gradient) is reported as out of date and the torch path is used."""
