@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,8 @@ from .config import ConfigError
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 LATEST = "latest"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' loaders look for
+
+log = logging.getLogger("refl_engine")
 
 
 def _umask() -> int:
@@ -268,3 +271,75 @@ def publish_weights(unet, out_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / (LORA_WEIGHTS if getattr(unet, "peft_config", None) else "unet")
+
+
+# ------------------------------------------------------------------ the run's output folder
+
+# What a run writes into its output folder: a folder holding any of these holds a run.
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "metrics.abandoned.jsonl", "summary.json", "reward_curve.png",
+               "tracking.json", LORA_WEIGHTS, "unet", "checkpoints", "samples", "tensorboard", "wandb")
+
+
+def claim_output_dir(out: Path, resume: bool, overwrite: bool, logging_dir: str = "tensorboard") -> None:
+    """A new run does not write into another run's folder unless told to: resuming continues
+    that run, --overwrite_output_dir removes its outputs first (other files are left alone)."""
+    tb = (out / logging_dir).resolve()  # TensorBoard's folder counts when it is inside `out`
+    inside = (logging_dir,) if tb != out.resolve() and tb.is_relative_to(out.resolve()) else ()
+    found = [name for name in dict.fromkeys(RUN_OUTPUTS + inside) if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(found[:3])}); continue it with "
+                          "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
+                          "another --output_dir")
+    log.warning("--overwrite_output_dir: removing the previous run's %s from %s", ", ".join(found), out)
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def history_upto(path: Path, step: int) -> list[dict]:
+    """The metrics rows up to `step` (the resumed step). Rows past it are the continuation this
+    run replaces: they are moved, with a warning, to metrics.abandoned.jsonl, not thrown away."""
+    if not path.exists():
+        return []
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            moved.append(line)
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(row)
+        else:
+            moved.append(line)
+    if moved:
+        abandoned = path.with_name("metrics.abandoned.jsonl")
+        with open(abandoned, "a") as f:
+            f.write("".join(line + "\n" for line in moved))
+        log.warning("resuming at step %d: %d rows of %s past it moved to %s", step, len(moved), path.name,
+                    abandoned.name)
+        _write_history(path, kept)
+    return kept
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def reward_before(out: Path):
+    summary = out / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text()).get("sample_reward_before")
+    grid = out / "samples" / "step-000000.json"
+    if grid.exists():
+        return json.loads(grid.read_text()).get("mean_reward")
+    return None

@@ -11,6 +11,7 @@ drops the TensorBoard events past the step it resumes from. Only the main proces
 from __future__ import annotations
 
 import json
+import resource
 import secrets
 from pathlib import Path
 
@@ -162,3 +163,35 @@ def _wandb_run_id(out: Path) -> str:
         record["wandb_run_id"] = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
         path.write_text(json.dumps(record, indent=2))
     return record["wandb_run_id"]
+
+
+class DeviceMonitor:
+    """The memory numbers of a step: the allocator's peak on a GPU (plus utilization and used
+    memory through NVML when present), the process's peak resident size on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.nvml = pynvml
+        except Exception:  # pynvml.NVMLError or no library: normal without a GPU
+            self.handle = None
+
+    def read(self) -> dict:
+        if self.device.type != "cuda":
+            return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        out = {"max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device)}
+        if self.handle is not None:
+            try:
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+                util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+                out.update(gpu_util=util.gpu, gpu_mem_used_bytes=mem.used)
+            except Exception:  # noqa: BLE001 - a transient NVML error costs one step's numbers only
+                pass
+        return out

@@ -10,9 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -25,58 +22,20 @@ from .data import image_dataset, load_prompts, sample_prompts, warn_long_prompts
 from .memory.recompute import build_policy
 from .methods import Sampler, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
-from .models.load import load_pipeline_components, vae_dtype
-from .models.lora import add_lora, has_lora
+from .models.load import load_pipeline_components
+from .models.lora import has_lora
+from .models.place import place_frozen, prepare_unet
 from .optim import build_optimizer
 from .regularizers import attach_regularizers, reward_objective, watch_rollout
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, randn, run_trajectory
+from .tracking import DeviceMonitor, Trackers, check_report_to, start_trackers
 
 log = logging.getLogger("refl_engine")
 
 
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to device, casting only when some parameter is not already `dtype` (diffusers warns on
-    every cast through `.to(dtype)`, even a no-op one)."""
-    if any(p.dtype != dtype for p in module.parameters()):
-        module.to(device, dtype)
-    else:
-        module.to(device)
-
-
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
-
-
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class GPUMonitor:
-    """GPU memory and utilization through NVML when present; silent where there is none."""
-
-    def __init__(self, device: torch.device):
-        self.handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            self.nvml = pynvml
-        except Exception:  # pynvml.NVMLError or no library: normal without a GPU
-            self.handle = None
-
-    def read(self) -> dict:
-        if self.handle is None:
-            return {}
-        try:
-            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
-            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
-            return {"gpu_util": util.gpu, "gpu_mem_used_bytes": mem.used}
-        except Exception:
-            return {}
 
 
 class ReFLTrainer:
@@ -85,7 +44,7 @@ class ReFLTrainer:
     def __init__(self, config: TrainConfig):
         validate(config)
         self.cfg = config
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size, _ = dist.world_info()
         self.is_main = self.rank == 0
         self.step = 0
         self._setup_done = False
@@ -137,27 +96,9 @@ class ReFLTrainer:
                                      variant=cfg.model.variant)
         self.components = c
         warn_long_prompts(self.prompts, c.tokenizer)
-        for module in (c.vae, c.text_encoder, c.text_encoder_2):
-            if module is not None:
-                dtype = vae_dtype(c.vae.config, weight_dtype) if module is c.vae else weight_dtype
-                _place(module.requires_grad_(False).eval(), self.device, dtype)
+        place_frozen(c, self.device, weight_dtype)
         self.unet = c.unet
-        self.params = add_lora(self.unet, cfg.model.rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
-        if cfg.model.rank > 0:  # frozen base in the training dtype, adapters in fp32
-            _place(self.unet, self.device, weight_dtype)
-            for p in self.params:
-                p.data = p.data.float()
-        else:
-            self.unet.to(self.device)
-        if cfg.model.kernels != "torch":
-            try:
-                from .models.patch import apply_kernels
-            except ImportError as e:
-                raise ConfigError(f"--kernels {cfg.model.kernels}: kernel integration unavailable ({e})") from None
-            try:
-                apply_kernels(self.unet, cfg.model.kernels)
-            except ValueError as e:
-                raise ConfigError(str(e).splitlines()[0]) from None
+        self.params = prepare_unet(self.unet, cfg.model, self.device, weight_dtype)  # LoRA or all, kernels
 
         self.height, self.width = c.image_size(cfg.model.resolution, cfg.model.height, cfg.model.width)
         self.resolution = max(self.height, self.width)  # the planner's square side (an upper bound)
@@ -206,7 +147,7 @@ class ReFLTrainer:
             self.lr_schedule = lr_schedule(self.optimizer)
             self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
         self.out = Path(cfg.output.output_dir)
-        self.gpu = GPUMonitor(self.device)
+        self.monitor = DeviceMonitor(self.device)
         self.history: list[dict] = []
         self.nonfinite_in_a_row = 0
 
@@ -322,7 +263,7 @@ class ReFLTrainer:
             window_size=max(r["window_size"] for r in results),
             skipped=not finite,
             seconds=time.perf_counter() - t0,
-            **self.memory_metrics(),
+            **self.monitor.read(),
         )
         for key in results[0]:
             if key.startswith("reg_"):  # the loss terms by name: reward_loss, diffusion_loss, kl, ...
@@ -335,11 +276,6 @@ class ReFLTrainer:
                     f"{self.nonfinite_in_a_row} non-finite steps in a row (limit --max_nonfinite_steps "
                     f"{o.max_nonfinite_steps}); lower --learning_rate or check the reward for NaN/inf")
         return metrics
-
-    def memory_metrics(self) -> dict:
-        if self.device.type == "cuda":
-            return {"max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device), **self.gpu.read()}
-        return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     # ------------------------------------------------------------ samples, plots, checkpoints
 
@@ -431,14 +367,12 @@ class ReFLTrainer:
     # ------------------------------------------------------------ the loop
 
     def train(self) -> dict:
-        from .tracking import Trackers, check_report_to, start_trackers
-
         cfg = self.cfg
         out = Path(cfg.output.output_dir)
         if self.is_main:  # cheap checks of the output side before minutes of loading
             check_report_to(cfg.output.report_to)
-            _claim_output_dir(out, resume=bool(cfg.output.resume_from_checkpoint),
-                              overwrite=cfg.output.overwrite_output_dir, logging_dir=cfg.output.logging_dir)
+            ckpt.claim_output_dir(out, resume=bool(cfg.output.resume_from_checkpoint),
+                                  overwrite=cfg.output.overwrite_output_dir, logging_dir=cfg.output.logging_dir)
         self.setup()
         out.mkdir(parents=True, exist_ok=True)
         if cfg.output.resume_from_checkpoint:
@@ -447,7 +381,7 @@ class ReFLTrainer:
         tracking = Trackers([])
         if self.is_main:
             (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            self.history = _history_upto(metrics_path, self.step)
+            self.history = ckpt.history_upto(metrics_path, self.step)
             tracking = start_trackers(cfg.output.report_to, out, cfg.to_dict(), project=cfg.output.tracker_project_name,
                                       resume_step=self.step, logging_dir=cfg.output.logging_dir)
         try:
@@ -496,7 +430,7 @@ class ReFLTrainer:
         weights = (dist.publish_weights(self, path, out) if self.engine is not None
                    else ckpt.publish_weights(self.unet, out))  # the diffusers examples' layout
         if reward_before is None:
-            reward_before = _reward_before(out)
+            reward_before = ckpt.reward_before(out)
         from .viz import plot_reward_curve
 
         plot_reward_curve(self.history, out / "reward_curve.png", self.reward.name)
@@ -516,73 +450,3 @@ class ReFLTrainer:
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-# What a run writes into its output folder: a folder holding any of these holds a run.
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "metrics.abandoned.jsonl", "summary.json", "reward_curve.png",
-               "tracking.json", ckpt.LORA_WEIGHTS, "unet", "checkpoints", "samples", "tensorboard", "wandb")
-
-
-def _claim_output_dir(out: Path, resume: bool, overwrite: bool, logging_dir: str = "tensorboard") -> None:
-    """A new run does not write into another run's folder unless told to: resuming continues
-    that run, --overwrite_output_dir removes its outputs first (other files are left alone)."""
-    tb = (out / logging_dir).resolve()  # TensorBoard's folder counts when it is inside `out`
-    inside = (logging_dir,) if tb != out.resolve() and tb.is_relative_to(out.resolve()) else ()
-    found = [name for name in dict.fromkeys(RUN_OUTPUTS + inside) if (out / name).exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise ConfigError(f"--output_dir {out} already holds a run ({', '.join(found[:3])}); continue it with "
-                          "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
-                          "another --output_dir")
-    log.warning("--overwrite_output_dir: removing the previous run's %s from %s", ", ".join(found), out)
-    for name in found:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _history_upto(path: Path, step: int) -> list[dict]:
-    """The metrics rows up to `step` (the resumed step). Rows past it are the continuation this
-    run replaces: they are moved, with a warning, to metrics.abandoned.jsonl, not thrown away."""
-    if not path.exists():
-        return []
-    kept, moved = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            moved.append(line)
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(row)
-        else:
-            moved.append(line)
-    if moved:
-        abandoned = path.with_name("metrics.abandoned.jsonl")
-        with open(abandoned, "a") as f:
-            f.write("".join(line + "\n" for line in moved))
-        log.warning("resuming at step %d: %d rows of %s past it moved to %s", step, len(moved), path.name,
-                    abandoned.name)
-        _write_history(path, kept)
-    return kept
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _reward_before(out: Path):
-    summary = out / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text()).get("sample_reward_before")
-    grid = out / "samples" / "step-000000.json"
-    if grid.exists():
-        return json.loads(grid.read_text()).get("mean_reward")
-    return None
