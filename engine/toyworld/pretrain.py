@@ -1,17 +1,23 @@
-"""Pretrain the embedded default model on the captioned-shapes world, on CPU, in minutes.
+"""Pretrain the embedded default model on the captioned-shapes world, on CPU.
 
-    python -m refl_engine.toyworld.pretrain --out engine/toyworld/pipeline
+    python -m refl_engine.toyworld.pretrain --out engine/toyworld/pipeline --checkpoint-dir ckpt
 
-Starts from the tiny-sd preset exactly (`build_tiny_sd(seed)`: same configs, same tokenizer, same
-seeded CLIP text encoder, which stays frozen) and trains
+Starts from the tiny-sd preset's UNet, VAE and scheduler (`build_tiny_sd(seed)`: same configs,
+same seeded weights) with the world's tokenizer (the preset's words plus the position words) and
+a seeded CLIP text encoder of the preset's config over it, and trains
   (a) the AutoencoderKL: L1 + MSE reconstruction plus a small KL term; afterwards the latent std
       is measured and stored as the VAE's `scaling_factor`, so `latents * scaling_factor` has
       roughly unit std, the convention the trainer relies on (it divides by it before decode);
-  (b) the UNet2DConditionModel: epsilon prediction on the preset's DDPM schedule (SD1.5's scaled
-      linear betas), min-SNR-5 loss weighting, 10% empty-prompt dropout for classifier-free
-      guidance, an EMA of the weights (the EMA is what is saved).
+  (b) the UNet2DConditionModel and the text encoder jointly: epsilon prediction on the preset's
+      DDPM schedule (SD1.5's scaled linear betas), min-SNR-5 loss weighting, 10% empty-prompt
+      dropout for classifier-free guidance, an EMA of both models' weights (the EMA is what is
+      saved). A frozen random text encoder carries too little of the caption for the UNet to
+      follow it (the earlier shipped model's samples did not depend on the prompt); trained
+      jointly, its states name the shape, color, background and position.
 Then writes the pipeline with `save_pipeline_dir` (fp32 safetensors), a `pretrain_log.json`
-with the settings, losses and wall times, and optionally a PNG grid of DDIM samples.
+with the settings, losses, wall and CPU times, and optionally a PNG grid of DDIM samples.
+With --checkpoint-dir the VAE and the full UNet-stage state are kept there and a restarted run
+resumes from them; --stop-after ends the UNet stage early as the first steps of the full run.
 
 Everything is seeded. Bitwise reproducibility holds for a fixed thread count on the same
 machine (oneDNN kernels may sum in another order with other thread counts). The default is one
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.load import build_tiny_sd, save_pipeline_dir, tiny_sd_configs
+from ..models.load import build_tiny_sd, clip_text_config, save_pipeline_dir, tiny_sd_configs
 from . import world
 
 
@@ -107,12 +114,32 @@ def encode_pool(vae, n: int, seed: int, chunk: int = 256) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds), captions
 
 
-# ---------------------------------------------------------------- (b) the UNet
+# ---------------------------------------------------------------- (b) the UNet and the text encoder
 
-def train_unet(unet, pool_mean, pool_std, pool_text_idx, text_table, empty_idx: int, scheduler_cfg: dict,
-               scaling: float, steps: int, batch: int, lr: float, ema_decay: float, cfg_dropout: float,
-               snr_gamma: float, high_noise_fraction: float, x0_weight_cap: float, cross_attn_lr_mult: float, seed: int,
-               progress: bool):
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(N, 77) input ids, padded as the pipelines pad them."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_table, empty_idx: int,
+               scheduler_cfg: dict, scaling: float, steps: int, batch: int, lr: float, ema_decay: float,
+               cfg_dropout: float, snr_gamma: float, high_noise_fraction: float, x0_weight_cap: float,
+               cross_attn_lr_mult: float, text_lr_mult: float, seed: int, progress: bool,
+               checkpoint: Path | None = None, checkpoint_every: int = 200, log_file: Path | None = None,
+               stop_after: int | None = None):
+    """Epsilon-prediction training of the UNet and, jointly, the text encoder (the caption reaches
+    the UNet only through it, so its gradient is what teaches the states to name color, shape and
+    position). Returns the EMA weights of both and the loss log. With `checkpoint`, the full state
+    (weights, EMA, optimizer, generator, log) is written every `checkpoint_every` steps and a run
+    restarts from it bitwise where it stopped. `stop_after` ends the run early at that step (the
+    learning-rate schedule still spans `steps`), as the first `stop_after` steps of the full run."""
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
@@ -126,17 +153,31 @@ def train_unet(unet, pool_mean, pool_std, pool_text_idx, text_table, empty_idx: 
     weight = torch.clamp(snr, max=snr_gamma) / snr * torch.clamp(1 / abar, max=x0_weight_cap)
     T = len(abar)
 
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    models = dict(unet=unet, text_encoder=text_encoder)
+    ema = {m: {k: v.detach().clone() for k, v in mod.state_dict().items()} for m, mod in models.items()}
     # Cross-attention learns to read the caption slowly from a random start (attention is spread
-    # evenly over 77 mostly-padding tokens); a larger step size there speeds that up.
+    # evenly over 77 mostly-padding tokens); a larger step size there speeds that up. The text
+    # encoder, a transformer, takes a smaller one.
     cross = [p for n, p in unet.named_parameters() if ".attn2." in n]
     rest = [p for n, p in unet.named_parameters() if ".attn2." not in n]
-    opt = torch.optim.AdamW([dict(params=rest, mult=1.0), dict(params=cross, mult=cross_attn_lr_mult)],
+    opt = torch.optim.AdamW([dict(params=rest, mult=1.0), dict(params=cross, mult=cross_attn_lr_mult),
+                             dict(params=list(text_encoder.parameters()), mult=text_lr_mult)],
                             lr=lr, weight_decay=0.01)
     unet.train()
+    text_encoder.train()
     gen = torch.Generator().manual_seed(seed + 1)
-    log = []
-    bar = tqdm(range(steps), desc="unet", disable=not progress, dynamic_ncols=True)
+    log, first, seconds = [], 0, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        for m, mod in models.items():
+            mod.load_state_dict(state[m])
+        ema, log, first, seconds = state["ema"], state["log"], state["step"], state["seconds"]
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        print(f"resumed from {checkpoint} at step {first}", flush=True)
+    t_run = time.time() - seconds
+    last = steps if stop_after is None else min(steps, stop_after)
+    bar = tqdm(range(first, last), desc="unet", disable=not progress, dynamic_ncols=True, initial=first, total=last)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = g["mult"] * lr_at(step, steps, lr, warmup=max(1, steps // 20))
@@ -152,24 +193,39 @@ def train_unet(unet, pool_mean, pool_std, pool_text_idx, text_table, empty_idx: 
         noise = torch.randn(z0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(zt, t, encoder_hidden_states=text_table[text]).sample
+        # each distinct caption of the batch through the text encoder once
+        unique, inverse = torch.unique(text, return_inverse=True)
+        states = text_encoder(token_table[unique])[0][inverse]
+        pred = unet(zt, t, encoder_hidden_states=states).sample
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (weight[t] * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
+            for m, mod in models.items():
+                for k, v in mod.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[m][k].mul_(d).add_(v.detach(), alpha=1 - d)
+                    else:
+                        ema[m][k].copy_(v)
         loss, mse = loss.item(), per.mean().item()
         log.append(dict(step=step, loss=loss, mse=mse))
         bar.set_postfix(loss=f"{loss:.4f}", mse=f"{mse:.4f}")
+        done = step + 1
+        if log_file is not None and (done % 50 == 0 or done == steps):
+            tail = log[-50:]
+            with open(log_file, "a") as f:
+                f.write(f"step {done}/{steps} loss {np.mean([r['loss'] for r in tail]):.4f} "
+                        f"mse {np.mean([r['mse'] for r in tail]):.4f} {time.time() - t_run:.0f}s\n")
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == last):
+            _save_atomic(dict(step=done, seconds=time.time() - t_run, log=log, ema=ema, opt=opt.state_dict(),
+                              gen=gen.get_state(), **{m: mod.state_dict() for m, mod in models.items()}),
+                         checkpoint)
     unet.eval()
+    text_encoder.eval()
     return ema, dict(log=log)
 
 
@@ -207,34 +263,69 @@ def save_png_grid(images: torch.Tensor, path: Path, cols: int, scale: int = 4) -
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
-SAMPLE_CAPTIONS = [f"a {c} {s} on a {b} background" for c, s, b in [
-    ("red", "circle", "blue"), ("yellow", "star", "purple"), ("white", "square", "black"), ("green", "triangle", "pink"),
-    ("blue", "ring", "orange"), ("black", "circle", "white"), ("orange", "square", "green"),
-    ("pink", "star", "gray")]] + ["a painting of a sky with a red circle", "a painting of a night with a yellow star"]
+SAMPLE_CAPTIONS = [f"a {c} {s}{w} on a {b} background" for c, s, w, b in [
+    ("red", "circle", "", "blue"), ("yellow", "star", " in the top left", "purple"),
+    ("white", "square", " on the right", "black"), ("green", "triangle", " at the bottom", "pink"),
+    ("blue", "ring", " in the center", "orange"), ("black", "circle", " in the bottom right", "white"),
+    ("orange", "square", "", "green"), ("pink", "star", " at the top", "gray")]] + [
+    "a painting of a sky with a red circle", "a painting of a night with a yellow star on the left"]
 
 
 # ---------------------------------------------------------------- main
 
+def build_parts(seed: int) -> dict:
+    """The tiny-sd preset's UNet, VAE and scheduler (`build_tiny_sd(seed)`, same configs and seeded
+    weights) with the world's tokenizer (the preset's words plus the position words) and a seeded
+    CLIP text encoder of the preset's config over that vocabulary."""
+    from transformers import CLIPTextModel
+
+    parts = build_tiny_sd(seed)
+    tokenizer = world.tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        parts["text_encoder"] = CLIPTextModel(clip_text_config(tiny_sd_configs()["text_encoder"], tokenizer))
+    parts["tokenizer"] = tokenizer
+    return parts
+
+
 def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16, vae_lr: float = 3e-3,
-             kl_weight: float = 1e-4, pool: int = 4096, unet_steps: int = 1400, unet_batch: int = 16,
-             unet_lr: float = 3e-3, ema_decay: float = 0.99, cfg_dropout: float = 0.1, snr_gamma: float = 5.0,
-             high_noise_fraction: float = 0.5, x0_weight_cap: float = 20.0,
-             cross_attn_lr_mult: float = 3.0, threads: int = 1, samples: Path | None = None,
-             progress: bool = True) -> dict:
+             kl_weight: float = 1e-4, pool: int = 8192, unet_steps: int = 4000, unet_batch: int = 16,
+             unet_lr: float = 3e-3, ema_decay: float = 0.995, cfg_dropout: float = 0.1, snr_gamma: float = 5.0,
+             high_noise_fraction: float = 0.5, x0_weight_cap: float = 20.0, cross_attn_lr_mult: float = 3.0,
+             text_lr_mult: float = 0.5, threads: int = 1, samples: Path | None = None,
+             checkpoint_dir: Path | None = None, checkpoint_every: int = 200, log_file: Path | None = None,
+             stop_after: int | None = None, progress: bool = True) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    t_start = time.time()
-    parts = build_tiny_sd(seed)
+    t_start, cpu_start = time.time(), time.process_time()
+    parts = build_parts(seed)
     unet, vae, text_encoder, tokenizer = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
-    text_encoder.eval().requires_grad_(False)
     sched_cfg = tiny_sd_configs()["scheduler"]
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    # (a) autoencoder
+    def note(msg: str) -> None:
+        if log_file is not None:
+            with open(log_file, "a") as f:
+                f.write(msg + "\n")
+
+    # (a) autoencoder (or its checkpoint)
     t0 = time.time()
-    vae_info = train_vae(vae, vae_steps, vae_batch, vae_lr, kl_weight, seed, progress)
+    vae_ckpt = None if checkpoint_dir is None else checkpoint_dir / "vae.pt"
+    if vae_ckpt is not None and vae_ckpt.is_file():
+        state = torch.load(vae_ckpt, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        vae_info, t_vae = state["info"], state["seconds"]
+        vae.eval()
+    else:
+        vae_info = train_vae(vae, vae_steps, vae_batch, vae_lr, kl_weight, seed, progress)
+        t_vae = time.time() - t0
+        if vae_ckpt is not None:
+            _save_atomic(dict(vae=vae.state_dict(), info=vae_info, seconds=t_vae), vae_ckpt)
     vae.requires_grad_(False)
-    t_vae = time.time() - t0
+    note(f"vae done: {t_vae:.0f}s")
 
     # latent statistics -> scaling factor; the UNet's training pool
     t0 = time.time()
@@ -248,36 +339,42 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         heldout_mse = float(F.mse_loss(rec, x))
     vae.register_to_config(scaling_factor=scaling)
-    vocab = world.all_captions() + [""]
-    table = encode_texts(tokenizer, text_encoder, vocab)
+    vocab = sorted(set(captions)) + [""]
     index = {c: i for i, c in enumerate(vocab)}
+    token_table = tokenize(tokenizer, vocab)
     text_idx = torch.tensor([index[c] for c in captions])
     t_pool = time.time() - t0
+    note(f"pool done: {t_pool:.0f}s, {len(vocab) - 1} distinct captions")
 
-    # (b) UNet
+    # (b) UNet and text encoder
     t0 = time.time()
-    ema, unet_info = train_unet(unet, mean, std, text_idx, table, index[""], sched_cfg, scaling, unet_steps,
-                                unet_batch, unet_lr, ema_decay, cfg_dropout, snr_gamma, high_noise_fraction,
-                                x0_weight_cap, cross_attn_lr_mult, seed, progress)
-    unet.load_state_dict(ema)
+    ema, unet_info = train_unet(unet, text_encoder, mean, std, text_idx, token_table, index[""], sched_cfg, scaling,
+                                unet_steps, unet_batch, unet_lr, ema_decay, cfg_dropout, snr_gamma,
+                                high_noise_fraction, x0_weight_cap, cross_attn_lr_mult, text_lr_mult, seed, progress,
+                                checkpoint=None if checkpoint_dir is None else checkpoint_dir / "unet.pt",
+                                checkpoint_every=checkpoint_every, log_file=log_file, stop_after=stop_after)
+    unet.load_state_dict(ema["unet"])
+    text_encoder.load_state_dict(ema["text_encoder"])
     t_unet = time.time() - t0
 
-    parts["unet"], parts["vae"] = unet, vae
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_pipeline_dir(parts, out)
-    wall = time.time() - t_start
+    wall, cpu = time.time() - t_start, time.process_time() - cpu_start
 
     def tail(log, key, n=50):
         return float(np.mean([r[key] for r in log[-n:]]))
 
     report = dict(
-        seed=seed, threads=threads, wall_seconds=round(wall, 1), vae_seconds=round(t_vae, 1),
+        seed=seed, threads=threads, wall_seconds=round(wall, 1),
+        cpu_seconds=round(cpu, 1),  # this process's CPU time (of this run, if it resumed): wall on a shared machine is longer vae_seconds=round(t_vae, 1),
         pool_seconds=round(t_pool, 1), unet_seconds=round(t_unet, 1),
         settings=dict(vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, kl_weight=kl_weight, pool=pool,
-                      unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr, ema_decay=ema_decay,
+                      unet_steps=unet_steps, stop_after=stop_after, unet_steps_run=len(unet_info["log"]),
+                      unet_batch=unet_batch, unet_lr=unet_lr, ema_decay=ema_decay,
                       cfg_dropout=cfg_dropout, snr_gamma=snr_gamma, high_noise_fraction=high_noise_fraction,
-                      x0_weight_cap=x0_weight_cap, cross_attn_lr_mult=cross_attn_lr_mult),
+                      x0_weight_cap=x0_weight_cap, cross_attn_lr_mult=cross_attn_lr_mult,
+                      text_lr_mult=text_lr_mult, text_encoder="trained jointly with the UNet"),
         vae_final=dict(l1=tail(vae_info["log"], "l1"), mse=tail(vae_info["log"], "mse"),
                        kl=tail(vae_info["log"], "kl"), heldout_mse=heldout_mse),
         scaling_factor=scaling,
@@ -285,9 +382,12 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
         unet_first=dict(loss=float(np.mean([r["loss"] for r in unet_info["log"][:20]]))),
     )
     (out / "pretrain_log.json").write_text(json.dumps(report, indent=2))
+    note(f"saved {out}: {wall:.0f}s")
     if samples is not None:
-        cond = encode_texts(tokenizer, text_encoder, SAMPLE_CAPTIONS)
-        imgs = ddim_samples(unet, vae, cond.repeat_interleave(4, 0), table[index[""]][None], sched_cfg, steps=20)
+        with torch.no_grad():
+            cond = text_encoder(tokenize(tokenizer, SAMPLE_CAPTIONS))[0]
+            uncond = text_encoder(tokenize(tokenizer, [""]))[0]
+        imgs = ddim_samples(unet, vae, cond.repeat_interleave(4, 0), uncond, sched_cfg, steps=20)
         save_png_grid(imgs, Path(samples), cols=8)
     return report
 
@@ -299,22 +399,32 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=350)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
-    p.add_argument("--pool", type=int, default=4096, help="images rendered and encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=1400)
+    p.add_argument("--pool", type=int, default=8192, help="images rendered and encoded for the UNet stage")
+    p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=3e-3)
+    p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--high-noise-fraction", type=float, default=0.5)
     p.add_argument("--cross-attn-lr-mult", type=float, default=3.0)
+    p.add_argument("--text-lr-mult", type=float, default=0.5, help="text encoder learning rate / UNet's")
     p.add_argument("--x0-weight-cap", type=float, default=20.0, help="cap of the 1/alpha_bar loss weight (1: off)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=Path, default=None, help="also write a PNG grid of 20-step DDIM samples")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="keep the training state here and resume from it (a crash loses at most --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-file", type=Path, default=None, help="append progress lines to this file")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end the UNet stage at this step (the schedule still spans --unet-steps)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     report = pretrain(a.out, seed=a.seed, vae_steps=a.vae_steps, vae_batch=a.vae_batch, vae_lr=a.vae_lr,
                       pool=a.pool, unet_steps=a.unet_steps, unet_batch=a.unet_batch, unet_lr=a.unet_lr,
-                      high_noise_fraction=a.high_noise_fraction, x0_weight_cap=a.x0_weight_cap,
-                      cross_attn_lr_mult=a.cross_attn_lr_mult, threads=a.threads,
-                      samples=a.samples, progress=not a.no_progress)
+                      ema_decay=a.ema_decay, high_noise_fraction=a.high_noise_fraction,
+                      x0_weight_cap=a.x0_weight_cap, cross_attn_lr_mult=a.cross_attn_lr_mult,
+                      text_lr_mult=a.text_lr_mult, threads=a.threads, samples=a.samples,
+                      checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, log_file=a.log_file,
+                      stop_after=a.stop_after, progress=not a.no_progress)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,10 +1,16 @@
 """The procedural captioned-shapes world the embedded default model is pretrained on.
 
-Every image is one shape (circle, square, triangle, star, ring) of one color, at a random
-position and size, on a background: either a flat background color, captioned
-"a red circle on a blue background" (the grammar of `refl_engine.data.toy_prompts()`), or a
-two-tone scene ("a painting of a sky with a red circle"). Captions only use words of the tiny
-tokenizer's vocabulary (`TINY_SD_WORDS`), so each word is one token.
+Every image is one shape (circle, square, triangle, star, ring) of one color, at a random size
+in one of the 3x3 cells of a position grid, on a background: either a flat background color,
+captioned "a red circle on a blue background" (the grammar of `refl_engine.data.toy_prompts()`),
+or a two-tone scene ("a painting of a sky with a red circle"). Most captions also name the cell
+("a red circle in the top left on a blue background", "... with a red circle at the bottom");
+the rest leave the position free. Captions only use words of `vocabulary()` (the tiny tokenizer's
+words plus the position words), which `tokenizer()` encodes (most as one token each).
+
+Positions are drawn with a gap between neighbouring cells (a shape is either clearly off-centre
+or within a fifth of its free travel of the centre), so the cell is a label an image shows
+rather than a threshold a pixel decides.
 
 Rendering is plain numpy: the shape's coverage is computed on a grid `supersample` times finer
 than the image and box-averaged down, which anti-aliases the edges. Everything is a pure
@@ -46,6 +52,22 @@ SCENES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], 
     "night": ((0.02, 0.02, 0.10), (0.08, 0.08, 0.25), ("black", "blue", "purple")),
 }
 SCENE_FRACTION = 0.15  # share of images drawn as scenes rather than flat backgrounds
+POSITION_FRACTION = 0.6  # share of captions that name the shape's cell
+
+# The 3x3 grid: row 0..2 top to bottom, col 0..2 left to right; the caption phrase of each cell.
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+POSITIONS: dict[tuple[int, int], str] = {
+    (0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top right",
+    (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
+    (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right",
+}
+# Offset of the center from the image center per row/col, as a fraction of the shape's free travel
+# (half the image minus its radius and a 1-pixel margin); the gaps keep neighbouring cells apart.
+POSITION_BANDS = ((-1.0, -0.45), (-0.2, 0.2), (0.45, 1.0))
+RADIUS_RANGE = (0.18, 0.30)  # circumradius as a fraction of the image side
+
+# The caption words: the tiny tokenizer's (refl_engine.models.load.TINY_SD_WORDS) and the position words.
+POSITION_WORDS = ("at", "top", "bottom", "left", "right", "center")
 
 
 @dataclass(frozen=True)
@@ -59,18 +81,52 @@ class Scene:
     cy: float
     radius: float  # circumradius in pixels
     scene: bool = False
+    row: int = 1  # the position grid cell the center was drawn in (see POSITIONS)
+    col: int = 1
+    positioned: bool = False  # whether the caption names the cell
+
+    @property
+    def cell(self) -> int:
+        """The grid cell as one index, row-major: 0 top left .. 4 center .. 8 bottom right."""
+        return 3 * self.row + self.col
 
     @property
     def caption(self) -> str:
+        where = f" {POSITIONS[self.row, self.col]}" if self.positioned else ""
         if self.scene:
-            return f"a painting of a {self.background} with a {self.color} {self.shape}"
-        return f"a {self.color} {self.shape} on a {self.background} background"
+            return f"a painting of a {self.background} with a {self.color} {self.shape}{where}"
+        return f"a {self.color} {self.shape}{where} on a {self.background} background"
+
+
+_PHRASE_CELL = {tuple(p.split()): cell for cell, p in POSITIONS.items()}
+
+
+def _split_position(words: list[str], at: int) -> tuple[list[str], tuple[int, int] | None]:
+    """Remove a position phrase starting at word `at`, if there is one; return the words left and
+    the (row, col) it names."""
+    for n in (4, 3):  # "in the top left" before "at the top"
+        cell = _PHRASE_CELL.get(tuple(words[at:at + n]))
+        if cell is not None:
+            return words[:at] + words[at + n:], cell
+    return words, None
 
 
 def parse_caption(caption: str) -> dict | None:
-    """The (color, shape, background) a caption of this world names, or None if it is not one.
-    For a scene caption `background` is the scene name and `scene` is True."""
+    """The (color, shape, background, row, col) a caption of this world names, or None if it is
+    not one. For a scene caption `background` is the scene name and `scene` is True; `row` and
+    `col` are None when the caption does not name a position."""
     words = caption.strip().lower().split()
+    if len(words) > 3 and words[1] == "painting":
+        words, cell = _split_position(words, 9)
+    else:
+        words, cell = _split_position(words, 3)
+    parsed = _parse_unpositioned(words)
+    if parsed is not None:
+        parsed.update(row=None if cell is None else cell[0], col=None if cell is None else cell[1])
+    return parsed
+
+
+def _parse_unpositioned(words: list[str]) -> dict | None:
     if (len(words) == 7 and words[0] in ("a", "an") and words[3] == "on" and words[4] in ("a", "an")
             and words[6] == "background" and words[1] in COLORS and words[2] in SHAPES and words[5] in COLORS):
         return dict(color=words[1], shape=words[2], background=words[5], scene=False)
@@ -81,7 +137,8 @@ def parse_caption(caption: str) -> dict | None:
 
 
 def sample_scene(rng: np.random.Generator, size: int = RESOLUTION) -> Scene:
-    """Draw one scene: shape, colors, position and size."""
+    """Draw one scene: shape, colors, size, grid cell and position in it, whether the caption
+    names the cell."""
     names = list(COLORS)
     shape = SHAPES[rng.integers(len(SHAPES))]
     if rng.random() < SCENE_FRACTION:
@@ -94,11 +151,19 @@ def sample_scene(rng: np.random.Generator, size: int = RESOLUTION) -> Scene:
         others = [c for c in names if c != color]
         background = others[rng.integers(len(others))]
         is_scene = False
-    radius = float(rng.uniform(0.20, 0.40) * size)
-    margin = radius + 1.0
-    cx = float(rng.uniform(margin, size - margin))
-    cy = float(rng.uniform(margin, size - margin))
-    return Scene(shape, color, background, cx, cy, radius, is_scene)
+    radius = float(rng.uniform(*RADIUS_RANGE) * size)
+    row, col = int(rng.integers(3)), int(rng.integers(3))
+    cx, cy = place(rng, row, col, radius, size)
+    positioned = bool(rng.random() < POSITION_FRACTION)
+    return Scene(shape, color, background, cx, cy, radius, is_scene, row, col, positioned)
+
+
+def place(rng: np.random.Generator, row: int, col: int, radius: float, size: int = RESOLUTION) -> tuple[float, float]:
+    """A center (cx, cy) in grid cell (row, col) for a shape of this circumradius."""
+    travel = size / 2 - (radius + 1.0)  # the center's free travel either side of the image center
+    cy = float(size / 2 + rng.uniform(*POSITION_BANDS[row]) * travel)
+    cx = float(size / 2 + rng.uniform(*POSITION_BANDS[col]) * travel)
+    return cx, cy
 
 
 def _polygon_inside(px: np.ndarray, py: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -177,12 +242,30 @@ def generate(n: int, seed: int, size: int = RESOLUTION, supersample: int = 4
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes], scenes
 
 
-def all_captions() -> list[str]:
-    """Every caption the world can produce (the text encoder cache covers exactly these)."""
+def all_captions(positioned: bool = True) -> list[str]:
+    """Every caption the world can produce (with `positioned=False`: only those that leave the
+    position free)."""
+    cells = [(1, 1, False)] + ([(r, c, True) for r, c in POSITIONS] if positioned else [])
     out = []
     for shape in SHAPES:
         for color in COLORS:
-            out += [Scene(shape, color, bg, 0, 0, 1).caption for bg in COLORS if bg != color]
-            out += [Scene(shape, color, sc, 0, 0, 1, True).caption for sc, (_, _, no) in SCENES.items()
-                    if color not in no]
+            for r, c, named in cells:
+                out += [Scene(shape, color, bg, 0, 0, 1, False, r, c, named).caption for bg in COLORS if bg != color]
+                out += [Scene(shape, color, sc, 0, 0, 1, True, r, c, named).caption
+                        for sc, (_, _, no) in SCENES.items() if color not in no]
     return out
+
+
+def vocabulary() -> tuple[str, ...]:
+    """The words captions use: the tiny tokenizer's and the position words."""
+    from ..models.load import TINY_SD_WORDS
+
+    return tuple(TINY_SD_WORDS) + tuple(w for w in POSITION_WORDS if w not in TINY_SD_WORDS)
+
+
+def tokenizer():
+    """The CLIP tokenizer of the world's vocabulary (each caption word one token), which the
+    shipped pipeline carries."""
+    from ..models.load import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(vocabulary())
