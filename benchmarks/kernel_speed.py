@@ -285,6 +285,13 @@ def time_ops_interleaved(ops: dict, device, reps, warmup) -> dict:
     return result
 
 
+def native_cache_mib() -> int | None:
+    """The bound of the native op's output cache (REFL_NATIVE_CACHE_MB; 0 = off), None without the op."""
+    if not native.available("cpu"):
+        return None
+    return torch.ops.refl.output_cache_limit(-1) >> 20
+
+
 def backend_reason(backend: str, device: torch.device) -> str | None:
     if backend == "native":
         return native.unavailable_reason(device)
@@ -372,7 +379,8 @@ def main(argv=None):
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         print(f"{args.from_json}: {saved['device']}, {saved['dtype']}, batch {saved['batch']}, "
-              f"{saved.get('threads')} threads, clock {saved.get('clock', 'wall')}")
+              f"{saved.get('threads')} threads, clock {saved.get('clock', 'wall')}, "
+              f"native output cache {saved.get('native_output_cache_mib')} MiB, load average {saved.get('load_average_at_start')}")
         print("\n".join(group_norm_summary(saved)))
         return
 
@@ -397,7 +405,8 @@ def main(argv=None):
     skipped = {b: r for b, r in skipped.items() if r}
 
     print(f"device: {device_name}   dtype: {str(dtype).replace('torch.', '')}   batch: {batch}   reps: {reps}   "
-          f"threads: {torch.get_num_threads()}   clock: {CLOCK}" + (" (this thread's CPU time)" if CLOCK == "cpu" else ""))
+          f"threads: {torch.get_num_threads()}   clock: {CLOCK}" + (" (this thread's CPU time)" if CLOCK == "cpu" else "")
+          + (f"   native output cache: {native_cache_mib()} MiB" if native_cache_mib() is not None else ""))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     for b, r in skipped.items():
         print(f"NOT MEASURED: {b} columns: {r}")
@@ -409,7 +418,7 @@ def main(argv=None):
     result = {"device": device_name, "device_type": device.type, "dtype": str(dtype), "batch": batch,
               "threads": torch.get_num_threads(), "reps": reps, "ops": sorted(ops), "clock": CLOCK,
               "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-              "versions": versions(), "not_measured": skipped, "attention": [], "group_norm": [], "compile_report": None,
+              "versions": versions(), "not_measured": skipped, "native_output_cache_mib": native_cache_mib(), "attention": [], "group_norm": [], "compile_report": None,
               "unet_step_saved_bytes": {}}
 
     for model in [m for m in args.models.split(",") if m]:

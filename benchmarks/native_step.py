@@ -1,10 +1,12 @@
-"""Seconds per training step of the demo (`--config demo`: DRaFT through all 20 steps, the
-default `--recompute selective`) with and without the native GroupNorm(+SiLU) op.
+"""Seconds per training step of the demo (`--config demo`: DRaFT through all 20 steps) with and
+without the native GroupNorm(+SiLU) op.
 
-The recompute modes run GroupNorm -> SiLU -> projection through lean.py, which uses the
-native op on CPU when its library is loaded. "off" hides the library (REFL_NATIVE_LIB pointing
-nowhere), so the same code takes torch's GroupNorm and SiLU. Each run is its own process (a
-loaded library cannot be unloaded); runs alternate off, on, off, on, ... so load from other
+"on" runs `--kernels native` with the library loaded: the ResNet blocks' GroupNorm -> SiLU run the
+fused op, and so do the lean/selective recompute modes' GroupNorm -> SiLU -> projection on CPU.
+"off" runs `--kernels torch` with the library hidden (REFL_NATIVE_LIB pointing nowhere), so the
+same code takes torch's GroupNorm and SiLU everywhere. Everything else is the demo's own config
+(its --recompute default included; the JSON records which mode ran). Each run is its own process
+(a loaded library cannot be unloaded); runs alternate off, on, off, on, ... so load from other
 processes hits both alike. Per run: set-up, 2 warm-up steps, then --steps timed steps.
 
     python benchmarks/native_step.py [--rounds 2] [--steps 6] [--threads 2] [--clock wall|cpu] [--json FILE]
@@ -25,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(steps: int, threads: int, clock: str) -> dict:
+def worker(steps: int, threads: int, clock: str, kernels: str) -> dict:
     import torch
 
     from refl_engine.config import flat_dict, parse_args, set_field
@@ -34,7 +36,7 @@ def worker(steps: int, threads: int, clock: str) -> dict:
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        cfg = parse_args(["--config", "demo", "--output_dir", out])
+        cfg = parse_args(["--config", "demo", "--output_dir", out, "--kernels", kernels])
         set_field(cfg, "progress", False)
         trainer = ReFLTrainer(cfg).setup()
         for _ in range(2):  # warm-up
@@ -46,7 +48,9 @@ def worker(steps: int, threads: int, clock: str) -> dict:
             t0 = now()
             trainer.train_step()
             times.append(now() - t0)
-    return {"native_loaded": native.available("cpu"), "recompute": flat_dict(cfg)["recompute"], "step_s": times}
+    flat = flat_dict(cfg)
+    return {"native_loaded": native.available("cpu"), "recompute": flat["recompute"], "kernels": flat["kernels"],
+            "step_s": times}
 
 
 def main(argv=None):
@@ -58,21 +62,24 @@ def main(argv=None):
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or the process's CPU time (needs --threads 1; robust to other load)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kernels", default="native", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT" + json.dumps(worker(args.steps, args.threads, args.clock)))
+        print("RESULT" + json.dumps(worker(args.steps, args.threads, args.clock, args.kernels)))
         return
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("error: --clock cpu measures CPU time of one thread; add --threads 1")
 
-    runs = {"off": [], "on": []}
+    runs, settings = {"off": [], "on": []}, {}
+    load_at_start = os.getloadavg()
     for r in range(args.rounds):
         for mode in ("off", "on"):
             env = dict(os.environ)
             if mode == "off":
                 env["REFL_NATIVE_LIB"] = str(ROOT / "build" / "no-such-dir" / "librefl_native.so")
             proc = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(args.steps),
-                                   "--threads", str(args.threads), "--clock", args.clock],
+                                   "--threads", str(args.threads), "--clock", args.clock,
+                                   "--kernels", "native" if mode == "on" else "torch"],
                                   env=env, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 raise SystemExit(f"worker ({mode}) failed:\n{proc.stderr[-3000:]}")
@@ -80,6 +87,7 @@ def main(argv=None):
             if res["native_loaded"] != (mode == "on"):
                 raise SystemExit(f"run '{mode}': native library loaded = {res['native_loaded']}; build it with `make install`")
             runs[mode].append(res["step_s"])
+            settings[mode] = {"recompute": res["recompute"], "kernels": res["kernels"]}
             print(f"round {r + 1} native {mode:3}: median {statistics.median(res['step_s']):.3f} s/step "
                   f"({', '.join(f'{t:.2f}' for t in res['step_s'])})", flush=True)
     summary = {}
@@ -88,13 +96,14 @@ def main(argv=None):
         summary[mode] = {"median_s": statistics.median(flat), "min_s": min(flat), "runs": rs}
     ratio = summary["off"]["median_s"] / summary["on"]["median_s"]
     print(f"demo {args.clock} seconds per step (median over {args.rounds} runs x {args.steps} steps, {args.threads} threads): "
-          f"torch GroupNorm {summary['off']['median_s']:.3f}, native {summary['on']['median_s']:.3f} ({ratio:.2f}x)")
+          f"torch GroupNorm {summary['off']['median_s']:.3f}, native {summary['on']['median_s']:.3f} ({ratio:.2f}x; "
+          f"--recompute {settings['on']['recompute']})")
     import torch
 
     record = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
               "torch": torch.__version__, "config": "demo", "rounds": args.rounds, "steps": args.steps, "clock": args.clock,
-              "off": summary["off"], "on": summary["on"], "speedup": ratio,
-              "load_average_at_end": os.getloadavg()}
+              "settings": settings, "off": summary["off"], "on": summary["on"], "speedup": ratio,
+              "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.json}")

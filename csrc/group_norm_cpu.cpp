@@ -32,8 +32,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <list>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "group_norm.h"
@@ -477,9 +477,10 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
 // forward+backward, half of the call. A training loop asks for the same sizes every step, so
 // reuse is the rule (the idea of CUDA's caching allocator). The blocks are mapped with mmap, not
 // taken from glibc, so they leave malloc's heap (and the page faults of torch's own ops in the
-// same process) as they would be without them. Idle blocks are bounded: $REFL_NATIVE_CACHE_MB
-// (default 256; 0 turns the cache off: outputs come from torch's CPU allocator) or
-// refl::output_cache_limit. Idle blocks are not tensors, so they never count as live tensor bytes.
+// same process) as they would be without them. Idle blocks are bounded, least recently freed
+// evicted first: $REFL_NATIVE_CACHE_MB (default 256; 0 turns the cache off: outputs come from
+// torch's CPU allocator) or refl::output_cache_limit. Idle blocks are not tensors, so they never
+// count as live tensor bytes.
 constexpr size_t kCacheMinBytes = size_t(1) << 20;  // smaller blocks: glibc's heap reuses them without faults
 
 class OutputCache final : public c10::Allocator {
@@ -494,7 +495,8 @@ class OutputCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (n < kCacheMinBytes || max_idle_ == 0) p = MAP_FAILED;  // not cached: torch's allocator below
-      else if (auto it = idle_.find(n); it != idle_.end()) {
+      else if (auto it = std::find_if(idle_.begin(), idle_.end(), [n](const auto& e) { return e.first == n; });
+               it != idle_.end()) {  // the most recently freed block of this size (a few hundred at most)
         p = it->second;
         idle_.erase(it);
         idle_bytes_ -= n;
@@ -519,11 +521,7 @@ class OutputCache final : public c10::Allocator {
       before = static_cast<int64_t>(max_idle_);
       if (bytes < 0) return before;
       max_idle_ = static_cast<size_t>(bytes);
-      for (auto it = idle_.begin(); it != idle_.end() && idle_bytes_ > max_idle_;) {
-        idle_bytes_ -= it->first;
-        drop.emplace_back(it->second, it->first);
-        it = idle_.erase(it);
-      }
+      evict_until(max_idle_, drop);
     }
     for (auto [p, n] : drop) munmap(p, n);
     return before;
@@ -545,24 +543,39 @@ class OutputCache final : public c10::Allocator {
     max_idle_ = (env != nullptr && *env != '\0' ? std::strtoull(env, nullptr, 10) : 256) << 20;
   }
 
+  // Keeps the freed block, evicting the least recently freed ones past the bound: a finished
+  // shape's blocks make room for the current one (dropping the new block instead would map and
+  // fault a fresh one on every call once the bound is reached).
   static void release(void* ctx) {
     auto* block = static_cast<Block*>(ctx);
     OutputCache& cache = get();
-    bool kept = false;
+    std::vector<std::pair<void*, size_t>> drop;
     {
       std::lock_guard<std::mutex> lock(cache.mu_);
-      if (cache.idle_bytes_ + block->size <= cache.max_idle_) {
-        cache.idle_.emplace(block->size, block->ptr);
+      if (block->size <= cache.max_idle_) {
+        cache.evict_until(cache.max_idle_ - block->size, drop);
+        cache.idle_.emplace_front(block->size, block->ptr);
         cache.idle_bytes_ += block->size;
-        kept = true;
+      } else {
+        drop.emplace_back(block->ptr, block->size);
       }
     }
-    if (!kept) munmap(block->ptr, block->size);
+    for (auto [p, n] : drop) munmap(p, n);
     delete block;
   }
 
+  // Idle blocks past `bytes`, least recently freed first, into `drop` (unmapped outside the lock).
+  void evict_until(size_t bytes, std::vector<std::pair<void*, size_t>>& drop) {
+    while (idle_bytes_ > bytes) {
+      const auto [n, p] = idle_.back();
+      idle_.pop_back();
+      idle_bytes_ -= n;
+      drop.emplace_back(p, n);
+    }
+  }
+
   std::mutex mu_;
-  std::unordered_multimap<size_t, void*> idle_;  // byte size -> block
+  std::list<std::pair<size_t, void*>> idle_;  // (byte size, block), most recently freed first
   size_t idle_bytes_ = 0;
   size_t max_idle_ = 0;
 };

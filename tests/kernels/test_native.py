@@ -277,6 +277,32 @@ def test_output_cache_reuses_freed_outputs_and_can_be_turned_off():
         torch.ops.refl.output_cache_limit(limit)
 
 
+@needs_lib
+def test_output_cache_evicts_the_least_recently_freed():
+    """At the bound, a freed output evicts older idle blocks (another shape's) and is kept, so the
+    next call of its shape reuses it instead of mapping fresh memory every call."""
+    gen = torch.Generator().manual_seed(8)
+    a, b = torch.randn(1, 64, 64, 64, generator=gen), torch.randn(1, 128, 64, 64, generator=gen)  # 1 and 2 MiB
+    nbytes = a.numel() * a.element_size()
+    params = lambda C: (torch.ones(C), torch.zeros(C))  # noqa: E731
+    limit = torch.ops.refl.output_cache_limit(-1)
+    try:
+        torch.ops.refl.output_cache_limit(0)  # start empty
+        torch.ops.refl.output_cache_limit(2 * nbytes)
+        ya = torch.ops.refl.group_norm_silu(a, *params(64), 8, 1e-5, True)[0]
+        del ya
+        assert torch.ops.refl.output_cache_idle_bytes() == nbytes
+        yb = torch.ops.refl.group_norm_silu(b, *params(128), 8, 1e-5, True)[0]
+        expected = yb.clone()
+        del yb  # evicts a's block to keep b's
+        assert torch.ops.refl.output_cache_idle_bytes() == 2 * nbytes
+        yb = torch.ops.refl.group_norm_silu(b, *params(128), 8, 1e-5, True)[0]
+        assert torch.ops.refl.output_cache_idle_bytes() == 0  # reused
+        torch.testing.assert_close(yb, expected, rtol=0, atol=0)
+    finally:
+        torch.ops.refl.output_cache_limit(limit)
+
+
 def test_library_without_autograd_formula_is_not_used(monkeypatch, caplog):
     """A library built before the op had its C++ autograd formula (its outputs would carry no
     gradient) is reported as out of date and the torch path is used."""
