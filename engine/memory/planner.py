@@ -24,6 +24,11 @@ absmax per 2048 values; a full fine-tune under autocast also holds one half copy
 weights. ZeRO-3 with CPU offload keeps parameters, gradients and optimizer state of the UNet on
 the host and holds on the GPU the half working copy of the parameters being gathered
 (stage3_max_live_parameters = 1e9) and one reduce bucket (5e8 elements).
+
+--kl_coeff (regularizers.KLPenalty): after each grad-carrying window call the base model runs once
+more without gradient (a no-grad call's transient on top of what the step keeps), and both outputs
+stay referenced until the penalty is computed after the rollout; under full fine-tuning the base
+model is a frozen copy of the UNet in the training dtype, resident for the whole run.
 """
 from __future__ import annotations
 
@@ -89,7 +94,7 @@ class PlanSpec:
         mc = self.method_config()
         # --pretrain_loss_coeff: one more grad-carrying UNet call (its own one-call window), kept
         # beside the rollout's until the joint backward; counted as a guided call (an upper bound:
-        # it runs unguided). --kl_coeff's base calls run without grad and keep only their output.
+        # it runs unguided). --kl_coeff's base calls run without grad (Planner.kl_profiles).
         return build_method(mc).grad_calls(self.num_inference_steps) + (mc.pretrain_loss_coeff > 0)
 
 
@@ -137,6 +142,9 @@ class Planner:
         if spec.zero not in (0, 1, 2, 3):
             raise ConfigError("--zero must be 0, 1, 2 or 3")
         spec.window_size()  # an unknown method or a K out of range fails here, with the trainer's message
+        if spec.method_config().kl_coeff > 0 and spec.rank == 0 and spec.zero == 3:
+            raise ConfigError("--kl_coeff with full fine-tuning (--rank 0) keeps a frozen copy of the whole UNet, "
+                              "which ZeRO-3 would not partition; use LoRA (--rank > 0) or --zero 2")
         self.spec = spec
         self.model = model_spec(spec.model, spec.revision, spec.cache_dir)
         if spec.reward is None:
@@ -171,6 +179,10 @@ class Planner:
         (models/load.py vae_dtype)."""
         fp16 = self.spec.mixed_precision == "fp16"
         return "no" if fp16 and self.model.vae.get("force_upcast", False) else self.spec.mixed_precision
+
+    @property
+    def kl_penalty(self) -> bool:
+        return self.spec.method_config().kl_coeff > 0
 
     def state_bytes(self, optimizer: str | None = None, offload: bool | str | None = None, zero: int | None = None,
                     rank: int | None = None) -> dict[str, int]:
@@ -216,6 +228,8 @@ class Planner:
             if zero == 3 and offload != "param":
                 out["params"] -= trainable * 4 - -(-trainable * 4 // n)
                 out["zero3_live_params"] = int(min(trainable, 1e9) * half)  # stage3_max_live_parameters gathered
+        if rank == 0 and self.kl_penalty:  # KL's base model: a frozen copy in the training dtype, never sharded
+            out["kl_base_copy"] = c["unet"] * half
         return out
 
     def host_bytes(self, optimizer: str | None = None, offload: bool | str | None = None,
@@ -306,6 +320,18 @@ class Planner:
                                          self.param_grad_bytes())
         return out
 
+    def kl_profiles(self, profiles: dict[str, CallProfile], batch: int) -> dict[str, CallProfile]:
+        """`profiles` with --kl_coeff's base call after each window call: the no-grad call's peak on
+        top of what the call keeps and its output, then its output and the fine-tuned one kept to
+        the end of the window forward (an upper bound in backward, where they are already freed)."""
+        if not self.kl_penalty:
+            return profiles
+        out = self.latent_bytes(batch)  # the guided output of one call
+        base = profiles["nograd"].fwd_peak
+        return {k: p if k not in WINDOW_KINDS else
+                CallProfile(p.retained + 2 * out, max(p.fwd_peak, p.retained + out + base), p.bwd_peak, p.saved)
+                for k, p in profiles.items()}
+
     # -- composition ----------------------------------------------------------------------------------
     def activation_plan(self, batch: int, recompute: str, window: int, available: int | None = None):
         """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`. The plan's
@@ -322,7 +348,7 @@ class Planner:
         # decode output (the fp32 image) stays for the reward; reward backward, then decode backward
         after = self.after_window_bytes(batch)
         chunk = s.recompute_chunk if s.recompute_chunk < batch else 0
-        profiles = self.chunked_profiles(whole, batch, chunk, x_grad)
+        profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad), batch)
         if recompute == "auto":
             budget = available if available is not None else 0
             plan = plan_window(window, profiles, budget, after, latent)
@@ -331,13 +357,14 @@ class Planner:
                 lo, hi, best = 1, batch - 1, None
                 while lo <= hi:
                     mid = (lo + hi) // 2
-                    p = plan_window(window, self.chunked_profiles(whole, batch, mid, x_grad), budget, after, latent)
+                    p = plan_window(window, self.kl_profiles(self.chunked_profiles(whole, batch, mid, x_grad), batch),
+                                    budget, after, latent)
                     if p.fits:
                         best, lo = (mid, p), mid + 1
                     else:
                         hi = mid - 1
                 chunk = best[0] if best else 1
-                profiles = self.chunked_profiles(whole, batch, chunk, x_grad)
+                profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad), batch)
                 plan = best[1] if best else plan_window(window, profiles, budget, after, latent)
         else:  # a fixed policy: every window position of that kind
             peak, kept, phase = _window_peak([(recompute, window)], profiles, latent, after)
@@ -449,7 +476,7 @@ class Planner:
         variants = []
         if s.optimizer == "adamw":
             variants.append(("--use_8bit_adam", dict(optimizer="adamw8bit")))
-        if not (s.zero == 3 and s.offload in (True, "param")):
+        if not (s.zero == 3 and s.offload in (True, "param")) and not (s.rank == 0 and self.kl_penalty):
             variants.append(("--zero 3 --offload param --optimizer cpu-adam", dict(offload=True, zero=3)))
         for text, kw in variants:
             st = self.state_bytes(**kw)
