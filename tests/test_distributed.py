@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_config import make_config
+from hang import hang_timeout
 
 from refl_engine.config import ConfigError
 
@@ -44,12 +45,13 @@ def run_ranks(tmp_path: Path, n: int, config: dict, steps: int, timeout: float =
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    limit = hang_timeout(timeout)
     try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        logs = [p.communicate(timeout=limit)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"{n} ranks did not finish in {timeout} s (hang)")
+        pytest.fail(f"{n} ranks did not finish in {limit:.0f} s (hang)")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hang import hang_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"refl_engine": ROOT / "engine", "refl_kernels": ROOT / "kernels"}
@@ -162,7 +163,7 @@ def test_every_module_imports_on_its_own():
     package has been imported (a forked child per module)."""
     names = sorted(MODULES)
     proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          cwd=ROOT, timeout=hang_timeout(600), env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [n for n, code in results.items() if code != 0]
@@ -179,7 +180,7 @@ def test_benchmark_help_from_the_repository_root(script):
     """As a user runs it: `python benchmarks/X.py --help` from the root (benchmarks/ goes first on
     the import path)."""
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          cwd=ROOT, timeout=hang_timeout(600), env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout
 
@@ -226,7 +227,7 @@ def _shadowing(names: list[str]) -> list[str]:
             "print(json.dumps([n for n in names if importlib.util.find_spec(n) is not None]))")
     # -I: isolated, so neither the current folder nor PYTHONPATH is on the path; site-packages is
     proc = subprocess.run([sys.executable, "-I", "-c", code, json.dumps(names)], capture_output=True, text=True,
-                          cwd="/", timeout=300)
+                          cwd="/", timeout=hang_timeout(300))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return sorted((set(json.loads(proc.stdout)) | _imported_names()) & set(names))
 

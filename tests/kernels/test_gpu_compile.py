@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from hang import hang_timeout
 
 SCRIPT = """
 import json, refl_kernels
@@ -23,7 +24,7 @@ print("REPORT" + json.dumps(refl_kernels.gpu_compile_report(archs=(80, 90), work
 def test_every_gpu_configuration_compiles_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=hang_timeout(1800))
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT"))
     report = json.loads(line[len("REPORT"):])

@@ -13,6 +13,7 @@ import torch
 from refl_engine.memory import measure, meta, trace
 from refl_engine.memory.planner import Planner, PlanSpec
 from refl_engine.memory.window import RECOMPUTE_COST, CallProfile, plan_window
+from hang import hang_timeout
 
 
 def test_param_counts_equal_real_tiny_models(seed):
@@ -169,7 +170,7 @@ def test_plan_window_matches_brute_force(seed):
 ])
 def test_cli_runs_without_weights(model, unet_params, te_params):
     out = subprocess.run([sys.executable, "-m", "refl_engine.plan", "--model", model, "--json"],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+                         capture_output=True, text=True, timeout=hang_timeout(600), env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads(out.stdout)
     for key in ("peak_bytes", "fits", "max_batch", "recommended_recompute", "components"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from refl_engine.memory.planner import Planner, PlanSpec
+from hang import hang_timeout
 
 
 @pytest.mark.parametrize("mixed_precision,dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
@@ -61,7 +62,7 @@ def _in_fresh_process(*args):
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     code = ("import json, torch; torch.set_num_threads(1); from test_planner_kl import _trainer_step_peak; "
             f"print('RESULT', json.dumps(_trainer_step_peak{args!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=hang_timeout(900))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
