@@ -169,9 +169,10 @@ class DistributedConfig:
 @dataclass
 class MemoryConfig:
     _argument_group_name = "memory"
-    recompute: Literal["none", "lean", "full", "selective", "auto"] = arg(
+    recompute: Literal["none", "lean", "full", "selective", "nested", "auto"] = arg(
         "selective", "what a window step keeps for backward: none (everything), lean (recompute cheap tensors), "
-        "full (checkpoint), selective (checkpoint + lean recompute), auto (the cheapest mix that fits "
+        "full (checkpoint), selective (checkpoint + lean recompute), nested (selective, and each UNet block "
+        "checkpointed again inside the recompute: the lowest peak), auto (the cheapest mix that fits "
         "--memory_budget)")
     memory_budget: str = arg("", "device memory for --recompute auto (and refl-plan): bytes or a size such as 40GB")
     checkpoint_decode: bool = arg(True, "recompute the VAE decode in backward instead of keeping it")
@@ -179,8 +180,8 @@ class MemoryConfig:
                              aliases=("selective_decode",))
     checkpoint_reward: bool = arg(True, "recompute the reward model in backward instead of keeping it")
     recompute_chunk: int = arg(
-        0, "samples per checkpoint of a full/selective UNet call, so its backward recomputes one chunk at a time; "
-        "0 = the whole batch (auto: the largest chunk that fits --memory_budget)", valid="[0, inf)")
+        0, "samples per checkpoint of a full/selective/nested UNet call, so its backward recomputes one chunk at a "
+        "time; 0 = the whole batch (auto: the largest chunk that fits --memory_budget)", valid="[0, inf)")
     gradient_checkpointing: bool = arg(
         False, "diffusers' flag, off by default: asks for a checkpointing policy; --recompute's default (selective) "
         "is one, --recompute none/lean with it is refused")
@@ -626,6 +627,9 @@ def validate_distributed(cfg: TrainConfig) -> None:
     if o.optimizer == "cpu-adam" and d.offload == "none":
         raise ConfigError("--optimizer cpu-adam steps CPU copies of the weights; add --zero 2 --offload optimizer "
                           "(or --zero 3 --offload param), or use --optimizer adamw")
+    if cfg.memory.recompute == "nested" and stage == 3:
+        raise ConfigError("--recompute nested hands the UNet's parameters to its own backward, which ZeRO-3 has "
+                          "partitioned again by then; use --recompute selective or full with --zero 3")
     if cfg.method.kl_coeff > 0 and cfg.model.rank == 0 and stage == 3:
         raise ConfigError("--kl_coeff with full fine-tuning (--rank 0) keeps a frozen copy of the whole UNet as the "
                           "base model, which ZeRO-3 would not partition (every rank would hold all of it); use LoRA "

@@ -166,7 +166,7 @@ def test_help_is_grouped_lists_choices_and_defaults_and_is_stable():
         assert title, f"give the section {name} an _argument_group_name: its flags' --help group"
         assert f"\n{title}:\n" in text
     assert "--lr_scheduler {constant,constant_with_warmup,linear,cosine}" in text
-    block = text.split("\n  --recompute {none,lean,full,selective,auto}", 1)[1].split("\n  --", 1)[0]
+    block = text.split("\n  --recompute {none,lean,full,selective,nested,auto}", 1)[1].split("\n  --", 1)[0]
     assert re.search(r"\(default:\s+selective\)", block), block
     usage = text.split("\n\n")[0]
     assert "--max_train_steps" in usage and "--num_train_steps" not in usage and "--max-train-steps" not in usage

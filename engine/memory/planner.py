@@ -44,7 +44,7 @@ GiB = 2**30
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "cpu-adam")
-POLICIES = ("none", "lean", "full", "selective", "auto")
+POLICIES = ("none", "lean", "full", "selective", "nested", "auto")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class PlanSpec:
     lean_decode: bool = True  # MemoryPolicy.lean_decode
     checkpoint_reward: bool = True
     decode_chunk: int = 1  # samples per checkpointed decode chunk (MemoryPolicy.decode_chunk); 0 = whole batch
-    recompute_chunk: int = 0  # samples per checkpoint of a full/selective UNet call; 0 = whole batch (auto: chosen)
+    recompute_chunk: int = 0  # samples per checkpoint of a full/selective/nested call; 0 = whole batch (auto: chosen)
     lv_inner: int = 2
     use_cache: bool = True
     method_options: dict = field(default_factory=dict)  # other MethodConfig fields (alignprop_k_max, ...)
@@ -422,7 +422,7 @@ class Planner:
         for pol in POLICIES:
             policies[pol] = self.peak(B, pol, state)[0]
         recommended = None
-        for pol in ("none", "lean", "auto", "full", "selective"):
+        for pol in ("none", "lean", "auto", "full", "selective", "nested"):
             p, wp, _ = self.peak(B, pol, state)
             if p <= usable and (pol != "auto" or wp.fits):
                 recommended = pol if pol != "auto" else f"auto ({_counts_text(wp.counts)})"
@@ -461,7 +461,7 @@ class Planner:
         B = s.batch_size
         accum = lambda b: f" with --gradient_accumulation_steps {math.ceil(B / b)} for the same effective batch"  # noqa: E731
         out = []
-        for pol in ("lean", "auto", "full", "selective"):
+        for pol in ("lean", "auto", "full", "selective", "nested"):
             if pol == s.recompute:
                 continue
             peak, wplan, _ = self.peak(B, pol, state)

@@ -26,12 +26,16 @@ Policies (`--recompute`), cheapest in recompute first:
                     the outputs of convolutions, linears and attention and recompute the cheap
                     ones as `lean` does: flat in K, and one call's backward peaks at `lean`'s
                     level instead of `none`'s, for elementwise work on top of `full`.
+    nested          `selective` one level deeper (nested.py): the call's recompute checkpoints
+                    each UNet block again, so its backward rematerialises one block at a time
+                    (block inputs kept only during that backward, nothing across steps: flat in
+                    K). About one UNet forward more than `full`; the lowest backward peak.
     auto            given a byte budget, keep full activations for as many window steps as fit,
                     `lean` ones for the next, and checkpoint the rest (`full`, or `selective`
                     where `full`'s backward would not fit), minimising recompute. The plan comes
                     from `window.plan_window` on a measured profile of one call.
 
-`--recompute_chunk c` runs each `full` / `selective` call as one checkpoint per c samples
+`--recompute_chunk c` runs each `full` / `selective` / `nested` call as one checkpoint per c samples
 (`chunked`): the backward of a checkpointed call then rematerialises one chunk at a time, so its
 peak is one chunk's whatever the batch, for the same gradients and the same recompute FLOPs.
 
@@ -50,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import measure
 from .measure import component
+from .nested import nested_call
 from .lean import ensure_installed, in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
@@ -79,6 +84,12 @@ def _selective(fn, *args):
     return _checkpointed(fn, *args, context_fn=_both_lean)
 
 
+def _nested(fn, *args):
+    """A block-nested checkpoint (nested.py) whose recomputes run the UNet in lean mode."""
+    ensure_installed(getattr(fn, "unet", None))
+    return nested_call(fn, *args, mode=lean_mode)
+
+
 # window_pos -> how that call is run
 @contextmanager
 def checkpointed_layers(layers):
@@ -105,8 +116,9 @@ CALL_KINDS: dict[str, Callable] = {
     "lean": _lean,
     "full": _checkpointed,
     "selective": _selective,
+    "nested": _nested,
 }
-CHUNKABLE = ("full", "selective")  # the checkpointed kinds, whose backward recomputes the call
+CHUNKABLE = ("full", "selective", "nested")  # the checkpointed kinds, whose backward recomputes the call
 
 
 def chunked(kind: str, chunk: int) -> Callable:
@@ -300,6 +312,13 @@ class SelectiveRecompute(MemoryPolicy):
         return "selective"
 
 
+class NestedRecompute(MemoryPolicy):
+    name = "nested"
+
+    def call_kind(self, window_pos):
+        return "nested"
+
+
 class AutoRecompute(MemoryPolicy):
     """Keep as many window steps' activations as `memory_budget` allows.
 
@@ -321,7 +340,7 @@ class AutoRecompute(MemoryPolicy):
     name = "auto"
 
     def __init__(self, budget_bytes: int | str | None = None, reserve_bytes: int = 0,
-                 kinds: tuple[str, ...] = ("none", "lean", "full", "selective"), memory_budget: int | str | None = None,
+                 kinds: tuple[str, ...] = ("none", "lean", "full", "selective", "nested"), memory_budget: int | str | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         budget = budget_bytes if budget_bytes is not None else memory_budget
@@ -413,6 +432,7 @@ POLICIES: dict[str, type[MemoryPolicy]] = {
     "lean": LeanRecompute,
     "full": FullRecompute,
     "selective": SelectiveRecompute,
+    "nested": NestedRecompute,
     "auto": AutoRecompute,
 }
 

@@ -178,7 +178,7 @@ def test_chunk_on_a_policy_that_checkpoints_nothing_is_refused():
         validate(cfg)
 
 
-def _trainer_step_peak(batch, chunk, resolution, steps, guidance):
+def _trainer_step_peak(batch, chunk, resolution, steps, guidance, recompute="full"):
     """Measured peak bytes (CPU tracker) of one ReFLTrainer step of DRaFT K=full on tiny-sd, after
     a warm-up step (optimizer state exists), and the planner's prediction of the same run."""
     import tempfile
@@ -188,7 +188,7 @@ def _trainer_step_peak(batch, chunk, resolution, steps, guidance):
     from refl_engine.trainer import ReFLTrainer
 
     common = dict(model="tiny-sd", resolution=resolution, method="draft", K="full", num_inference_steps=steps,
-                  guidance_scale=guidance, rank=4, mixed_precision="no", recompute="full", recompute_chunk=chunk,
+                  guidance_scale=guidance, rank=4, mixed_precision="no", recompute=recompute, recompute_chunk=chunk,
                   reward="colorfulness")
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig()

@@ -106,9 +106,9 @@ def test_all_policies_same_gradients(starts, seed):
         if name == "auto" and "budget_bytes" in kw:
             kinds = policy.last_plan.kinds
             if kw["budget_bytes"] == 0:
-                # nothing fits: the lowest-peak plan checkpoints all but (at most) the last step,
-                # whose activations cost no more than recomputing it would
-                assert not policy.last_plan.fits and kinds.count("selective") >= len(kinds) - 1
+                # nothing fits: the lowest-peak plan nests all but (at most) the last step, whose
+                # activations cost no more than recomputing it would
+                assert not policy.last_plan.fits and kinds.count("nested") >= len(kinds) - 1
             else:
                 assert set(kinds) == {"none"}
 

@@ -1,0 +1,167 @@
+"""Block-nested recomputation: a checkpointed UNet call whose recompute is itself checkpointed,
+one UNet block at a time.
+
+A `full` checkpoint keeps a call's input and, in backward, rematerialises the whole call: its
+backward peak is everything `none` would keep for that call. `nested_call` owns both levels in
+one autograd Function:
+
+    forward     runs the call without a graph and keeps its tensor arguments (the latent, the
+                timestep): nothing of the call outlives it but what `full` keeps, so the window
+                stays flat in K.
+    backward    recomputes the call with a graph in which every block but the last one run
+                (`unet_blocks`: down blocks, mid block, up blocks) is a non-reentrant checkpoint,
+                so the recompute keeps the blocks' inputs and outputs (the skip connections
+                among them) and the few ops between blocks; then backpropagates through it, and
+                each block is recomputed once more when its backward comes, one block at a
+                time. The last block runs unchecked: its backward is the first to run, right
+                after the recompute, so keeping its activations costs no peak and saves its
+                second recompute. Everything is freed when the Function's backward returns.
+
+The inner checkpoints exist only inside the Function's backward, so nothing of them is kept
+across window steps (a non-reentrant checkpoint around checkpointed blocks would keep every
+block's input per step, and non-reentrant checkpoint cannot switch the inner ones on only for its
+recompute: it requires the recompute to save what the forward saved).
+
+The call's differentiable inputs are its tensor arguments and the trainable parameters of
+`fn.unet`, passed to the Function explicitly: their gradients come back through autograd as from
+any op (into .grad under .backward(), returned by torch.autograd.grad), not accumulated behind
+autograd's back as a reentrant checkpoint does. Anything else `fn` closes over (the prompt
+embeddings) is a constant. ZeRO-3's partitioned parameters cannot be inputs of a Function (their
+gradients have the gathered shape, the inputs the partitioned one): there the call runs as one
+checkpoint recomputed under `mode` (what `selective` does; logged once). `--recompute nested` with
+ZeRO-3 is refused at start; `auto` may still profile the kind, and then sees `selective`'s peak.
+
+`mode` (a context-manager factory, e.g. lean.py's `lean_mode`) is entered around the
+recompute and around each block's recompute: the recomputed blocks then save what lean mode
+saves, so one block's backward peaks lower still.
+
+Cost: the forward, the call's recompute, and every block but the last recomputed again: about
+one UNet forward more than `full`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of a diffusers UNet in the order its forward runs them."""
+    mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
+    return [*unet.down_blocks, *mid, *unet.up_blocks]
+
+
+def _no_mode():
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(blocks, mode: Callable):
+    """For the calls made inside: each of `blocks` is a non-reentrant checkpoint whose forward and
+    recompute run under `mode()`. The checkpoints hold the forward they recompute, so the blocks'
+    own forwards are restored on exit while their backward is still to come."""
+    context_fn = lambda: (mode(), mode())  # noqa: E731
+
+    def run(inner, *args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    stock = []
+    for block in blocks:
+        inner = block.forward
+        stock.append((block, "forward" in vars(block), inner))
+        block.forward = functools.partial(run, inner)
+    try:
+        yield
+    finally:
+        for block, had_own, inner in reversed(stock):
+            if had_own:
+                block.forward = inner
+            else:
+                del block.forward
+
+
+def _autocast_states(device: torch.device):
+    kinds = dict.fromkeys(["cpu", device.type if device.type in ("cuda", "xpu") else "cpu"])
+    return [(k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds]
+
+
+class _NestedCall(torch.autograd.Function):
+    """fn(*args) with the two-level recompute of the module docstring. Inputs: (fn, blocks, mode,
+    n_args, *args, *params)."""
+
+    @staticmethod
+    def forward(ctx, fn, blocks, mode, n_args, *inputs):
+        args = inputs[:n_args]
+        ctx.fn, ctx.blocks, ctx.mode, ctx.n_args = fn, blocks, mode, n_args
+        ctx.params = inputs[n_args:]  # referenced, not copied: they are the module's own
+        is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        ctx.is_tensor = is_tensor
+        ctx.constants = [None if t else a for a, t in zip(args, is_tensor)]
+        ctx.save_for_backward(*(a for a, t in zip(args, is_tensor) if t))
+        device = next((a.device for a, t in zip(args, is_tensor) if t), torch.device("cpu"))
+        ctx.device = device
+        ctx.autocast = _autocast_states(device)
+        # the RNG state the call starts from, so the recompute draws what the forward drew (dropout)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return fn(*args)  # autograd.Function runs forward without a graph
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        needs = ctx.needs_input_grad[4:]
+        saved = iter(ctx.saved_tensors)
+        args = []
+        for i, is_tensor in enumerate(ctx.is_tensor):
+            if is_tensor:
+                a = next(saved)
+                args.append(a.detach().requires_grad_(needs[i]) if a.is_floating_point() else a)
+            else:
+                args.append(ctx.constants[i])
+        wrt = [a for a, need in zip(args, needs) if need] + [p for p, need in zip(ctx.params, needs[ctx.n_args:]) if need]
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            stack.enter_context(torch.enable_grad())
+            for kind, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            stack.enter_context(ctx.mode())
+            with _checkpointed_blocks(ctx.blocks[:-1], ctx.mode):
+                out = ctx.fn(*args)
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True) if wrt else ())
+        del out
+        return (None, None, None, None, *(next(grads) if need else None for need in needs))
+
+
+def _partitioned(params) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+_warned_partitioned = False
+
+
+def nested_call(fn: Callable, *args, mode: Callable = _no_mode):
+    """fn(*args), a guided UNet call carrying its UNet as `fn.unet`, with block-nested recompute.
+    Without grad it is the plain call; a function without a UNet is refused (its blocks and its
+    trainable parameters are unknown)."""
+    global _warned_partitioned
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    unet = getattr(fn, "unet", None)
+    if unet is None:
+        raise TypeError("nested recompute needs the UNet call's `fn.unet` (make_eps_fn sets it)")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if _partitioned(params):
+        if not _warned_partitioned:
+            _warned_partitioned = True
+            logging.getLogger("refl_engine").warning(
+                "nested recompute: ZeRO-3 partitions the UNet's parameters; its calls run as one checkpoint "
+                "recomputed in lean mode (selective) instead")
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (mode(), mode()))
+    return _NestedCall.apply(fn, unet_blocks(unet), mode, len(args), *args, *params)
