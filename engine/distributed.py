@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .config import OFFLOADS, ConfigError, OptimConfig, TrainConfig, validate_distributed  # noqa: F401
 from .config import read_deepspeed_file as _read_file
-from .optim import build_optimizer, deepspeed_optimizer, use_persistent_extensions_dir
+from .optim import build_optimizer, deepspeed_optimizer, lr_schedule, use_persistent_extensions_dir
 
 log = logging.getLogger("refl_engine")
 
@@ -162,7 +162,7 @@ def barrier() -> None:
 # ---------------------------------------------------------------------- the engine
 
 
-def initialize(trainer, lr_schedule_fn):
+def initialize(trainer):
     """deepspeed.initialize on the trainer's UNet; returns (engine, optimizer, lr schedule)."""
     import deepspeed
 
@@ -177,8 +177,8 @@ def initialize(trainer, lr_schedule_fn):
     client = None if offloaded(cfg) else build_optimizer(trainer.params, cfg.optim)
     try:
         engine, optimizer, _, schedule = deepspeed.initialize(
-            model=trainer.unet, model_parameters=trainer.params, optimizer=client, lr_scheduler=lr_schedule_fn,
-            config=conf, dist_init_required=False)
+            model=trainer.unet, model_parameters=trainer.params, optimizer=client,
+            lr_scheduler=lr_schedule(cfg.optim), config=conf, dist_init_required=False)
     except Exception as e:  # DeepSpeed's own config validation: pydantic / assertion messages
         if type(e).__name__ in ("ValidationError", "DeepSpeedConfigError", "AssertionError"):
             raise ConfigError(f"DeepSpeed refused the config: {str(e).splitlines()[0]}") from None

@@ -42,6 +42,25 @@ def build_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kw)
 
 
+def lr_schedule(o: OptimConfig):
+    """The learning-rate schedule of the diffusers examples (--lr_scheduler, --lr_warmup_steps over
+    --max_train_steps), as a function of the optimizer: DeepSpeed calls it on the optimizer it builds."""
+    from diffusers.optimization import get_scheduler
+
+    def build(optimizer):
+        return get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps,
+                             num_training_steps=o.max_train_steps)
+
+    return build
+
+
+def build_optimization(params, o: OptimConfig, mixed_precision: str):
+    """Optimizer, LR schedule and (fp16 only) the loss scaler of a run without DeepSpeed."""
+    optimizer = build_optimizer(params, o)
+    scaler = torch.amp.GradScaler("cuda") if mixed_precision == "fp16" else None
+    return optimizer, lr_schedule(o)(optimizer), scaler
+
+
 def deepspeed_optimizer(o: OptimConfig) -> dict:
     """The `optimizer` section of a DeepSpeed config, for runs whose optimizer DeepSpeed builds
     (the offloaded ones): torch's AdamW for adamw, DeepSpeedCPUAdam for cpu-adam."""

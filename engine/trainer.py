@@ -25,7 +25,7 @@ from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components
 from .models.lora import has_lora
 from .models.place import place_frozen, prepare_unet
-from .optim import build_optimizer
+from .optim import build_optimization
 from .regularizers import attach_regularizers, reward_objective, watch_rollout
 from .rewards.base import RewardSpecError, build_reward, check_reward_spec
 from .sampling import DDIMSchedule, Window, randn, run_trajectory
@@ -132,20 +132,12 @@ class ReFLTrainer:
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         self.text = TextEncoderCache(c, self.device, weight_dtype, self.height, self.width)
-        from diffusers.optimization import get_scheduler
-
-        def lr_schedule(optimizer):
-            return get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
-                                 num_training_steps=cfg.optim.max_train_steps)
-
         if self.use_deepspeed:  # DeepSpeed owns optimizer, schedule and loss scaling
-            self.engine, self.optimizer, self.lr_schedule = dist.initialize(self, lr_schedule)
+            self.engine, self.optimizer, self.lr_schedule = dist.initialize(self)
             self.collective_sampling = dist.zero_stage(self.engine) == 3
             self.scaler = None
         else:
-            self.optimizer = build_optimizer(self.params, cfg.optim)
-            self.lr_schedule = lr_schedule(self.optimizer)
-            self.scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
+            self.optimizer, self.lr_schedule, self.scaler = build_optimization(self.params, cfg.optim, mp)
         self.out = Path(cfg.output.output_dir)
         self.monitor = DeviceMonitor(self.device)
         self.history: list[dict] = []
