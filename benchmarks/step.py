@@ -1,15 +1,30 @@
-"""Seconds per training step by method on a model (default: the tiny preset), N steps.
+"""Seconds per training step by method and memory policy (default: the tiny preset, N = 20), each
+policy's step time as a ratio to `none`'s beside its FLOP-derived floor.
 
-Each configuration runs in this process after a warm-up step; the median and p20/p80 of the
-timed steps are reported. A table on stdout, JSON with device and versions on disk.
+For each method every policy gets its own trainer in this process; after two warm-up steps each
+the policies' steps are timed in turns (one step of each per round, so a change in the machine's
+load falls on all of them), `--steps` rounds. Time is the process's CPU time (`time.process_time`,
+one torch thread by default: other jobs on a shared machine change it little) and wall time; the
+ratio to `none` is the median over rounds of the per-round ratio.
 
-    python benchmarks/step.py [--model tiny-sd|tiny-sdxl|DIR] [--num_inference_steps 20] [--guidance_scale 1]
-                              [--steps 5] [--json FILE]
+The floor: FLOPs of one step under the policy over FLOPs of one step under `none`, both counted
+by torch's FlopCounterMode (matmuls, convolutions, attention, forward and backward; the
+elementwise work and the optimizer are not counted) on the same prompts and noise. A checkpointed
+policy (`full`, `selective`) re-runs the forward of each of the W window calls once more, so its
+floor is 1 + W f / F_none, f one UNet forward and F_none the whole `none` step: for the window
+alone that is (f + b + f) / (f + b) with b the call's backward, 4/3 where the backward costs two
+forwards (full fine-tuning) and more with LoRA, whose frozen weights get no weight gradient; the
+no-grad steps, decode and reward dilute it for the whole step. `lean` and `none` count the same
+FLOPs (lean recomputes elementwise work only): floor 1. The printed `unet fwd` is f / F_none.
+
+    python benchmarks/step.py [--model tiny-sd|tiny-sdxl|DIR] [--num_inference_steps 20]
+        [--guidance_scale 1] [--steps 5] [--policies none,lean,full,selective] [--threads 1] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -22,29 +37,64 @@ import torch
 CASES = [("refl", "full"), ("draft", "1"), ("draft", "full"), ("draft-lv", "full"), ("alignprop", "full")]
 
 
-def measure(model, method, K, n, steps, batch, recompute, threads, guidance_scale=1.0):
+def make_trainer(model, method, K, n, batch, recompute, guidance_scale, out):
     from refl_engine.config import TrainConfig, set_field, validate
     from refl_engine.trainer import ReFLTrainer
 
-    torch.set_num_threads(threads)
     cfg = TrainConfig()
+    for k, v in dict(model=model, method=method, K=K, num_inference_steps=n, train_batch_size=batch,
+                     recompute=recompute, guidance_scale=guidance_scale, output_dir=out, progress=False).items():
+        set_field(cfg, k, v)
+    validate(cfg)
+    return ReFLTrainer(cfg).setup()
+
+
+def step_flops(trainer) -> tuple[int, int]:
+    """(FLOPs of one training step, FLOPs of one guided UNet forward at the step's batch). Every
+    policy's trainer has the same seed and has taken the same steps, so they draw the same windows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    total = counter.get_total_flops()
+    prompts = trainer.prompts[:trainer.cfg.optim.train_batch_size]
+    eps_fn = trainer.sampler(prompts).eps_fn
+    x = trainer.initial_noise(len(prompts), torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eps_fn(x, trainer.schedule.timesteps[0])
+    return total, counter.get_total_flops()
+
+
+def measure_case(args, method, K, policies) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        for k, v in dict(model=model, method=method, K=K, num_inference_steps=n, train_batch_size=batch,
-                         recompute=recompute, guidance_scale=guidance_scale, output_dir=out, progress=False).items():
-            set_field(cfg, k, v)
-        validate(cfg)
-        trainer = ReFLTrainer(cfg).setup()
-        for _ in range(2):  # warm-up: first calls initialise kernels and caches
-            trainer.train_step()
-        times, windows = [], []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            m = trainer.train_step()
-            times.append(time.perf_counter() - t0)
-            windows.append(m["window_size"])
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return dict(method=method, K=K, steps=n, batch=batch, recompute=recompute, median_s=statistics.median(times),
-                p20_s=q[0], p80_s=q[3], mean_window=sum(windows) / len(windows))
+        trainers = {p: make_trainer(args.model, method, K, args.num_inference_steps, args.batch, p,
+                                    args.guidance_scale, os.path.join(out, p)) for p in policies}
+        for t in trainers.values():  # warm-up: first calls initialise kernels, caches, lazy installs
+            for _ in range(2):
+                t.train_step()
+        flops = {p: step_flops(t) for p, t in trainers.items()}
+        cpu = {p: [] for p in policies}
+        wall = {p: [] for p in policies}
+        windows = []
+        for _ in range(args.steps):
+            for p, t in trainers.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                m = t.train_step()
+                cpu[p].append(time.process_time() - c0)
+                wall[p].append(time.perf_counter() - w0)
+                windows.append(m["window_size"])
+    base = "none" if "none" in policies else policies[0]
+    rows = {}
+    for p in policies:
+        rows[p] = dict(
+            cpu_s=statistics.median(cpu[p]), wall_s=statistics.median(wall[p]),
+            ratio=statistics.median(a / b for a, b in zip(cpu[p], cpu[base])),
+            ratio_min=min(a / b for a, b in zip(cpu[p], cpu[base])),
+            floor=flops[p][0] / flops[base][0], step_flops=flops[p][0], unet_forward_flops=flops[p][1],
+            cpu_times=cpu[p], wall_times=wall[p])
+    return dict(method=method, K=K, steps=args.num_inference_steps, batch=args.batch, base=base,
+                mean_window=sum(windows) / len(windows), unet_forward_share=flops[base][1] / flops[base][0],
+                policies=rows)
 
 
 def main(argv=None):
@@ -52,25 +102,37 @@ def main(argv=None):
     p.add_argument("--model", default="tiny-sd")
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=1.0, help="> 1 runs CFG (doubles the UNet batch)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each policy per round)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--recompute", default="full")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, help="default: benchmarks/results/step-<model>.json")
+    p.add_argument("--policies", default="none,lean,full,selective", help="comma-separated --recompute values")
+    p.add_argument("--cases", default="", help="comma-separated method:K (default: all five)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="default: benchmarks/results/step-<model>-cpu.json")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    cases = [tuple(c.split(":")) for c in args.cases.split(",")] if args.cases else CASES
+    load_before = os.getloadavg()
     rows = []
-    print(f"{'method':10} {'K':>5} {'N':>3} {'window':>6} {'median s/step':>14} {'p20':>7} {'p80':>7}")
-    for method, K in CASES:
-        r = measure(args.model, method, K, args.num_inference_steps, args.steps, args.batch, args.recompute,
-                    args.threads, args.guidance_scale)
+    head = "".join(f" {q + ' x (floor)':>20}" for q in policies[1:])
+    print(f"{'method':10} {'K':>5} {'window':>6} {'unet fwd':>8} {policies[0] + ' cpu s':>12}{head}")
+    for method, K in cases:
+        r = measure_case(args, method, K, policies)
         rows.append(r)
-        print(f"{method:10} {K:>5} {r['steps']:>3} {r['mean_window']:>6.1f} {r['median_s']:>14.3f} "
-              f"{r['p20_s']:>7.3f} {r['p80_s']:>7.3f}", flush=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
+        pr = r["policies"]
+        cols = "".join(f" {pr[q]['ratio']:>11.2f} ({pr[q]['floor']:.2f})" for q in policies[1:])
+        print(f"{method:10} {K:>5} {r['mean_window']:>6.1f} {r['unet_forward_share']:>8.3f} "
+              f"{pr[policies[0]]['cpu_s']:>12.3f}{cols}", flush=True)
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
     import diffusers
 
-    record = dict(device=device, torch=torch.__version__, diffusers=diffusers.__version__, python=sys.version.split()[0],
-                  model=args.model, guidance_scale=args.guidance_scale, rows=rows)
+    record = dict(device=device, torch=torch.__version__, diffusers=diffusers.__version__,
+                  python=sys.version.split()[0], model=args.model, guidance_scale=args.guidance_scale,
+                  threads=args.threads, timing="process CPU time", load_before=load_before, load_after=load_after,
+                  rows=rows)
     if args.json is None:
         where = "" if torch.cuda.is_available() else "-cpu"
         args.json = f"benchmarks/results/step-{Path(args.model).name}{where}.json"
