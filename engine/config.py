@@ -206,7 +206,8 @@ class OutputConfig:
     eval_prompts: str = arg("", "held-out prompts ('' = the last --eval_num_prompts of --prompts)")
     eval_num_prompts: int = arg(4, "held-out prompts evaluated", valid="[1, inf)")
     eval_images_per_prompt: int = arg(4, "images per held-out prompt (diversity compares them)", valid="[2, inf)")
-    eval_embedding: str = arg("pixels", "diversity embedding: pixels, or a DINOv2/CLIP vision model dir or hub id")
+    eval_embedding: str = arg("pixels", "diversity embedding: pixels, toyworld (the toy world's encoder), or a DINOv2/CLIP "
+                                 "vision model dir or hub id")
 
 
 @dataclass
