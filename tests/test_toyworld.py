@@ -226,13 +226,17 @@ def test_shipped_pipeline_is_the_default_and_loads_as_fp32(shipped):
     assert 0.05 < shipped.vae.config.scaling_factor < 20 and shipped.vae.config.scaling_factor != 1.0
 
 
-def test_shipped_text_encoder_is_the_seeded_tiny_one(shipped):
-    from refl_engine.models.load import build_tiny_sd
+def test_shipped_text_encoder_was_trained_with_the_world_tokenizer(shipped):
+    """The text encoder trained jointly with the UNet (it is not its seeded random start) over the
+    world's vocabulary, position words included."""
+    from refl_engine.toyworld.pretrain import build_parts
 
-    ref = build_tiny_sd(0)
-    for k, v in ref["text_encoder"].state_dict().items():
-        assert torch.equal(v, shipped.text_encoder.state_dict()[k]), k
-    assert shipped.tokenizer.get_vocab() == ref["tokenizer"].get_vocab()
+    assert shipped.tokenizer.get_vocab() == world.tokenizer().get_vocab()
+    start = build_parts(0)["text_encoder"].state_dict()
+    trained = shipped.text_encoder.state_dict()
+    assert start.keys() == trained.keys()
+    moved = [k for k, v in start.items() if v.dtype.is_floating_point and not torch.equal(v, trained[k])]
+    assert len(moved) > 0.9 * sum(v.dtype.is_floating_point for v in start.values())
 
 
 @pytest.fixture(scope="module")
@@ -272,9 +276,8 @@ def _layout_stats(images: torch.Tensor) -> dict:
 
 
 def test_shipped_samples_are_shapes_on_flat_backgrounds(shipped, random_init, seed):
-    """What the shipped model learned: smooth shapes on a uniform background, the layout of the
-    world. It did NOT learn to follow the caption's colors at this size and CPU budget (see the
-    README), so the test asks only for the layout, against the random-weight preset."""
+    """The layout of the world: smooth shapes on a uniform background, against the random-weight
+    preset and the real images (caption following is the next test)."""
     trained = _layout_stats(_samples(shipped, "a red circle on a blue background", n=12, seed=seed))
     baseline = _layout_stats(_samples(random_init, "a red circle on a blue background", n=12, seed=seed))
     data, _, _ = world.generate(64, seed=seed)
@@ -285,3 +288,22 @@ def test_shipped_samples_are_shapes_on_flat_backgrounds(shipped, random_init, se
     assert trained["frame_std"] < 0.6 * baseline["frame_std"], (trained, baseline)
     assert trained["tv"] < 0.4 * baseline["tv"], (trained, baseline)
     assert trained["tv"] < 2.5 * real["tv"] + 0.01, (trained, real)
+
+
+def test_shipped_samples_follow_the_caption(shipped, classifier, seed):
+    """Samples of the shipped pipeline show the caption's color and background: the classifier
+    reads them from 30 prompts of the fixed prompt set (10 colors x 3 shapes, every cell) well
+    above the rate a prompt-blind model could reach (the prompt set's most frequent class), by
+    four binomial standard deviations of that rate. Measured over seeds 0-3: color 0.77-0.83
+    (chance 0.10), background 0.90-0.93 (chance 0.17). Shape (0.27-0.43, chance 0.33) and cell
+    (chance level) are not asserted: at this size and budget the model does not follow them."""
+    from refl_engine.toyworld.classifier import accuracy, caption_labels, chance, prompt_set, sample
+
+    prompts = [s.caption for s in prompt_set(30)]
+    target = caption_labels(prompts)
+    images = sample(shipped, prompts, seed=seed, steps=10, guidance=7.5)
+    acc, base = accuracy(classifier, images, target), chance(target)
+    for k in ("color", "background"):
+        bound = base[k] + 4 * (base[k] * (1 - base[k]) / len(prompts)) ** 0.5
+        numerics.record(k, (1 - acc[k]) / (1 - bound))
+        assert acc[k] > bound, (k, acc, base)

@@ -166,14 +166,14 @@ def load_metadata(path: str | Path | None = None) -> dict:
 
 def prompt_set(n: int = 90, seed: int = 0) -> list[world.Scene]:
     """A fixed, balanced set of positioned flat-background scenes: color i % 10, cell i % 9 and
-    shape (i // 18) % 5, so 90 prompts hold every (color, cell) pair and every (shape, color)
-    pair; background, size and exact position from `seed`. Their captions are the prompts and
-    their renders the real images to compare generated ones with."""
+    shape (i // 10) % 5, so any 10 consecutive prompts hold every color, 50 every (shape, color)
+    pair and 90 every (color, cell) pair; background, size and exact position from `seed`. Their
+    captions are the prompts and their renders the real images to compare generated ones with."""
     rng = np.random.default_rng(40_000_000 + seed)
     colors = list(world.COLORS)
     scenes = []
     for i in range(n):
-        color, (row, col), shape = colors[i % 10], divmod(i % 9, 3), world.SHAPES[(i // 18) % 5]
+        color, (row, col), shape = colors[i % 10], divmod(i % 9, 3), world.SHAPES[(i // 10) % 5]
         others = [c for c in colors if c != color]
         background = others[rng.integers(len(others))]
         radius = float(rng.uniform(*world.RADIUS_RANGE) * world.RESOLUTION)

@@ -367,7 +367,9 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
 
     report = dict(
         seed=seed, threads=threads, wall_seconds=round(wall, 1),
-        cpu_seconds=round(cpu, 1),  # this process's CPU time (of this run, if it resumed): wall on a shared machine is longer vae_seconds=round(t_vae, 1),
+        # this process's CPU time (a resumed run's CPU time since it resumed): on a shared machine
+        # the wall time is longer
+        cpu_seconds=round(cpu, 1), vae_seconds=round(t_vae, 1),
         pool_seconds=round(t_pool, 1), unet_seconds=round(t_unet, 1),
         settings=dict(vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr, kl_weight=kl_weight, pool=pool,
                       unet_steps=unet_steps, stop_after=stop_after, unet_steps_run=len(unet_info["log"]),
