@@ -8,7 +8,8 @@ VENV ?= .venv
 CPU_TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.refl-engine-installed
-DEMO_ARGS ?= --config demo --method draft --K full --output_dir outputs/demo --overwrite_output_dir
+DEMO_DIR ?= outputs/demo
+DEMO_ARGS ?= --config demo --method draft --K full --output_dir $(DEMO_DIR) --overwrite_output_dir
 
 .PHONY: install demo test bench clean
 
@@ -34,8 +35,10 @@ $(NATIVE_LIB): $(STAMP) CMakeLists.txt $(wildcard csrc/*)
 	  cmake --build $(NATIVE_DIR) -j2 && touch $@; \
 	else echo "cmake not found: native ops not built; refl_kernels uses torch's GroupNorm"; fi
 
+# Train (DeepSpeed's launcher, one process), then the before/after grid and the proxy-vs-gold curves.
 demo: install
 	$(VENV)/bin/deepspeed --num_gpus 1 engine/train.py $(DEMO_ARGS)
+	$(PY) -m refl_engine.toyworld.demo $(DEMO_DIR)
 
 test: install
 	$(VENV)/bin/pytest -q -n 2 tests
