@@ -59,6 +59,24 @@ def _has_kernel(dispatch_key: str) -> bool:
         return False
 
 
+def missing_cpu_flags(path: Path, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The vector-instruction flags the library at `path` was built for that this CPU lacks.
+
+    CMake writes them next to the library (librefl_native.cpuflags, /proc/cpuinfo's names). Loading
+    a library built for other instructions would kill the process with SIGILL at its first call.
+    Empty when there is no such file (a library built elsewhere by hand) or no cpuinfo to read."""
+    needed_file = path.with_suffix(".cpuflags")
+    try:
+        needed = needed_file.read_text().split()
+        with open(cpuinfo) as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return []
+    if have is None:
+        return []
+    return [flag for flag in needed if flag not in have]
+
+
 def load() -> bool:
     """Load the library once per process; log once (at WARNING) when it cannot be loaded."""
     global _status
@@ -69,6 +87,9 @@ def load() -> bool:
     if path is None:
         reason = (f"{LIB_NAME} not found (looked in {', '.join(str(p) for p in library_candidates())}); "
                   "`make install` builds it with cmake, or set $" + ENV_VAR)
+    elif missing := missing_cpu_flags(path):
+        reason = (f"{path} was built for CPU instructions this CPU lacks ({' '.join(missing)}); "
+                  "rebuild it on this machine with `make install`")
     elif not _has_kernel("CPU"):  # a second load would register the ops twice
         try:
             torch.ops.load_library(str(path))

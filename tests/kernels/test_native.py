@@ -430,3 +430,29 @@ def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
         pytest.skip("compiled; no cuobjdump to list the architectures")
     listing = subprocess.run([tool, "--list-elf", str(obj)], capture_output=True, text=True, check=True).stdout
     assert "sm_80.cubin" in listing and "sm_90.cubin" in listing, listing
+
+
+def test_library_built_for_missing_cpu_instructions_is_refused(monkeypatch, caplog, tmp_path):
+    """A library whose build recorded vector instructions this CPU lacks is not loaded (it would
+    die with SIGILL at its first call): one log line names the missing flag and the fix."""
+    lib = tmp_path / native.LIB_NAME
+    lib.write_bytes(b"")  # never opened: the flag check comes first
+    lib.with_suffix(".cpuflags").write_text("avx2 refl_no_such_cpu_flag\n")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert native.missing_cpu_flags(lib, str(cpuinfo)) == ["refl_no_such_cpu_flag"]
+    assert native.missing_cpu_flags(lib, str(tmp_path / "no-cpuinfo")) == []  # nothing to compare with
+    monkeypatch.setenv(native.ENV_VAR, str(lib))
+    monkeypatch.setattr(native, "_status", None)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available("cpu")
+    msgs = [r.getMessage() for r in caplog.records if r.name == native.__name__]
+    assert len(msgs) == 1 and "refl_no_such_cpu_flag" in msgs[0] and "make install" in msgs[0]
+
+
+@pytest.mark.skipif(not native.library_candidates()[0].is_file(), reason="native library not built")
+def test_the_build_records_the_instructions_it_needs():
+    """CMake writes the flags next to the library it builds, and this machine (which built it) has them."""
+    lib = native.library_candidates()[0]
+    assert lib.with_suffix(".cpuflags").is_file()
+    assert native.missing_cpu_flags(lib) == []
