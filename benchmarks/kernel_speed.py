@@ -193,13 +193,8 @@ def group_norm_native_saved(N, C, H, W, G, act, dtype) -> dict | None:
         conv = nn.Conv2d(C, C, 3, padding=1, device="meta", dtype=dtype)
         params = list(norm.parameters()) + list(conv.parameters())
         stock = saved_storages(lambda: conv(F.silu(norm(x))), (), exclude=params)
-        use_native = lean_mod._use_native  # the Function picks the native op on CPU; here on meta
-        lean_mod._use_native = lambda t: t.dtype in native.DTYPES
-        try:
-            with lean_mod.lean_mode():
-                lean = saved_storages(lambda: lean_mod.norm_act_project(x, norm, "silu", conv), (), exclude=params)
-        finally:
-            lean_mod._use_native = use_native
+        with lean_mod.lean_mode():
+            lean = saved_storages(lambda: lean_mod.norm_act_project(x, norm, "silu", conv, "native"), (), exclude=params)
         out.update({"pattern_saved_bytes_stock": sum(stock), "pattern_act_tensors_stock": n_act(stock),
                     "pattern_saved_bytes_lean_native": sum(lean), "pattern_act_tensors_lean_native": n_act(lean)})
     return out

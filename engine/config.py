@@ -78,9 +78,10 @@ class ModelConfig:
                     aliases=("lora_rank",))
     lora_alpha: float = arg(0.0, "LoRA alpha (adapters scale by alpha / rank); 0 = same as --rank", valid="[0, inf)")
     lora_target_modules: str = arg("to_q,to_k,to_v,to_out.0", "comma-separated module-name suffixes LoRA wraps")
-    kernels: Literal["torch", "triton", "native", "sdpa", "xformers"] = arg(
-        "torch", "attention/normalization kernels: stock torch, the Triton kernels, the native (csrc/) "
-        "GroupNorm+SiLU, SDPA or xformers")
+    kernels: Literal["torch", "triton", "native", "xformers", "auto"] = arg(
+        "torch", "attention/normalization kernels (lean recompute included): stock torch, the Triton kernels, the "
+        "native (csrc/) GroupNorm+SiLU, xformers attention, or auto (Triton on CUDA, native on CPU when built, "
+        "else torch)")
     enable_xformers_memory_efficient_attention: bool = arg(False, "diffusers' flag: the same as --kernels xformers")
 
 

@@ -184,10 +184,9 @@ def initialize(trainer):
             raise ConfigError(f"DeepSpeed refused the config: {str(e).splitlines()[0]}") from None
         raise
     if zero_stage(engine) == 3 and cfg.memory.recompute in ("lean", "selective", "auto"):  # lean-mode policies
-        from .memory.lean import ensure_installed, report_partitioned
+        from .models.patch import report_partitioned
 
-        ensure_installed(trainer.unet)
-        if trainer.is_main:
+        if trainer.is_main:  # the trainer patched the UNet before DeepSpeed wrapped it
             report_partitioned(trainer.unet)
     log.info("DeepSpeed ZeRO-%d, offload %s, optimizer %s, %d process(es)", zero_stage(engine),
              cfg.distributed.offload, cfg.optim.optimizer, trainer.world_size)

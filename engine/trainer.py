@@ -96,7 +96,7 @@ class ReFLTrainer:
                                      variant=cfg.model.variant)
         self.components = c
         warn_long_prompts(self.prompts, c.tokenizer)
-        place_frozen(c, self.device, weight_dtype)
+        place_frozen(c, self.device, weight_dtype, cfg.model.kernels)
         self.unet = c.unet
         self.params = prepare_unet(self.unet, cfg.model, self.device, weight_dtype)  # LoRA or all, kernels
 
@@ -114,10 +114,6 @@ class ReFLTrainer:
                              checkpoint_reward=cfg.memory.checkpoint_reward,
                              lean_decode=cfg.memory.lean_decode,
                              recompute_chunk=cfg.memory.recompute_chunk)
-        if cfg.memory.lean_decode:
-            from .memory.lean import install
-
-            install(c.vae)
         if cfg.memory.recompute == "auto":
             from .memory.planner import auto_reserve_bytes
 

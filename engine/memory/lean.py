@@ -1,5 +1,5 @@
-"""Lean recomputation: drop the cheap-but-large tensors a UNet call would save
-for backward and recompute them locally, inside the backward of the op that needs them.
+"""Lean recomputation: drop the cheap-but-large tensors a UNet or VAE call would save for backward
+and recompute them locally, inside the backward of the op that needs them.
 
 What a stock diffusers UNet saves for backward, by producer (tiny-sd @ 64 px, LoRA r=4, CFG):
 the outputs of GroupNorm (saved by the SiLU or 1x1 projection after it, 13%), of SiLU (saved by
@@ -21,36 +21,38 @@ elementwise work only (no matmul, no convolution forward), and no region is rema
 whole: the backward peak drops with the saved bytes. A fourth Function, for frozen convolutions,
 saves nothing (below). On tiny-sd this keeps 0.63 of what the stock UNet saves.
 
-The mode is active only inside `lean_mode()`: recompute.py's `lean` call kind runs a
-window step in it (kept for every step, so not flat in K), and its `selective` kind runs a
-checkpointed step in it, forward and recompute alike (flat in K). `none` and `full` steps of the
-same model run the stock modules. Installed by `install(unet)`: it sets an instance-level
-`forward` on eligible modules that falls back to the class's `forward` (stock diffusers, or a
-`--kernels triton` subclass) whenever the mode is off or the module does not match the pattern
-(a LoRA-wrapped conv, dropout > 0, scale-shift time norm, an up/down-sampling resnet, ZeRO-3
-partitioned parameters). In the mode, ResNet blocks use a plain GroupNorm inside the Function
-rather than the Triton GroupNorm+SiLU kernel: the Function saves less (one tensor, not two). On
-CPU that GroupNorm(+SiLU) is the fused native op of refl_kernels.native when its library is built
-(forward and backward in one C++ kernel each; the backward reuses the forward's statistics), else
-torch's two ops.
+The GroupNorm(+SiLU) inside the first Function runs on the GroupNorm backend `--kernels` chose for
+the model (engine/models/patch.py records it on each module): "triton", the fused Triton kernel of
+refl_kernels; "native", its C++ op; "torch", torch's GroupNorm and SiLU. The first two hand out
+their per-(sample, group) fp32 mean and rstd (8 bytes a group), which the Function keeps beside x;
+its backward recomputes the activation from them (Triton: the kernel's apply pass alone) and runs
+the kernel's own backward. Where the chosen backend cannot take the tensor (float64, a device it
+does not run on) the torch ops run.
 
-The same applies to a VAE (`MemoryPolicy.lean_decode`): its ResnetBlock2Ds and its frozen
-convolutions. A frozen convolution's backward needs only its weight, yet torch's convolution saves
-its input regardless; `_FrozenConv` saves nothing (the 2x-upsampled input of every upsampler conv
-is the largest such tensor).
+The mode is on only inside `lean_mode()`: recompute.py's `lean` call kind runs a window step in it
+(kept for every step, so not flat in K), its `selective` kind runs a checkpointed step in it,
+forward and recompute alike (flat in K), and the VAE decode runs in it (`--lean_decode`). This file
+holds the mode and the computations; which forward a module runs is decided in one place,
+engine/models/patch.py, whose module classes call the functions here when the mode is on and the
+module fits the pattern (`*_eligible`), and otherwise run their kernel or stock forward. Outside
+the pattern: a LoRA-wrapped conv, dropout > 0, scale-shift time norm, an up/down-sampling resnet,
+DeepSpeed ZeRO-3 partitioned parameters.
+
+The same applies to a VAE: its ResnetBlock2Ds and its frozen convolutions. A frozen convolution's
+backward needs only its weight, yet torch's convolution saves its input regardless; `_FrozenConv`
+saves nothing (the 2x-upsampled input of every upsampler conv is the largest such tensor).
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refl_kernels import native
+import refl_kernels
 
 _state = threading.local()
 
@@ -61,7 +63,7 @@ def is_active() -> bool:
 
 @contextlib.contextmanager
 def lean_mode(enabled: bool = True):
-    """Run the installed modules in lean mode inside this block."""
+    """Run the patched modules (engine/models/patch.py) in lean mode inside this block."""
     prev = getattr(_state, "active", False)
     _state.active = enabled
     try:
@@ -103,6 +105,7 @@ class _Spec:
     padding: tuple = (0, 0)
     dilation: tuple = (1, 1)
     conv_groups: int = 1
+    norm: str = "torch"  # the GroupNorm backend: "torch", "triton" or "native"
 
 
 def _norm_act(x, weight, bias, spec: _Spec):
@@ -121,33 +124,29 @@ def _project(a, weight, bias, spec: _Spec):
     return F.linear(_tokens(a), weight, bias)
 
 
-def _use_native(x: torch.Tensor) -> bool:
-    # The fused C++ GroupNorm(+SiLU) of refl_kernels.native, on CPU (on GPU its CUDA build has not
-    # been timed against torch's, so GPUs keep torch's GroupNorm here). Not under autocast, where
-    # torch runs GroupNorm in fp32 and this mode's forward stays bit-identical to the stock one
-    # only with the same ops; the trainer's CPU runs are fp32.
-    return (x.device.type == "cpu" and x.dtype in native.DTYPES and not torch.is_autocast_enabled("cpu")
-            and native.available("cpu"))
-
-
-def _native_norm_act(x, weight, bias, spec: _Spec):
-    return torch.ops.refl.group_norm_silu(x, weight, bias, spec.groups, spec.eps, spec.act == "silu")
+def _norm_backend(x, weight, bias, spec: _Spec) -> str:
+    """The spec's GroupNorm backend when it takes x here, else "torch"."""
+    if spec.norm == "torch" or weight is None or bias is None:
+        return "torch"
+    return spec.norm if refl_kernels.group_norm_runs(spec.norm, x) else "torch"
 
 
 class _NormActProject(torch.autograd.Function):
-    """proj(act(group_norm(x))) saving x only (parameters are referenced, not copied; with the
-    native op also its per-(sample, group) fp32 mean and rstd, 8 bytes per group)."""
+    """proj(act(group_norm(x))) saving x only (parameters are referenced, not copied; with a
+    kernel backend also its per-(sample, group) fp32 mean and rstd, 8 bytes per group)."""
 
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, proj_w, proj_b, spec: _Spec):
+        backend = _norm_backend(x, norm_w, norm_b, spec)
         stats = ()
-        if _use_native(x):
-            a, *stats = _native_norm_act(x, norm_w, norm_b, spec)
-        else:
+        if backend == "torch":
             a = _norm_act(x, norm_w, norm_b, spec)
+        else:
+            a, *stats = refl_kernels.group_norm_with_stats(x, spec.groups, norm_w, norm_b, spec.eps,
+                                                           spec.act == "silu", backend)
         out = _project(a, proj_w, proj_b, spec)
         ctx.save_for_backward(x, norm_w, norm_b, proj_w, proj_b, *stats)
-        ctx.spec = spec
+        ctx.spec, ctx.backend = spec, backend
         ctx.autocast = _autocast_state(x.device)
         ctx.out_dtype = out.dtype
         return out
@@ -155,9 +154,10 @@ class _NormActProject(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, norm_w, norm_b, proj_w, proj_b, *stats = ctx.saved_tensors
-        spec, needs = ctx.spec, ctx.needs_input_grad
-        if stats:  # native: recompute the activation; its backward (below) uses the saved statistics
-            a = _native_norm_act(x, norm_w, norm_b, spec)[0]
+        spec, needs, backend = ctx.spec, ctx.needs_input_grad, ctx.backend
+        silu = spec.act == "silu"
+        if stats:  # a kernel backend: the activation again from the saved statistics
+            a = refl_kernels.group_norm_from_stats(x, norm_w, norm_b, *stats, spec.eps, silu, backend)
         else:
             with torch.enable_grad(), _autocast(ctx.autocast):
                 xd = x.detach().requires_grad_(needs[0])
@@ -184,7 +184,7 @@ class _NormActProject(torch.autograd.Function):
             if proj_b is not None and needs[4]:
                 grad_pb = g.reshape(-1, g.shape[-1]).sum(0)
         if stats:
-            grads = torch.ops.refl.group_norm_silu_backward(grad_a, x, norm_w, norm_b, *stats, spec.act == "silu")
+            grads = refl_kernels.group_norm_backward(grad_a.to(x.dtype), x, norm_w, norm_b, *stats, silu, backend)
             out = [gr if need else None for gr, need in zip(grads, needs[:3])]
         else:
             leaves = [t for t in (xd, nw, nb) if t is not None and t.requires_grad]
@@ -194,13 +194,15 @@ class _NormActProject(torch.autograd.Function):
         return out[0], out[1], out[2], cast(grad_pw, proj_w), cast(grad_pb, proj_b), None
 
 
-def norm_act_project(x: torch.Tensor, norm: nn.GroupNorm, act: str | None, proj: nn.Module) -> torch.Tensor:
+def norm_act_project(x: torch.Tensor, norm: nn.GroupNorm, act: str | None, proj: nn.Module,
+                     backend: str = "torch") -> torch.Tensor:
     """proj(act(norm(x))) for a GroupNorm `norm` and a plain nn.Conv2d or nn.Linear `proj` (a
-    linear sees the (B, H*W, C) tokens), saving only x for backward."""
+    linear sees the (B, H*W, C) tokens), saving only x (and, with the GroupNorm `backend`
+    "triton" or "native", its statistics) for backward."""
     if isinstance(proj, nn.Conv2d):
-        spec = _conv_spec(proj, act, "conv", norm.num_groups, norm.eps)
+        spec = _conv_spec(proj, act, "conv", norm.num_groups, norm.eps, backend)
     else:
-        spec = _Spec(norm.num_groups, norm.eps, act, "linear")
+        spec = _Spec(norm.num_groups, norm.eps, act, "linear", norm=backend)
     return _NormActProject.apply(x, norm.weight, norm.bias, proj.weight, proj.bias, spec)
 
 
@@ -253,126 +255,85 @@ class _FrozenConv(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
-def _conv_spec(conv: nn.Conv2d, act=None, kind="conv", groups=0, eps=0.0) -> _Spec:
-    return _Spec(groups, eps, act, kind, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+def _conv_spec(conv: nn.Conv2d, act=None, kind="conv", groups=0, eps=0.0, norm="torch") -> _Spec:
+    return _Spec(groups, eps, act, kind, tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups,
+                 norm)
 
 
-def _conv_forward(self, x, *args, **kwargs):
-    frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-    if not is_active() or not frozen or not _plain_proj(self) or args or kwargs or _partitioned(self):
-        return type(self).forward(self, x, *args, **kwargs)
-    return _FrozenConv.apply(x, self.weight, self.bias, _conv_spec(self))
+def frozen_conv_eligible(conv: nn.Conv2d) -> bool:
+    frozen = not conv.weight.requires_grad and (conv.bias is None or not conv.bias.requires_grad)
+    return frozen and plain_proj(conv) and not partitioned(conv)
 
 
-# ---------------------------------------------------------------------- installation
+def frozen_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenConv.apply(x, conv.weight, conv.bias, _conv_spec(conv))
 
-def _plain_group_norm(m) -> bool:
+
+# ---------------------------------------------------------------------- the module patterns
+
+def plain_group_norm(m) -> bool:
     return isinstance(m, nn.GroupNorm) and m.affine
 
 
-def _plain_proj(m) -> bool:
-    # exactly the torch classes: a peft LoRA wrapper (or anything else) keeps the stock path
-    if type(m) is nn.Conv2d:
+def plain_proj(m) -> bool:
+    # exactly the torch classes (or patch.py's subclass that only routes forward): a peft LoRA
+    # wrapper, or anything else, keeps the stock path
+    cls = getattr(type(m), "refl_stock_class", type(m))
+    if cls is nn.Conv2d:
         return m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    return type(m) is nn.Linear
+    return cls is nn.Linear
 
 
-def _partitioned(module: nn.Module) -> bool:
+def partitioned(module: nn.Module) -> bool:
     """DeepSpeed ZeRO-3 gathers a submodule's parameters in that submodule's own forward hook; the
     Functions here read them directly, so partitioned modules keep the stock path."""
     return any(hasattr(p, "ds_id") for p in module.parameters(recurse=True))
 
 
-def _resnet_eligible(m) -> bool:
+def resnet_eligible(m) -> bool:
     dropout_off = (not m.training) or float(getattr(m.dropout, "p", 0.0)) == 0.0
     return (m.time_embedding_norm != "scale_shift" and m.upsample is None and m.downsample is None
             and isinstance(m.nonlinearity, nn.SiLU) and dropout_off
-            and _plain_group_norm(m.norm1) and _plain_group_norm(m.norm2)
-            and _plain_proj(m.conv1) and _plain_proj(m.conv2))
+            and plain_group_norm(m.norm1) and plain_group_norm(m.norm2)
+            and plain_proj(m.conv1) and plain_proj(m.conv2) and not partitioned(m))
 
 
-def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
-    if not is_active() or not _resnet_eligible(self) or _partitioned(self):
-        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
-    # the sequence of diffusers' ResnetBlock2D.forward for time_embedding_norm "default" (UNets)
-    # and "group" (VAEs: the time embedding, if any, is not added)
-    hidden = norm_act_project(input_tensor, self.norm1, "silu", self.conv1)
-    if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
-    if temb is not None and self.time_embedding_norm == "default":
+def resnet(block, input_tensor, temb, backend: str = "torch"):
+    """The sequence of diffusers' ResnetBlock2D.forward for time_embedding_norm "default" (UNets)
+    and "group" (VAEs: the time embedding, if any, is not added), in lean form."""
+    hidden = norm_act_project(input_tensor, block.norm1, "silu", block.conv1, backend)
+    if block.time_emb_proj is not None:
+        if not block.skip_time_act:
+            temb = block.nonlinearity(temb)
+        temb = block.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None and block.time_embedding_norm == "default":
         hidden = hidden + temb
-    hidden = norm_act_project(hidden, self.norm2, "silu", self.conv2)
-    if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden) / self.output_scale_factor
+    hidden = norm_act_project(hidden, block.norm2, "silu", block.conv2, backend)
+    if block.conv_shortcut is not None:
+        input_tensor = block.conv_shortcut(input_tensor)
+    return (input_tensor + hidden) / block.output_scale_factor
 
 
-def _geglu_forward(self, hidden_states, *args, **kwargs):
-    if not is_active() or _partitioned(self):
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-    return geglu_gate(self.proj(hidden_states))
+def geglu_eligible(m) -> bool:
+    return not partitioned(m)
 
 
-def _continuous_inputs(self, hidden_states):
-    if (not is_active() or not (_plain_group_norm(self.norm) and _plain_proj(self.proj_in))
-            or _partitioned(self.norm) or _partitioned(self.proj_in)):
-        return type(self)._operate_on_continuous_inputs(self, hidden_states)
+def geglu(m, hidden_states):
+    return geglu_gate(m.proj(hidden_states))
+
+
+def continuous_inputs_eligible(m) -> bool:
+    return (plain_group_norm(m.norm) and plain_proj(m.proj_in)
+            and not partitioned(m.norm) and not partitioned(m.proj_in))
+
+
+def continuous_inputs(m, hidden_states, backend: str = "torch"):
+    """Transformer2DModel._operate_on_continuous_inputs in lean form: norm -> proj_in."""
     batch, _, height, width = hidden_states.shape
-    out = norm_act_project(hidden_states, self.norm, None, self.proj_in)
-    if not self.use_linear_projection:
+    out = norm_act_project(hidden_states, m.norm, None, m.proj_in, backend)
+    if not m.use_linear_projection:
         inner_dim = out.shape[1]
         out = out.permute(0, 2, 3, 1).reshape(batch, height * width, inner_dim)
     else:
         inner_dim = hidden_states.shape[1]
     return out, inner_dim
-
-
-def install(unet: nn.Module) -> int:
-    """Give the eligible modules of a UNet or VAE their selective forward (idempotent). Returns
-    how many modules have it."""
-    from diffusers.models.activations import GEGLU
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    count = 0
-    for m in unet.modules():
-        if isinstance(m, ResnetBlock2D):
-            name, fn = "forward", _resnet_forward
-        elif isinstance(m, GEGLU):
-            name, fn = "forward", _geglu_forward
-        elif isinstance(m, Transformer2DModel) and getattr(m, "is_input_continuous", False):
-            name, fn = "_operate_on_continuous_inputs", _continuous_inputs
-        elif type(m) is nn.Conv2d:
-            name, fn = "forward", _conv_forward
-        else:
-            continue
-        if name not in m.__dict__:
-            setattr(m, name, types.MethodType(fn, m))
-        count += 1
-    unet._refl_lean_installed = True
-    return count
-
-
-def report_partitioned(unet: nn.Module) -> list[str]:
-    """Name, once in the log, the modules whose selective forward falls back to the stock one
-    because DeepSpeed ZeRO-3 partitions their weights; returns their names."""
-    import logging
-    from collections import Counter
-
-    ours = (_resnet_forward, _geglu_forward, _conv_forward, _continuous_inputs)
-    names = [n for n, m in unet.named_modules()
-             if any(getattr(m.__dict__.get(k), "__func__", None) in ours for k in ("forward", "_operate_on_continuous_inputs"))
-             and _partitioned(m)]
-    if names:
-        kinds = Counter(type(unet.get_submodule(n)).__name__ for n in names)
-        logging.getLogger("refl_engine").info(
-            "ZeRO-3: %d modules keep the stock forward in lean mode (partitioned weights): %s; e.g. %s",
-            len(names), ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())), ", ".join(names[:3]))
-    return names
-
-
-def ensure_installed(unet: nn.Module | None) -> None:
-    if unet is not None and not getattr(unet, "_refl_lean_installed", False):
-        install(unet)

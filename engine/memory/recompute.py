@@ -55,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from . import measure
 from .measure import component
 from .nested import nested_call
-from .lean import ensure_installed, in_lean_mode, lean_mode
+from .lean import in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
 
@@ -65,9 +65,16 @@ def _checkpointed(fn, *args, **kwargs):
     return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
+def _ensure_patched(fn) -> None:
+    # `fn` is the guided noise prediction of make_eps_fn, which carries its UNet: lean mode acts
+    # through the forwards models/patch.py gives its modules
+    from ..models.patch import ensure_patched
+
+    ensure_patched(getattr(fn, "unet", None))
+
+
 def _lean(fn, *args):
-    # `fn` is the guided noise prediction of make_eps_fn, which carries its UNet
-    ensure_installed(getattr(fn, "unet", None))
+    _ensure_patched(fn)
     return in_lean_mode(fn)(*args)
 
 
@@ -78,7 +85,7 @@ def _both_lean():
 def _selective(fn, *args):
     """A checkpoint whose forward and recompute run the UNet in lean mode: the recomputed
     call saves what `lean` saves, so its backward peaks lower than a plain checkpoint's."""
-    ensure_installed(getattr(fn, "unet", None))
+    _ensure_patched(fn)
     if not torch.is_grad_enabled():  # nothing to checkpoint; context_fn is checkpoint's, not fn's
         return fn(*args)
     return _checkpointed(fn, *args, context_fn=_both_lean)
@@ -86,7 +93,7 @@ def _selective(fn, *args):
 
 def _nested(fn, *args):
     """A block-nested checkpoint (nested.py) whose recomputes run the UNet in lean mode."""
-    ensure_installed(getattr(fn, "unet", None))
+    _ensure_patched(fn)
     return nested_call(fn, *args, mode=lean_mode)
 
 
@@ -186,7 +193,7 @@ class MemoryPolicy:
                  lean_decode: bool = True, recompute_chunk: int = 0):
         self.checkpoint_decode = checkpoint_decode
         self.checkpoint_reward = checkpoint_reward
-        # Decode with the VAE's modules in lean mode (lean.py; the trainer installs it on
+        # Decode with the VAE's modules in lean mode (lean.py; the trainer patches
         # the VAE): its GroupNorm / SiLU outputs and the inputs of its frozen convolutions are not
         # kept for backward, in the checkpoint's recompute or, unchecked, in the forward.
         self.lean_decode = lean_decode

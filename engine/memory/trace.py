@@ -183,14 +183,15 @@ def _decode_fn(vae):
 
 
 def trace_vae(vae_cfg: dict, resolution: int, batch: int, dtype: str, checkpoint: bool, lean: bool = False):
-    from .lean import in_lean_mode, install
+    from ..models.patch import patch
+    from .lean import in_lean_mode
 
     dt = dtype_of(dtype)
     vae = meta_vae(vae_cfg)
     vae.requires_grad_(False)
     decode = _decode_fn(vae)
     if lean:  # as MemoryPolicy.decode_call with lean_decode
-        install(vae)
+        patch(vae, attention=False)
         decode = in_lean_mode(decode)
 
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)

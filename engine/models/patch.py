@@ -1,34 +1,53 @@
-"""Swap the fused kernels of refl_kernels into a diffusers UNet (`--kernels`).
+"""How the diffusers modules of a UNet or VAE run: the one place that decides a module's forward.
 
-    apply_kernels(unet, "triton" | "native" | "torch" | "sdpa" | "xformers")
+    patch(model, kernels="torch" | "triton" | "native" | "xformers" | "auto", attention=True)
 
+Each module kind the engine changes gets, once, a subclass of its diffusers (or torch) class that
+overrides only the forward, swapped in as the module's class: parameter names, state dicts, LoRA
+adapters and checkpoints are untouched. The forward decides per call, in this order:
+
+  1. lean mode on (engine/memory/lean.py: the `lean` and `selective` recompute kinds, the VAE
+     decode) and the module fits lean's pattern: lean's autograd Functions, whose GroupNorm(+SiLU)
+     runs, forward and backward-time recompute alike, on the model's GroupNorm backend;
+  2. else a fused GroupNorm backend ("triton", "native"): the ResNet block's GroupNorm -> SiLU
+     pairs as one fused op;
+  3. else the stock diffusers forward.
+
+Checkpointing composes with this: a checkpoint (engine/memory/recompute.py) wraps a whole UNet
+call, and its recompute runs these same forwards, in lean mode when the call's kind says so.
+
+The kernels (`--kernels`):
 - every diffusers `Attention` (self and cross) gets `FusedAttnProcessor(backend)`, which runs the
   same projections as diffusers' AttnProcessor2_0 and calls `refl_kernels.attention` for the
-  softmax(QK^T)V core ("triton": the fused kernel that saves only O and the log-sum-exp; "sdpa",
-  "xformers": those libraries). A call with an attention mask falls back to PyTorch SDPA (the
-  fused kernel has no mask input; SD/SDXL UNets pass none);
-- with "triton" also the GroupNorm -> SiLU pairs of every ResnetBlock2D (norm1 -> act and, for
+  softmax(QK^T)V core ("triton": the fused kernel that saves only O and the log-sum-exp;
+  "xformers": that library). A call with an attention mask falls back to PyTorch SDPA (the fused
+  kernel has no mask input; SD/SDXL UNets pass none). `attention=False` (the VAE) keeps them;
+- with "triton" the GroupNorm -> SiLU pairs of every ResnetBlock2D (norm1 -> act and, for
   time_embedding_norm="default", norm2 -> act) and the UNet's conv_norm_out -> conv_act run as one
   fused GroupNorm+SiLU, and every other nn.GroupNorm as the fused GroupNorm without activation;
 - "native": the GroupNorm -> SiLU pairs fused by the C++ op of refl_kernels.native (CPU; needs the
   library `make install` builds); GroupNorms without SiLU and attention keep the stock modules
   (torch's GroupNorm, PyTorch SDPA), which the native op does not beat;
-- "torch" leaves (or restores) the stock diffusers modules.
-
-Modules are patched in place by swapping their class for a subclass that only overrides
-`forward`, so parameter names, state dicts, LoRA adapters and checkpoints are untouched.
+- "torch" runs the stock diffusers modules (and lean's torch ops);
+- "auto" is what refl_kernels picks for GroupNorm on the model's device: "triton" on CUDA (or
+  under Triton's CPU interpreter), "native" on CPU when its library is built, else "torch".
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 import refl_kernels
 
-BACKENDS = ("torch", "triton", "native", "sdpa", "xformers")
+from ..memory import lean
+
+KERNELS = ("torch", "triton", "native", "xformers", "auto")
+FUSED_NORM = ("triton", "native")  # the GroupNorm backends besides torch's
 
 
 class FusedAttnProcessor:
@@ -88,9 +107,11 @@ class FusedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation: str | None, owner: nn.Module | None = None) -> torch.Tensor:
-    # the GroupNorm backend ("triton" or "native") is recorded on the patched module by apply_kernels
-    backend = (owner or norm).__dict__.get("_refl_norm_backend", "triton")
+def _norm_backend(module: nn.Module) -> str:
+    return module.__dict__.get("_refl_norm_backend", "torch")
+
+
+def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation: str | None, backend: str) -> torch.Tensor:
     return refl_kernels.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
                                    activation=activation, backend=backend)
 
@@ -99,22 +120,37 @@ class FusedGroupNorm(nn.GroupNorm):
     """nn.GroupNorm computed by the fused Triton kernel (no activation)."""
 
     def forward(self, x):
-        return _fused_norm(self, x, None)
+        return _fused_norm(self, x, None, _norm_backend(self))
 
 
 class FusedGroupNormSiLU(nn.GroupNorm):
     """nn.GroupNorm followed by SiLU in one fused kernel; the SiLU module after it becomes Identity."""
 
     def forward(self, x):
-        return _fused_norm(self, x, "silu")
+        return _fused_norm(self, x, "silu", _norm_backend(self))
 
 
-class FusedResnetBlock2D(ResnetBlock2D):
-    """ResnetBlock2D whose GroupNorm -> SiLU pairs run as fused GroupNorm+SiLU. The sequence of
-    operations is that of diffusers' ResnetBlock2D.forward (deprecated `scale` argument dropped)."""
+def _fusable(block: ResnetBlock2D) -> bool:
+    return isinstance(block.nonlinearity, nn.SiLU) and block.time_embedding_norm in ("default", "scale_shift")
+
+
+class ReflResnetBlock2D(ResnetBlock2D):
+    """ResnetBlock2D run lean (in lean mode), with its GroupNorm -> SiLU pairs fused (a fused
+    GroupNorm backend), or stock."""
+
+    refl_stock_class = ResnetBlock2D
 
     def forward(self, input_tensor, temb, *args, **kwargs):
-        hidden_states = _fused_norm(self.norm1, input_tensor, "silu", self)
+        backend = _norm_backend(self)
+        if lean.is_active() and lean.resnet_eligible(self):
+            return lean.resnet(self, input_tensor, temb, backend)
+        if backend in FUSED_NORM and _fusable(self):
+            return self._fused_forward(input_tensor, temb, backend)
+        return super().forward(input_tensor, temb, *args, **kwargs)
+
+    def _fused_forward(self, input_tensor, temb, backend):
+        # the sequence of operations of diffusers' ResnetBlock2D.forward (deprecated `scale` dropped)
+        hidden_states = _fused_norm(self.norm1, input_tensor, "silu", backend)
         if self.upsample is not None:
             if hidden_states.shape[0] >= 64:
                 input_tensor = input_tensor.contiguous()
@@ -134,12 +170,12 @@ class FusedResnetBlock2D(ResnetBlock2D):
         if self.time_embedding_norm == "default":
             if temb is not None:
                 hidden_states = hidden_states + temb
-            hidden_states = _fused_norm(self.norm2, hidden_states, "silu", self)
+            hidden_states = _fused_norm(self.norm2, hidden_states, "silu", backend)
         else:  # "scale_shift": the modulation sits between the norm and the activation
             if temb is None:
                 raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
             time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-            hidden_states = _fused_norm(self.norm2, hidden_states, None, self)
+            hidden_states = _fused_norm(self.norm2, hidden_states, None, backend)
             hidden_states = self.nonlinearity(hidden_states * (1 + time_scale) + time_shift)
 
         hidden_states = self.dropout(hidden_states)
@@ -151,71 +187,132 @@ class FusedResnetBlock2D(ResnetBlock2D):
         return (input_tensor + hidden_states) / self.output_scale_factor
 
 
-_STOCK = {FusedGroupNorm: nn.GroupNorm, FusedGroupNormSiLU: nn.GroupNorm, FusedResnetBlock2D: ResnetBlock2D}
+class ReflGEGLU(GEGLU):
+    """GEGLU whose gating saves only the projection output in lean mode."""
+
+    refl_stock_class = GEGLU
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if lean.is_active() and lean.geglu_eligible(self):
+            return lean.geglu(self, hidden_states)
+        return super().forward(hidden_states, *args, **kwargs)
 
 
-def _restore_stock(unet: nn.Module) -> None:
-    for module in unet.modules():
-        if type(module) in _STOCK:
-            module.__class__ = _STOCK[type(module)]
-            module.__dict__.pop("_refl_norm_backend", None)
+class ReflTransformer2DModel(Transformer2DModel):
+    """Transformer2DModel whose input norm -> proj_in runs lean in lean mode."""
+
+    refl_stock_class = Transformer2DModel
+
+    def _operate_on_continuous_inputs(self, hidden_states):
+        if lean.is_active() and lean.continuous_inputs_eligible(self):
+            return lean.continuous_inputs(self, hidden_states, _norm_backend(self))
+        return super()._operate_on_continuous_inputs(hidden_states)
+
+
+class ReflConv2d(nn.Conv2d):
+    """nn.Conv2d that, frozen and in lean mode, saves nothing for backward."""
+
+    refl_stock_class = nn.Conv2d
+
+    def forward(self, input):
+        if lean.is_active() and lean.frozen_conv_eligible(self):
+            return lean.frozen_conv(self, input)
+        return super().forward(input)
+
+
+_ROUTED = {cls.refl_stock_class: cls for cls in (ReflResnetBlock2D, ReflGEGLU, ReflTransformer2DModel, ReflConv2d)}
+_FUSED_NORMS = (FusedGroupNorm, FusedGroupNormSiLU)
+
+
+def _unfuse(model: nn.Module) -> None:
+    """Back to stock GroupNorms, conv_act and attention processors (the routed classes stay)."""
+    for module in model.modules():
+        if type(module) in _FUSED_NORMS:
+            module.__class__ = nn.GroupNorm
+        module.__dict__.pop("_refl_norm_backend", None)
         if isinstance(module, Attention) and isinstance(module.processor, FusedAttnProcessor):
             module.set_processor(getattr(module, "_refl_stock_processor", AttnProcessor2_0()))
-    stock_act = unet.__dict__.pop("_refl_conv_act", None)
+    stock_act = model.__dict__.pop("_refl_conv_act", None)
     if stock_act is not None:
-        unet.conv_act = stock_act
+        model.conv_act = stock_act
 
 
-def _device_of(unet: nn.Module) -> torch.device:
-    for p in unet.parameters():
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def apply_kernels(unet: nn.Module, backend: str) -> None:
-    """Route the UNet's attention (and with "triton" or "native" its GroupNorm(+SiLU)) through refl_kernels.
-
-    Raises ValueError with a one-line reason and fix if the backend cannot run here.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"--kernels {backend!r} is not a kernel backend; choose one of {', '.join(BACKENDS)}")
-    device = _device_of(unet)
+def patch(model: nn.Module, kernels: str | None = None, *, attention: bool = True) -> str:
+    """Give `model`'s modules the engine's forwards (idempotent) with the `kernels` backend; None
+    keeps the one it has ("torch" for a model never patched). Returns the backend ("auto"
+    resolved). Raises ValueError with a one-line reason and fix if the backend cannot run here."""
+    if kernels is None:
+        kernels = model.__dict__.get("_refl_kernels", "torch")
+    if kernels not in KERNELS:
+        raise ValueError(f"--kernels {kernels!r} is not a kernel backend; choose one of {', '.join(KERNELS)}")
+    device = _device_of(model)
+    if kernels == "auto":
+        kernels = refl_kernels.auto_group_norm_backend(device)
     reason = {
         "triton": refl_kernels.triton_unavailable_reason,
-        "sdpa": refl_kernels.sdpa_unavailable_reason,
         "xformers": refl_kernels.xformers_unavailable_reason,
         "native": refl_kernels.native.unavailable_reason,
-    }.get(backend, lambda d: None)(device)
+    }.get(kernels, lambda d: None)(device)
     if reason is not None:
-        raise ValueError(f"--kernels {backend} is unavailable: {reason}")
+        raise ValueError(f"--kernels {kernels} is unavailable: {reason}")
 
-    _restore_stock(unet)
-    if backend == "torch":
-        return
-    for module in unet.modules():
-        if isinstance(module, Attention) and backend != "native":
-            if not hasattr(module, "_refl_stock_processor"):
-                module._refl_stock_processor = module.processor
-            module.set_processor(FusedAttnProcessor(backend))
-    if backend not in ("triton", "native"):
-        return
-
-    fused_silu = set()
-    for module in unet.modules():
-        if type(module) is ResnetBlock2D and isinstance(module.nonlinearity, nn.SiLU) \
-                and module.time_embedding_norm in ("default", "scale_shift"):
-            module.__class__ = FusedResnetBlock2D
-            module.__dict__["_refl_norm_backend"] = backend
+    _unfuse(model)
+    norm_backend = kernels if kernels in FUSED_NORM else "torch"
+    fused_silu = set()  # GroupNorms a fused ResNet block runs itself
+    for module in model.modules():
+        routed = _ROUTED.get(type(module))
+        if routed is not None:
+            module.__class__ = routed
+        if type(module) in _ROUTED.values():
+            module.__dict__["_refl_norm_backend"] = norm_backend
+        if isinstance(module, ReflResnetBlock2D) and _fusable(module):
             fused_silu.update({id(module.norm1), id(module.norm2)})
-    conv_norm_out = getattr(unet, "conv_norm_out", None)
-    if isinstance(conv_norm_out, nn.GroupNorm) and isinstance(getattr(unet, "conv_act", None), nn.SiLU):
-        conv_norm_out.__class__ = FusedGroupNormSiLU
-        conv_norm_out.__dict__["_refl_norm_backend"] = backend
-        fused_silu.add(id(conv_norm_out))
-        unet.__dict__["_refl_conv_act"] = unet.conv_act  # kept outside _modules: not a submodule
-        unet.conv_act = nn.Identity()
-    for module in unet.modules():
-        # native: only where it fuses the SiLU; a GroupNorm alone is as fast in torch and saves the same
-        if type(module) is nn.GroupNorm and id(module) not in fused_silu and backend == "triton":
-            module.__class__ = FusedGroupNorm
-            module.__dict__["_refl_norm_backend"] = backend
+    if attention and kernels in ("triton", "xformers"):
+        for module in model.modules():
+            if isinstance(module, Attention):
+                if not hasattr(module, "_refl_stock_processor"):
+                    module._refl_stock_processor = module.processor
+                module.set_processor(FusedAttnProcessor(kernels))
+    if norm_backend != "torch":
+        conv_norm_out = getattr(model, "conv_norm_out", None)
+        if isinstance(conv_norm_out, nn.GroupNorm) and isinstance(getattr(model, "conv_act", None), nn.SiLU):
+            conv_norm_out.__class__ = FusedGroupNormSiLU
+            conv_norm_out.__dict__["_refl_norm_backend"] = norm_backend
+            fused_silu.add(id(conv_norm_out))
+            model.__dict__["_refl_conv_act"] = model.conv_act  # kept outside _modules: not a submodule
+            model.conv_act = nn.Identity()
+        for module in model.modules():
+            # native: only where it fuses the SiLU; a GroupNorm alone is as fast in torch and saves the same
+            if type(module) is nn.GroupNorm and id(module) not in fused_silu and norm_backend == "triton":
+                module.__class__ = FusedGroupNorm
+                module.__dict__["_refl_norm_backend"] = norm_backend
+    model.__dict__["_refl_kernels"] = kernels
+    return kernels
+
+
+def ensure_patched(model: nn.Module | None) -> None:
+    """patch(model) unless it already is (the recompute kinds that run a model in lean mode)."""
+    if model is not None and "_refl_kernels" not in model.__dict__:
+        patch(model)
+
+
+def report_partitioned(model: nn.Module) -> list[str]:
+    """Name, once in the log, the modules that keep the stock forward in lean mode because
+    DeepSpeed ZeRO-3 partitions their weights; returns their names."""
+    import logging
+    from collections import Counter
+
+    routed = tuple(_ROUTED.values())
+    names = [n for n, m in model.named_modules() if isinstance(m, routed) and lean.partitioned(m)]
+    if names:
+        kinds = Counter(type(model.get_submodule(n)).refl_stock_class.__name__ for n in names)
+        logging.getLogger("refl_engine").info(
+            "ZeRO-3: %d modules keep the stock forward in lean mode (partitioned weights): %s; e.g. %s",
+            len(names), ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())), ", ".join(names[:3]))
+    return names

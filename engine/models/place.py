@@ -1,5 +1,6 @@
 """The loaded models made ready to train: on the run's device, in the run's dtypes, the trained
-weights chosen, the kernels patched in.
+weights chosen, the kernels patched in (models/patch.py: the one place that decides each module's
+forward, kernel backend and lean mode).
 
     frozen parts   VAE and text encoders: no grad, eval, in the training dtype (a `force_upcast`
                    VAE stays fp32 under fp16, as its pipeline decodes)
@@ -14,6 +15,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from .load import Components, vae_dtype
 from .lora import add_lora
+from .patch import patch
 
 
 def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -25,12 +27,21 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
         module.to(device)
 
 
-def place_frozen(c: Components, device: torch.device, weight_dtype: torch.dtype) -> None:
-    """The VAE and the text encoders: frozen, in eval mode, on `device`."""
+def _patch(model, kernels: str, **kwargs) -> None:
+    try:
+        patch(model, kernels, **kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def place_frozen(c: Components, device: torch.device, weight_dtype: torch.dtype, kernels: str = "torch") -> None:
+    """The VAE and the text encoders: frozen, in eval mode, on `device`; the VAE's GroupNorms on the
+    `--kernels` backend (its lean decode included), its attention stock."""
     for module in (c.vae, c.text_encoder, c.text_encoder_2):
         if module is not None:
             dtype = vae_dtype(c.vae.config, weight_dtype) if module is c.vae else weight_dtype
             place(module.requires_grad_(False).eval(), device, dtype)
+    _patch(c.vae, kernels, attention=False)
 
 
 def prepare_unet(unet, m: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
@@ -43,13 +54,5 @@ def prepare_unet(unet, m: ModelConfig, device: torch.device, weight_dtype: torch
             p.data = p.data.float()
     else:
         unet.to(device)
-    if m.kernels != "torch":
-        try:
-            from .patch import apply_kernels
-        except ImportError as e:
-            raise ConfigError(f"--kernels {m.kernels}: kernel integration unavailable ({e})") from None
-        try:
-            apply_kernels(unet, m.kernels)
-        except ValueError as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
+    _patch(unet, m.kernels)  # whatever the backend: lean mode acts through the patched forwards
     return params

@@ -347,27 +347,26 @@ def _policy_step(unet, policy_name, seed=0):
 @pytest.mark.parametrize("policy", ["none", "lean", "full", "selective"])
 def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
     """--kernels native (every GroupNorm(+SiLU) fused) and, in the recompute modes, the native op
-    inside the selective GroupNorm->SiLU->projection: the stock model's outputs and gradients."""
-    from refl_engine.memory import lean
-    from refl_engine.models.patch import apply_kernels
+    inside lean.py's GroupNorm->SiLU->projection: the stock model's outputs and gradients."""
+    from refl_engine.models.patch import patch
 
     stock_out, stock_grads = _policy_step(_unet(), "none")
 
     calls = {"patch": 0, "selective": 0}
-    real_gn, real_sel = native.group_norm, lean._native_norm_act
+    real_gn, real_sel = native.group_norm, refl_kernels.group_norm_with_stats
 
     def counting_gn(*a, **k):
         calls["patch"] += 1
         return real_gn(*a, **k)
 
     def counting_sel(*a, **k):
-        calls["selective"] += 1
+        calls["selective"] += a[-1] == "native"
         return real_sel(*a, **k)
 
     monkeypatch.setattr(native, "group_norm", counting_gn)
-    monkeypatch.setattr(lean, "_native_norm_act", counting_sel)
+    monkeypatch.setattr(refl_kernels, "group_norm_with_stats", counting_sel)
     unet = _unet()
-    apply_kernels(unet, "native")
+    patch(unet, "native")
     out, grads = _policy_step(unet, policy)
     assert calls["patch"] > 0
     if policy in ("lean", "selective"):  # these run the ResNet blocks' norms through lean.py
@@ -384,8 +383,6 @@ def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
 def test_fallback_when_library_is_absent(monkeypatch, caplog, tmp_path):
     """The loader finds nothing: the dispatch, the recompute modes and native.group_norm use
     torch's GroupNorm, and one log line says why (once)."""
-    from refl_engine.memory import lean
-
     monkeypatch.setenv(native.ENV_VAR, str(tmp_path / "missing" / native.LIB_NAME))
     monkeypatch.setattr(native, "_status", None)
     with caplog.at_level(logging.WARNING, logger=native.__name__):
@@ -400,7 +397,7 @@ def test_fallback_when_library_is_absent(monkeypatch, caplog, tmp_path):
     w, b = torch.randn(6), torch.randn(6)
     torch.testing.assert_close(native.group_norm(x, 3, w, b, activation="silu"), F.silu(F.group_norm(x, 3, w, b)),
                                rtol=0, atol=0)
-    assert not lean._use_native(x)
+    assert not refl_kernels.group_norm_runs("native", x)
 
 
 # ---------------------------------------------------------------------------------- CUDA compile

@@ -1,5 +1,8 @@
-"""Lean recomputation: the same values and gradients as the stock diffusers
-modules (float64, autograd as the reference), with only the declared tensors saved."""
+"""Lean recomputation: the same values and gradients as the stock diffusers modules (float64,
+autograd as the reference), with only the declared tensors saved; with a kernel GroupNorm backend
+(native here; Triton in tests/test_patch.py) as accurate as the stock float32 path."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +10,9 @@ import torch.nn.functional as F
 
 import numerics
 from refl_engine.memory import measure
-from refl_engine.memory.lean import geglu_gate, install, norm_act_project, lean_mode
+from refl_engine.memory.lean import geglu_gate, lean_mode, norm_act_project
+from refl_engine.models.patch import ReflGEGLU, ReflResnetBlock2D, ReflTransformer2DModel, patch
+from refl_kernels import native
 
 
 def _assert_exact(got, ref, what):
@@ -108,8 +113,9 @@ def test_unet_lean_equals_stock(linear_projection, rank, seed):
     """The whole tiny UNet: same output and gradients (input and every trainable parameter) with
     and without lean mode, and fewer saved bytes."""
     unet, params = _unet(linear_projection, rank, seed)
-    n = install(unet)
-    assert n >= 5  # resnets, GEGLUs and transformer inputs of the tiny UNet
+    patch(unet)
+    routed = [m for m in unet.modules() if isinstance(m, (ReflResnetBlock2D, ReflGEGLU, ReflTransformer2DModel))]
+    assert len(routed) >= 5  # resnets, GEGLUs and transformer inputs of the tiny UNet
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 12, 10, generator=g, dtype=torch.float64, requires_grad=True)
     cond = torch.randn(2, 7, 32, generator=g, dtype=torch.float64)
@@ -137,7 +143,7 @@ def test_lean_under_bf16_autocast_close_to_stock(seed):
     forward in, and return parameter gradients in the parameters' dtype."""
     unet, params = _unet(True, 4, seed)
     unet.float()
-    install(unet)
+    patch(unet)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(2, 4, 16, 16, generator=g, requires_grad=True)
     cond = torch.randn(2, 7, 32, generator=g)
@@ -162,7 +168,7 @@ def test_inactive_or_no_grad_is_the_stock_path():
     cond = torch.randn(1, 7, 32, generator=g, dtype=torch.float64)
     call = lambda: unet(x, torch.tensor(10), encoder_hidden_states=cond).sample  # noqa: E731
     before = _saved_bytes(call, list(unet.parameters()))
-    install(unet)
+    patch(unet)
     assert _saved_bytes(call, list(unet.parameters())) == before
     with torch.no_grad(), lean_mode():
         y = call()
@@ -180,7 +186,7 @@ def test_frozen_conv_saves_nothing_and_matches_autograd(stride, padding, dilatio
     with torch.no_grad():
         w = torch.randn(conv(x).shape, generator=g, dtype=torch.float64)
     ref_out, ref = _grads(lambda: conv(x), [x], w)
-    install(conv)
+    patch(conv)
 
     def lean():
         with lean_mode():
@@ -204,7 +210,7 @@ def test_vae_decode_lean_equals_stock(seed):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 24),
                         layers_per_block=2, latent_channels=4, norm_num_groups=4).double().requires_grad_(False)
-    install(vae)
+    patch(vae, attention=False)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, 20, 28, generator=g, dtype=torch.float64)
@@ -222,3 +228,35 @@ def test_vae_decode_lean_equals_stock(seed):
     _assert_exact(got[0], ref[0], "grad")
     params = list(vae.parameters())
     assert _saved_bytes(lean, params) < 0.5 * _saved_bytes(stock, params)
+
+
+@pytest.mark.skipif(not native.available("cpu"), reason="native library not built (make install)")
+@pytest.mark.parametrize("proj_kind,act", [("conv3", "silu"), ("conv1", None), ("linear", None)])
+def test_norm_act_project_on_the_native_op(proj_kind, act, seed):
+    """GroupNorm(+SiLU) on the native op inside the Function: float32 output and gradients as
+    close to float64 as torch's float32 ops are; saved: x and the op's fp32 mean and rstd."""
+    g = torch.Generator().manual_seed(seed)
+    C, O, G = 8, 6, 4
+    norm = nn.GroupNorm(G, C)
+    proj = nn.Linear(C, O) if proj_kind == "linear" else nn.Conv2d(C, O, 3 if proj_kind == "conv3" else 1,
+                                                                     padding=1 if proj_kind == "conv3" else 0)
+    with torch.no_grad():
+        for p in list(norm.parameters()) + list(proj.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, C, 6, 5, generator=g) * 3 + 1
+
+    def run(dtype, backend):
+        n, pr = copy.deepcopy(norm).to(dtype), copy.deepcopy(proj).to(dtype)
+        xi = x.to(dtype).requires_grad_(True)
+        leaves = [xi, *n.parameters(), *pr.parameters()]
+        out = norm_act_project(xi, n, act, pr, backend)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+        return [out.detach(), *torch.autograd.grad((out * w).sum(), leaves)]
+
+    ref64, plain, got = run(torch.float64, "torch"), run(torch.float32, "torch"), run(torch.float32, "native")
+    for i, (a, b, r) in enumerate(zip(got, plain, ref64)):
+        numerics.assert_as_accurate(a, b, r, factor=4.0, atol_scale=8, msg=f"tensor {i}")
+    xs = x.clone().requires_grad_(True)
+    params = list(norm.parameters()) + list(proj.parameters())
+    saved = _saved_bytes(lambda: norm_act_project(xs, norm, act, proj, "native"), params)
+    assert saved == xs.untyped_storage().nbytes() + 2 * 2 * G * 4  # x, then (N, G) fp32 mean and rstd

@@ -94,10 +94,7 @@ def test_meta_trace_equals_fake_tensor_trace(monkeypatch):
     take the native fused op, which also keeps its per-group fp32 mean and rstd (8 bytes a group)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from refl_engine.memory import lean
     from refl_engine.models.load import tiny_sd_configs
-
-    monkeypatch.setattr(lean, "_use_native", lambda x: False)
 
     unet_cfg = tiny_sd_configs()["unet"]
     unet = trace.unet_for_trace(unet_cfg, 4, "to_q,to_k,to_v,to_out.0")
