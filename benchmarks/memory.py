@@ -10,7 +10,8 @@ is random; its row is predicted for the window the measured step actually drew.
 
     python benchmarks/memory.py                      # tiny-sd @ 64 px, N = 50
     python benchmarks/memory.py --json benchmarks/memory.json
-    python benchmarks/memory.py --chunked --steps 4 --json benchmarks/results/memory-chunked-tiny-sd.json
+    python benchmarks/memory.py --chunked --steps 4 --guidance_scale 3 --no-timing \
+        --json benchmarks/results/memory-chunked-tiny-sd.json
     python benchmarks/memory.py --model /path/to/diffusers/dir --resolution 512 --steps 50
 
 On the tiny preset at 64 px the UNet's activations are several times its weights, so the
@@ -30,15 +31,18 @@ import time
 ROWS = [
     # (method, K, recompute)
     ("draft", "1", "none"), ("draft", "1", "lean"), ("draft", "1", "full"), ("draft", "1", "selective"),
+    ("draft", "1", "nested"),
     ("draft", "full", "none"), ("draft", "full", "lean"), ("draft", "full", "full"), ("draft", "full", "selective"),
+    ("draft", "full", "nested"),
     ("draft", "full", "auto"),
     ("refl", "-", "none"), ("refl", "-", "selective"),
     ("alignprop", "-", "full"), ("alignprop", "-", "selective"),
 ]
-POLICIES = ("none", "lean", "full", "selective")
-# --chunked: batch-chunked recomputation (`policy@chunk`, --recompute_chunk) at batch 1, 4 and 8,
-# beside the unchunked checkpoint at the same batch: (method, K, recompute[@chunk], batch)
-CHUNKED_ROWS = [("draft", "full", pol, str(b)) for b in (1, 4, 8) for pol in ("full", "full@1", "selective@1")]
+POLICIES = ("none", "lean", "full", "selective", "nested")
+# --chunked: batch-chunked (`policy@chunk`, --recompute_chunk) and block-nested recomputation at
+# batch 1, 4 and 8, beside the unchunked checkpoint at the same batch: (method, K, recompute[@chunk], batch)
+CHUNKED_ROWS = [("draft", "full", pol, str(b)) for b in (1, 4, 8)
+                for pol in ("full", "full@1", "selective@1", "nested", "nested@1")]
 
 
 def _policy(recompute: str) -> tuple[str, int]:
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--reward", default="colorfulness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--chunked", action="store_true", help="the batch-chunked rows (draft K=full at batch 1, 4, 8) "
-                   "instead of the default rows")
+    p.add_argument("--chunked", action="store_true", help="the batch-chunked and block-nested rows (draft K=full at "
+                   "batch 1, 4, 8) instead of the default rows")
     p.add_argument("--rows", default="", help="only these rows: 'draft,full,selective;refl,-,none' ('skip': none)")
     p.add_argument("--json", default="", help="write the records to this file")
     p.add_argument("--row", help=argparse.SUPPRESS)
@@ -279,6 +283,12 @@ def render(records, timings=()) -> str:
         if whole and one:
             lines.append(f"{r['recompute']:12s} batch {r['batch_size']}: peak {r['peak_bytes'] / whole['peak_bytes']:.3f}x "
                          f"the unchunked one, {r['peak_bytes'] / one['peak_bytes']:.3f}x batch 1's")
+    for r in records:  # block-nested beside the plain checkpoint at the same batch and chunk
+        name, chunk = _policy(r["recompute"])
+        full = by_batch.get((r["method"], r["K"], "full" + (f"@{chunk}" if chunk else ""), r["batch_size"]))
+        if name == "nested" and full:
+            lines.append(f"{r['recompute']:12s} batch {r['batch_size']}: peak {r['peak_bytes'] / full['peak_bytes']:.3f}x "
+                         f"{full['recompute']}'s, step time {r['step_seconds'] / full['step_seconds']:.2f}x")
     if records:
         worst = max(records, key=lambda r: abs(r["planner_error"]))
         lines.append(f"planner: worst error {100 * worst['planner_error']:+.1f}% "
