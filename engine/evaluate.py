@@ -1,7 +1,7 @@
 """Quality and diversity of a fine-tuned model (ImageReFL paper, section 5), and the trade-off that
 combined generation sweeps.
 
-For P prompts x M images each (image m of every prompt starts from seed --seed + m):
+For P prompts x M images each (prompt p's image m starts from seed --seed + p M + m):
     quality    every --rewards reward: mean and standard error over the P*M images;
     diversity  DinoDiversity: the mean pairwise cosine distance 1 - cos(e_i, e_j) of the image
                embeddings of ONE prompt, averaged over prompts (higher = more diverse);
