@@ -58,7 +58,7 @@ def step_flops(trainer) -> tuple[int, int]:
         trainer.train_step()
     total = counter.get_total_flops()
     prompts = trainer.prompts[:trainer.cfg.optim.train_batch_size]
-    eps_fn = trainer.sampler(prompts).eps_fn
+    eps_fn = trainer.sampling_chain(prompts).eps_fn
     x = trainer.initial_noise(len(prompts), torch.Generator().manual_seed(0))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         eps_fn(x, trainer.schedule.timesteps[0])

@@ -2,7 +2,7 @@
 
 A regularizer is a callable `fn(context) -> scalar` (context: the trainer, the prompts, the
 rollout) that the trainer adds, times its weight, to the loss after the rollout; one that must
-see the rollout as it happens also has `watch(sampler) -> sampler`, which the trainer applies
+see the rollout as it happens also has `watch(chain) -> chain`, which the trainer applies
 (`watch_rollout`) before rolling out.
 
     --kl_coeff c             DRaFT+'s KL-like penalty: c * mean over the window's grad-carrying
@@ -103,7 +103,7 @@ def frozen_base(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> torc
 
 
 class _KLWatch:
-    """The sampler's memory policy, plus: for each grad-carrying call of the sampler's model,
+    """The chain's memory policy, plus: for each grad-carrying call of the chain's model,
     the base model's output at the same input, kept beside the fine-tuned output."""
 
     def __init__(self, policy, eps_fn, unet, records: list, base_fn=None):
@@ -132,28 +132,28 @@ class _KLWatch:
 class KLPenalty:
     """coeff * mean_k ||out_theta(x_{t_k}) - out_base(x_{t_k})||^2 over the rollout's window calls.
 
-    The base output: `base_unet` (full fine-tuning's frozen copy) run with the sampler's own
-    conditioning and guidance; without it the sampler's UNet with its LoRA adapter off."""
+    The base output: `base_unet` (full fine-tuning's frozen copy) run with the chain's own
+    conditioning and guidance; without it the chain's UNet with its LoRA adapter off."""
 
     def __init__(self, base_fn=None, base_unet: torch.nn.Module | None = None):
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.base_fn = base_fn  # tests: a fixed base output (x, t) -> out instead of the adapter switch
         self.base_unet = base_unet
 
-    def watch(self, sampler):
-        from .methods.base import Sampler
+    def watch(self, chain):
+        from .methods.base import SamplingChain
         from .models.lora import has_lora
 
         self.records.clear()
-        unet = getattr(sampler.eps_fn, "unet", None)
+        unet = getattr(chain.eps_fn, "unet", None)
         base_fn = self.base_fn
         if base_fn is None and self.base_unet is not None:
-            base_fn = sampler.eps_fn.with_unet(self.base_unet)
+            base_fn = chain.eps_fn.with_unet(self.base_unet)
         if base_fn is None and not (unet is not None and has_lora(unet)):
-            raise ValueError("the KL penalty needs a base model: a LoRA adapter on the sampler's eps_fn.unet "
+            raise ValueError("the KL penalty needs a base model: a LoRA adapter on the chain's eps_fn.unet "
                              "(make_eps_fn sets it) or, for full fine-tuning, KLPenalty(base_unet=frozen_base(unet))")
-        policy = _KLWatch(sampler.policy, sampler.eps_fn, unet, self.records, base_fn)
-        return Sampler(sampler.eps_fn, sampler.schedule, policy, sampler.eta)
+        policy = _KLWatch(chain.policy, chain.eps_fn, unet, self.records, base_fn)
+        return SamplingChain(chain.eps_fn, chain.schedule, policy, chain.eta)
 
     def __call__(self, context: dict) -> torch.Tensor:
         if not self.records:
@@ -205,9 +205,9 @@ def attach_regularizers(method, cfg, unet: torch.nn.Module | None = None, dtype:
         method.add_regularizer("pretrain_loss", cfg.pretrain_loss_coeff, pretrain_loss)
 
 
-def watch_rollout(method, sampler):
-    """Let the regularizers that must see the rollout wrap the sampler."""
+def watch_rollout(method, chain):
+    """Let the regularizers that must see the rollout wrap the chain."""
     for _, fn in method.regularizers.values():
         if hasattr(fn, "watch"):
-            sampler = fn.watch(sampler)
-    return sampler
+            chain = fn.watch(chain)
+    return chain

@@ -20,7 +20,7 @@ from . import distributed as dist
 from .config import ConfigError, TrainConfig, parse_memory, validate
 from .data import image_dataset, load_prompts, sample_prompts, warn_long_prompts
 from .memory.recompute import build_policy
-from .methods import Sampler, build_method
+from .methods import SamplingChain, build_method
 from .models.conditioning import TextEncoderCache, make_eps_fn
 from .models.load import load_pipeline_components
 from .models.lora import has_lora
@@ -170,10 +170,10 @@ class ReFLTrainer:
         shape = (batch_size, self.unet.config.in_channels, *self.latent_size)
         return randn(shape, generator, self.device)
 
-    def sampler(self, prompts: list[str]) -> Sampler:
+    def sampling_chain(self, prompts: list[str]) -> SamplingChain:
         g = self.cfg.method.guidance_scale
         cond = self.text.conditioning(prompts, cfg=g > 1.0)
-        return Sampler(make_eps_fn(self.unet, cond, g), self.schedule, self.policy, self.cfg.method.eta)
+        return SamplingChain(make_eps_fn(self.unet, cond, g), self.schedule, self.policy, self.cfg.method.eta)
 
     def micro_step(self, prompts: list[str]) -> dict:
         """One forward + backward on one micro-batch; returns its numbers (loss already scaled
@@ -184,8 +184,8 @@ class ReFLTrainer:
         # the global batch's noise from the shared generator, this rank's slice (sample_prompts_batch)
         x_T = self.rank_slice(self.initial_noise(len(prompts) * self.world_size, self.generator))
         with self._autocast():
-            sampler = watch_rollout(self.method, self.sampler(prompts))
-            rollout = self.method.rollout(sampler, x_T, self.rank_generator)
+            chain = watch_rollout(self.method, self.sampling_chain(prompts))
+            rollout = self.method.rollout(chain, x_T, self.rank_generator)
             rewards = []
             for x0 in rollout.x0s:
                 images = self.policy.decode_call(self.decode, x0)
@@ -276,8 +276,8 @@ class ReFLTrainer:
         x_T = self.initial_noise(len(prompts), g)
         window = Window(starts=[len(self.schedule)] * len(prompts))
         with self._autocast():
-            sampler = self.sampler(prompts)
-            x0 = run_trajectory(sampler.eps_fn, self.schedule, x_T, window, self.policy, sampler.eta, generator=g)
+            chain = self.sampling_chain(prompts)
+            x0 = run_trajectory(chain.eps_fn, self.schedule, x_T, window, self.policy, chain.eta, generator=g)
             images = self.decode(x0)
         self.unet.train(was_training)
         return images.float().cpu()

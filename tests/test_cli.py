@@ -355,7 +355,7 @@ def test_plan_window_is_the_grad_carrying_calls_a_rollout_makes(method, flags, n
 
     from refl_engine.config import ConfigError, parse_args
     from refl_engine.memory.recompute import NoRecompute
-    from refl_engine.methods import Sampler, build_method
+    from refl_engine.methods import SamplingChain, build_method
     from refl_engine.plan import plan_spec
     from refl_engine.sampling import DDIMSchedule
 
@@ -378,7 +378,7 @@ def test_plan_window_is_the_grad_carrying_calls_a_rollout_makes(method, flags, n
         counted.append(0)
         g = torch.Generator().manual_seed(seed)
         x_T = torch.randn(4, 1, 2, 2, dtype=torch.float64, generator=g)
-        rollouts.rollout(Sampler(eps, schedule, NoRecompute()), x_T, g)
+        rollouts.rollout(SamplingChain(eps, schedule, NoRecompute()), x_T, g)
     assert max(counted) == planned, (counted, planned)
 
 

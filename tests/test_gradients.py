@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from refl_engine.config import MethodConfig
 from refl_engine.memory.recompute import FullRecompute, NoRecompute
-from refl_engine.methods import Sampler, build_method
+from refl_engine.methods import SamplingChain, build_method
 from refl_engine.models.conditioning import Conditioning, make_eps_fn
 from refl_engine.models.load import tiny_sd_configs
 from refl_engine.rewards.toy import Colorfulness
@@ -47,7 +47,7 @@ def _loss(tiny64, method_name, policy, frozen=None, n_steps=4, guidance=2.0, **k
     x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=g)
     live = make_eps_fn(unet, cond, guidance)
     if frozen is None:
-        rollout = method.rollout(Sampler(live, schedule, policy), x_T, g)
+        rollout = method.rollout(SamplingChain(live, schedule, policy), x_T, g)
         return method.loss([_decode_reward(vae, x0) for x0 in rollout.x0s])
 
     stale = make_eps_fn(frozen, cond, guidance)

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from refl_engine.config import MethodConfig, handover_index
 from refl_engine.memory.recompute import FullRecompute, NoRecompute
-from refl_engine.methods import Sampler, build_method
+from refl_engine.methods import SamplingChain, build_method
 from refl_engine.models.conditioning import Conditioning, make_eps_fn
 from refl_engine.models.load import tiny_sd_configs
 from refl_engine.regularizers import (KLPenalty, adapter_disabled, attach_regularizers, frozen_base, reward_objective,
@@ -92,7 +92,7 @@ def test_imagerefl_gradient_flows_only_through_the_stop_step(tiny64, policy):
             return live(x, t) if len(calls) >= 3 else stale(x, t)
 
         method.set_real_batch(x0_real, make_eps_fn(unet, Conditioning(cond.cond), 1.0))
-        rollout = method.rollout(Sampler(eps_fn, schedule, policy), eps, torch.Generator().manual_seed(0))
+        rollout = method.rollout(SamplingChain(eps_fn, schedule, policy), eps, torch.Generator().manual_seed(0))
         assert rollout.window_size == 2 and rollout.window.stop == 3
         reward = Colorfulness()((vae.decode(rollout.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])
         terms = method.regularize({"rollout": rollout})
@@ -114,7 +114,7 @@ def test_no_grad_steps_build_no_graph(tiny64):
         return live(x, t)
 
     method.set_real_batch(x0_real, make_eps_fn(unet, Conditioning(cond.cond), 1.0))
-    rollout = method.rollout(Sampler(eps_fn, schedule, FullRecompute()), eps, torch.Generator().manual_seed(0))
+    rollout = method.rollout(SamplingChain(eps_fn, schedule, FullRecompute()), eps, torch.Generator().manual_seed(0))
     # hand-over at step 1, stop at 3: steps 1 and 2 without gradient, the stop call with it
     assert grad_flags == [False, False, True]
     assert rollout.window_size == 1 == method.grad_calls(N) and float(rollout.diffusion_loss) == 0.0
@@ -127,7 +127,7 @@ def test_diffusion_term_is_the_configured_multiple_of_the_denoising_loss(tiny64)
     weight = 3e-5
     method = _imagerefl(diffusion_loss_weight=weight)
     method.set_real_batch(x0_real, make_eps_fn(unet, Conditioning(cond.cond), 1.0))
-    rollout = method.rollout(Sampler(make_eps_fn(unet, cond, 2.0), schedule, NoRecompute()), eps,
+    rollout = method.rollout(SamplingChain(make_eps_fn(unet, cond, 2.0), schedule, NoRecompute()), eps,
                              torch.Generator().manual_seed(0))
     # by hand: x_t' from the scheduler's alphas at the hand-over timestep, the conditional eps
     t = int(sched.timesteps[1])
@@ -192,8 +192,8 @@ def _kl_loss(unet, tiny64, kl, policy=NoRecompute(), method="draft"):
     m.add_regularizer("kl", 1.0, kl)
     schedule = DDIMSchedule.from_scheduler(sched, N)
     x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    sampler = watch_rollout(m, Sampler(make_eps_fn(unet, cond, 2.0), schedule, policy))
-    rollout = m.rollout(sampler, x_T, torch.Generator().manual_seed(0))
+    chain = watch_rollout(m, SamplingChain(make_eps_fn(unet, cond, 2.0), schedule, policy))
+    rollout = m.rollout(chain, x_T, torch.Generator().manual_seed(0))
     return m.regularize({"rollout": rollout})["kl"], rollout
 
 
@@ -208,7 +208,7 @@ def test_kl_is_zero_for_a_zero_adapter_and_positive_after_a_step(tiny64):
     m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="2"))
     schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
     x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ro = m.rollout(Sampler(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
+    ro = m.rollout(SamplingChain(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
                    torch.Generator().manual_seed(0))
     loss = m.loss([Colorfulness()((vae.decode(ro.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])])
     opt.zero_grad()
@@ -283,7 +283,7 @@ def test_kl_full_ft_is_zero_for_an_identical_copy_and_positive_after_a_step(tiny
     m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="2"))
     schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
     x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ro = m.rollout(Sampler(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
+    ro = m.rollout(SamplingChain(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
                    torch.Generator().manual_seed(0))
     loss = m.loss([Colorfulness()((vae.decode(ro.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])])
     opt.zero_grad()
@@ -310,8 +310,8 @@ def test_kl_full_ft_gradient_matches_finite_differences(tiny64, policy):
     m.add_regularizer("kl", 1.0, kl)
     schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
     x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    sampler = watch_rollout(m, Sampler(make_eps_fn(unet, tiny64[2], 2.0), schedule, policy))
-    rollout = m.rollout(sampler, x_T, torch.Generator().manual_seed(0))
+    chain = watch_rollout(m, SamplingChain(make_eps_fn(unet, tiny64[2], 2.0), schedule, policy))
+    rollout = m.rollout(chain, x_T, torch.Generator().manual_seed(0))
     targets = [b for _, b in kl.records]  # the frozen copy's outputs, before regularize() clears them
     for p in params:
         p.grad = None

@@ -10,7 +10,7 @@ from test_sampling import SD_SCHEDULER, strict_generator_device  # noqa: F401  (
 
 from refl_engine.config import MethodConfig
 from refl_engine.memory.recompute import NoRecompute
-from refl_engine.methods import METHODS, Method, Sampler, build_method
+from refl_engine.methods import METHODS, Method, SamplingChain, build_method
 from refl_engine.sampling import DDIMSchedule
 
 # (method, config) pairs over a small grid of N and K; N is filled in by the test
@@ -47,7 +47,7 @@ def _rollout(method, n, policy, seed, batch=3):
     schedule = DDIMSchedule.from_scheduler(DDIMScheduler(**SD_SCHEDULER), n)
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(batch, 1, 2, 2, dtype=torch.float64, generator=g)
-    return method.rollout(Sampler(_eps, schedule, policy), x_T, g)
+    return method.rollout(SamplingChain(_eps, schedule, policy), x_T, g)
 
 
 def _valid(name, n, kw):
@@ -98,7 +98,7 @@ def test_window_closes_on_every_exit():
     schedule = DDIMSchedule.from_scheduler(DDIMScheduler(**SD_SCHEDULER), 6)
     policy = Recording()
     with pytest.raises(RuntimeError, match="out of memory"):
-        draft.rollout(Sampler(failing, schedule, policy), torch.zeros(1, 1, 2, 2, dtype=torch.float64),
+        draft.rollout(SamplingChain(failing, schedule, policy), torch.zeros(1, 1, 2, 2, dtype=torch.float64),
                       torch.Generator().manual_seed(0))
     assert policy.events[0] == ("begin", 3) and policy.events[-1] == ("end",) and not policy.in_window
     _rollout(draft, 6, policy, 1)  # a fresh window opens
@@ -150,7 +150,7 @@ def test_draft_lv_is_the_K1_gradient_plus_the_renoised_copies(eta):
                                        reward_scale=scale))
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=g)
-    rollout = method.rollout(Sampler(model, DDIMSchedule.from_scheduler(sched, n), NoRecompute(), eta), x_T, g)
+    rollout = method.rollout(SamplingChain(model, DDIMSchedule.from_scheduler(sched, n), NoRecompute(), eta), x_T, g)
     loss = method.loss([reward(x0) for x0 in rollout.x0s])
     grads = torch.autograd.grad(loss, params)
 

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 
 from refl_engine.config import ConfigError, MethodConfig
 from refl_engine.memory.recompute import FullRecompute, NoRecompute
-from refl_engine.methods import METHODS, Sampler, build_method
+from refl_engine.methods import METHODS, SamplingChain, build_method
 from refl_engine.sampling import DDIMSchedule, Window, randn, run_trajectory
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -118,7 +118,7 @@ def test_rollouts_draw_noise_on_the_generators_device(strict_generator_device, m
     cfg = MethodConfig(method=method, num_inference_steps=n, eta=0.5, **kw)
     schedule = DDIMSchedule.from_scheduler(DDIMScheduler(**SD_SCHEDULER), n)
     x_T = torch.empty(2, 4, 3, 3, device="meta")
-    rollout = build_method(cfg).rollout(Sampler(lambda x, t: 0.5 * x, schedule, NoRecompute(), eta=0.5), x_T,
+    rollout = build_method(cfg).rollout(SamplingChain(lambda x, t: 0.5 * x, schedule, NoRecompute(), eta=0.5), x_T,
                                         torch.Generator().manual_seed(0))
     assert all(x0.device.type == "meta" for x0 in rollout.x0s)
 
@@ -151,7 +151,7 @@ def _rollout(method_name, n=8, batch=3, seed=0, policy=None, **cfg_kw):
     probe = Probe(schedule, batch)
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(batch, 1, 2, 2, dtype=torch.float64, generator=g)
-    rollout = method.rollout(Sampler(probe, schedule, policy or FullRecompute()), x_T, g)
+    rollout = method.rollout(SamplingChain(probe, schedule, policy or FullRecompute()), x_T, g)
     calls_before_backward = probe.graph_calls
     loss = sum((x0 ** 2).sum() for x0 in rollout.x0s)
     loss.backward()

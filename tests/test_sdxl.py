@@ -53,7 +53,7 @@ def test_sampling_loop_equals_the_diffusers_pipeline(family, guidance, height, w
     x_T = trainer.initial_noise(len(PROMPTS), torch.Generator().manual_seed(3))
     assert x_T.shape[-2:] == (height // 2, width // 2)
     with torch.no_grad():
-        ours = run_trajectory(trainer.sampler(PROMPTS).eps_fn, trainer.schedule, x_T, Window([n] * len(PROMPTS)))
+        ours = run_trajectory(trainer.sampling_chain(PROMPTS).eps_fn, trainer.schedule, x_T, Window([n] * len(PROMPTS)))
         ref = _reference_pipeline(model_dir)(PROMPTS, num_inference_steps=n, guidance_scale=guidance,
                                              output_type="latent", latents=x_T.clone(), height=height,
                                              width=width).images

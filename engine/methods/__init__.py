@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .alignprop import AlignProp
-from .base import Method, Rollout, Sampler
+from .base import Method, Rollout, SamplingChain
 from .draft import DRaFT, DRaFTLV
 from .imagerefl import ImageReFL
 from .refl import ReFL
@@ -18,4 +18,4 @@ def build_method(cfg) -> Method:
     return METHODS[cfg.method](cfg)
 
 
-__all__ = ["METHODS", "Method", "Rollout", "Sampler", "build_method"]
+__all__ = ["METHODS", "Method", "Rollout", "SamplingChain", "build_method"]

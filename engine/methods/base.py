@@ -31,8 +31,9 @@ class Rollout:
 
 
 @dataclass
-class Sampler:
-    """What a method needs to roll out: the guided model output, the schedule, the policy."""
+class SamplingChain:
+    """The sampling chain a method rolls out and differentiates through: the guided model output,
+    the DDIM schedule, the memory policy that runs each grad-carrying call, and eta."""
 
     eps_fn: EpsFn
     schedule: DDIMSchedule
@@ -58,12 +59,12 @@ class Method:
         """The most grad-carrying UNet calls one rollout makes at `num_steps` inference steps."""
         raise NotImplementedError(f"{type(self).__name__} must say how many UNet calls carry gradient")
 
-    def rollout(self, sampler: Sampler, x_T: torch.Tensor, generator: torch.Generator) -> Rollout:
-        n = len(sampler.schedule)
+    def rollout(self, chain: SamplingChain, x_T: torch.Tensor, generator: torch.Generator) -> Rollout:
+        n = len(chain.schedule)
         window = self.window(n, x_T.shape[0], generator)
         size = window.size(n)
-        with sampler.policy.window(size):
-            x0 = run_trajectory(sampler.eps_fn, sampler.schedule, x_T, window, sampler.policy, sampler.eta,
+        with chain.policy.window(size):
+            x0 = run_trajectory(chain.eps_fn, chain.schedule, x_T, window, chain.policy, chain.eta,
                                 generator=generator)
         return Rollout([x0], window, size)
 

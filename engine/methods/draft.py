@@ -50,17 +50,17 @@ class DRaFTLV(Method):
     def grad_calls(self, num_steps):
         return 1 + self.cfg.lv_inner
 
-    def rollout(self, sampler, x_T, generator):
-        n = len(sampler.schedule)
+    def rollout(self, chain, x_T, generator):
+        n = len(chain.schedule)
         window = self.window(n, x_T.shape[0], generator)
         size = window.size(n) + self.cfg.lv_inner
-        with sampler.policy.window(size):
-            x0 = run_trajectory(sampler.eps_fn, sampler.schedule, x_T, window, sampler.policy, sampler.eta,
+        with chain.policy.window(size):
+            x0 = run_trajectory(chain.eps_fn, chain.schedule, x_T, window, chain.policy, chain.eta,
                                 generator=generator)
             x0s = [x0]
             for _ in range(self.cfg.lv_inner):
                 z = randn(x0.shape, generator, x0.device, x0.dtype)
-                x0s.append(renoise_and_denoise(sampler.eps_fn, sampler.schedule, x0, z, sampler.policy))
+                x0s.append(renoise_and_denoise(chain.eps_fn, chain.schedule, x0, z, chain.policy))
         return Rollout(x0s, window, size)
 
     def loss(self, rewards):

@@ -68,12 +68,12 @@ class ImageReFL(ReFL):
     def grad_calls(self, num_steps):
         return 1 + (self.cfg.diffusion_loss_weight > 0)  # the stop step's call, the diffusion loss's
 
-    def rollout(self, sampler, x_T, generator):
+    def rollout(self, chain, x_T, generator):
         if self.x0_real is None:  # a classic ReFL step from pure noise
-            rollout = super().rollout(sampler, x_T, generator)
+            rollout = super().rollout(chain, x_T, generator)
             rollout.diffusion_loss = torch.zeros((), device=x_T.device)
             return rollout
-        s, n = sampler.schedule, len(sampler.schedule)
+        s, n = chain.schedule, len(chain.schedule)
         x0_real, eps = self.x0_real.to(x_T.dtype), x_T  # x_T ~ N(0, I) is the noise that makes x_t'
         if x0_real.shape != x_T.shape:
             raise ValueError(f"real latents {tuple(x0_real.shape)} do not match the noise {tuple(x_T.shape)}; "
@@ -85,21 +85,21 @@ class ImageReFL(ReFL):
         a = s.alpha(h)
         x = a**0.5 * x0_real + (1 - a) ** 0.5 * eps
         t_h = s.timesteps[h].to(x.device)
-        with sampler.policy.window(size):
+        with chain.policy.window(size):
             loss_diffusion = torch.zeros((), device=x.device)
             if with_diffusion:
-                policy_fn = lambda x_t, t: sampler.policy.unet_call(self.cond_fn, x_t, t)  # noqa: E731
+                policy_fn = lambda x_t, t: chain.policy.unet_call(self.cond_fn, x_t, t)  # noqa: E731
                 loss_diffusion = diffusion_loss(policy_fn, x0_real, eps, t_h, a, s.prediction_type)
             with torch.no_grad():
                 for i in range(h, window.stop):
                     t = s.timesteps[i].to(x.device)
                     noise = None
-                    if sampler.eta > 0:
+                    if chain.eta > 0:
                         from ..sampling import randn
 
                         noise = randn(x.shape, generator, x.device, x.dtype)
-                    x = s.step(i, x, sampler.eps_fn(x, t), sampler.eta, noise)
-            out = sampler.policy.unet_call(sampler.eps_fn, x, s.timesteps[window.stop].to(x.device))
+                    x = s.step(i, x, chain.eps_fn(x, t), chain.eta, noise)
+            out = chain.policy.unet_call(chain.eps_fn, x, s.timesteps[window.stop].to(x.device))
             x0 = s.x0_hat(window.stop, x, out)
         rollout = Rollout([x0], window, size)
         rollout.diffusion_loss = loss_diffusion

@@ -7,7 +7,7 @@ import torch
 from refl_engine.config import MethodConfig
 from refl_engine.memory import measure
 from refl_engine.memory.recompute import CALL_KINDS, build_policy, chunked, chunked_profile
-from refl_engine.methods import Sampler, build_method
+from refl_engine.methods import SamplingChain, build_method
 from refl_engine.models.conditioning import Conditioning, make_eps_fn
 from refl_engine.sampling import DDIMSchedule
 
@@ -65,7 +65,7 @@ def _step(models, method_kw, policy, seed, batch=BATCH, dtype=torch.float32, une
         hook = unet.register_forward_pre_hook(
             lambda m, a: unet_batches.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
     try:
-        rollout = method.rollout(Sampler(eps_fn, schedule, policy), x_T, g)
+        rollout = method.rollout(SamplingChain(eps_fn, schedule, policy), x_T, g)
         rewards = []
         for x0 in rollout.x0s:
             images = policy.decode_call(lambda z: (vae.decode(z).sample / 2 + 0.5).clamp(0, 1), x0)
