@@ -171,21 +171,24 @@ class DistributedConfig:
 class MemoryConfig:
     _argument_group_name = "memory"
     recompute: Literal["none", "lean", "full", "selective", "nested", "auto"] = arg(
-        "selective", "what a window step keeps for backward: none (everything), lean (recompute cheap tensors), "
+        "auto", "what a window step keeps for backward: none (everything), lean (recompute cheap tensors), "
         "full (checkpoint), selective (checkpoint + lean recompute), nested (selective, and each UNet block "
-        "checkpointed again inside the recompute: the lowest peak), auto (the cheapest mix that fits "
-        "--memory_budget)")
-    memory_budget: str = arg("", "device memory for --recompute auto (and refl-plan): bytes or a size such as 40GB")
-    checkpoint_decode: bool = arg(True, "recompute the VAE decode in backward instead of keeping it")
+        "checkpointed again inside the recompute: the lowest peak), auto (the fastest mix that fits "
+        "--memory_budget; with memory to spare, none)")
+    memory_budget: str = arg("", "device memory for --recompute auto (and refl-plan): bytes or a size such as 40GB; "
+                             "'' = the device's free memory at start less a margin (GPU), or the available RAM (CPU)")
+    checkpoint_decode: bool = arg(True, "recompute the VAE decode in backward instead of keeping it (under "
+                                  "--recompute auto: when the plan needs the memory; false = never)")
     lean_decode: bool = arg(True, "recompute the VAE's GroupNorm/SiLU outputs and frozen-conv inputs in backward",
                              aliases=("selective_decode",))
-    checkpoint_reward: bool = arg(True, "recompute the reward model in backward instead of keeping it")
+    checkpoint_reward: bool = arg(True, "recompute the reward model in backward instead of keeping it (under "
+                                  "--recompute auto: when the plan needs the memory; false = never)")
     recompute_chunk: int = arg(
         0, "samples per checkpoint of a full/selective/nested UNet call, so its backward recomputes one chunk at a "
         "time; 0 = the whole batch (auto: the largest chunk that fits --memory_budget)", valid="[0, inf)")
     gradient_checkpointing: bool = arg(
-        False, "diffusers' flag, off by default: asks for a checkpointing policy; --recompute's default (selective) "
-        "is one, --recompute none/lean with it is refused")
+        False, "diffusers' flag, off by default: asks for a checkpointing policy; --recompute full/selective/auto "
+        "are ones (auto checkpoints what the budget needs), --recompute none/lean with it is refused")
 
 
 @dataclass
@@ -584,8 +587,6 @@ def validate(cfg: TrainConfig) -> None:
     if mem.recompute_chunk and mem.recompute in ("none", "lean"):
         raise ConfigError(f"--recompute_chunk applies to checkpointed calls; --recompute {mem.recompute} checkpoints "
                           "none: drop --recompute_chunk or use --recompute full/selective/auto")
-    if mem.recompute == "auto" and not mem.memory_budget:
-        raise ConfigError("--recompute auto needs --memory_budget (e.g. 70GB)")
     if mem.memory_budget:
         parse_memory(mem.memory_budget)
     for flag in ("prompts", "sample_prompts"):

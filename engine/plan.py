@@ -98,7 +98,9 @@ def render(plan) -> str:
                  f"   ({plan.window['size']} steps: {plan.window['kinds']}"
                  + (f"; --recompute_chunk {plan.window['recompute_chunk']}"
                     if plan.window.get("recompute_chunk") else "") + ")")
-    lines.append(f"{'peak phase on top':34s} {_gib(c['peak_phase_activations'])}   ({plan.window['phase']})")
+    lines.append(f"{'peak phase on top':34s} {_gib(c['peak_phase_activations'])}   ({plan.window['phase']}; decode "
+                 f"{'recomputed' if plan.window.get('checkpoint_decode') else 'kept'}, reward "
+                 f"{'recomputed' if plan.window.get('checkpoint_reward') else 'kept'} in backward)")
     lines.append(f"{'-' * 34} {'-' * 8}")
     lines.append(f"{'peak':34s} {_gib(plan.peak_bytes)}" + (f"   (per GPU, {s['num_gpus']} GPUs)" if s["num_gpus"] > 1 else ""))
     if plan.host_bytes:

@@ -117,12 +117,14 @@ class ReFLTrainer:
         if cfg.memory.recompute == "auto":
             from .memory.planner import auto_reserve_bytes
 
-            # Hold back what decode and reward need after the window, as the planner counts it.
-            policy_kwargs["budget_bytes"] = budget
-            policy_kwargs["reserve_bytes"] = auto_reserve_bytes(
-                c.path if Path(c.path).is_dir() else c.kind, self.resolution, cfg.optim.train_batch_size,
-                cfg.optim.mixed_precision, cfg.method.reward, cfg.memory.checkpoint_decode,
-                cfg.memory.checkpoint_reward, cfg.memory.lean_decode)
+            # Hold back what decode and reward need after the window, as the planner counts it, for
+            # each way of running them the flags allow (--no_checkpoint_decode / _reward: never
+            # checkpointed): the plan chooses. No --memory_budget: the device's free memory now.
+            policy_kwargs.update(budget_bytes=budget, device=self.device, reserve_bytes={
+                (d, r): auto_reserve_bytes(
+                    c.path if Path(c.path).is_dir() else c.kind, self.resolution, cfg.optim.train_batch_size,
+                    cfg.optim.mixed_precision, cfg.method.reward, d, r, cfg.memory.lean_decode)
+                for d in {False, cfg.memory.checkpoint_decode} for r in {False, cfg.memory.checkpoint_reward}})
         try:
             self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
         except (ValueError, TypeError) as e:
@@ -389,7 +391,11 @@ class ReFLTrainer:
                    disable=not (self.is_main and cfg.output.progress), dynamic_ncols=True)
         t_start = time.perf_counter()
         while self.step < cfg.optim.max_train_steps:
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except BaseException:  # the bar's line ends before the error's (one line, the last)
+                bar.close()
+                raise
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0 and (
                     self.is_main or self.collective_sampling):
                 from .evaluate import heldout_metrics

@@ -59,7 +59,7 @@ def no_model_load(monkeypatch):
     (["--prompts", "/nonexistent/prompts.txt"], "no such file"),
     (["--method", "refl", "--K", "3"], "--K applies to --method draft only"),
     (["--gradient_checkpointing", "--recompute", "lean"], "conflicts with --recompute lean"),
-    (["--recompute", "auto"], "--recompute auto needs --memory_budget"),
+    (["--memory_budget", "1KB"], "--memory_budget: one training step does not fit"),  # at the first step
     (["--recompute", "auto", "--memory_budget=-5GB"], "--memory_budget '-5GB' is not a positive size"),
     (["--recompute", "auto", "--memory_budget", "lots"], "--memory_budget 'lots' is not a positive size"),
     (["--learning_rate", "abc"], "invalid float value: 'abc'"),
@@ -87,7 +87,8 @@ def no_model_load(monkeypatch):
 ])
 def test_bad_input_one_line_exit_2(argv, needle, capsys, tmp_path, tiny_sd_dir):
     extra = ["--output_dir", str(tmp_path / "out")] + ([] if "--model" in argv else ["--model", tiny_sd_dir])
-    _one_line_error(capsys, main(argv + extra), needle, after_loading="--resolution" in argv)  # needs the model
+    # these two need the model (the second, a step's profile)
+    _one_line_error(capsys, main(argv + extra), needle, after_loading="--resolution" in argv or "1KB" in argv)
 
 
 # ------------------------------------------------------------------ every numeric flag, bad values

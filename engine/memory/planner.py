@@ -36,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .meta import REWARD_BACKBONES, dtype_of, model_spec, param_counts, reward_terms
-from .recompute import CHUNKABLE, chunked_profile
+from .recompute import AFTER_RECOMPUTE_COST, CHUNKABLE, chunked_profile
 from .trace import cached_json, trace
 from .window import RECOMPUTE_COST, WINDOW_KINDS, CallProfile, WindowPlan, _window_peak, plan_window  # noqa: F401
 
@@ -264,18 +264,22 @@ class Planner:
                         rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", *WINDOW_KINDS])
         return {k: v.scaled(batch) for k, v in traced.items()}
 
-    def after_window(self, batch: int) -> tuple[CallProfile, CallProfile]:
-        """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1)."""
+    def after_window(self, batch: int, checkpoint_decode: bool | None = None,
+                     checkpoint_reward: bool | None = None) -> tuple[CallProfile, CallProfile]:
+        """Profiles of the VAE decode and the reward at `batch` (each traced at batch 1), checkpointed
+        as the spec says or as given (`auto` chooses)."""
         s = self.spec
+        ckpt_decode = s.checkpoint_decode if checkpoint_decode is None else checkpoint_decode
+        ckpt_reward = s.checkpoint_reward if checkpoint_reward is None else checkpoint_reward
         vae = trace("vae", s.use_cache, vae_cfg=self.model.vae, resolution=self.resolution, batch=1,
-                     dtype=self.vae_precision, checkpoint=s.checkpoint_decode,
+                     dtype=self.vae_precision, checkpoint=ckpt_decode,
                      lean=s.lean_decode)["decode"]
         # a weighted sum runs its terms one after another: the largest term sets the phase's peak
         rew = max((trace("reward", s.use_cache, reward=name, resolution=self.resolution, batch=1,
-                          dtype=s.mixed_precision, checkpoint=s.checkpoint_reward)["reward"]
+                          dtype=s.mixed_precision, checkpoint=ckpt_reward)["reward"]
                    for name in reward_terms(s.reward)), key=lambda p: (max(p.fwd_peak, p.bwd_peak), p.retained))
         chunk = s.decode_chunk
-        if not s.checkpoint_decode or chunk <= 0 or batch <= chunk:
+        if not ckpt_decode or chunk <= 0 or batch <= chunk:
             return vae.scaled(batch), rew.scaled(batch)
         # Chunked decode (MemoryPolicy.decode_call): chunk by chunk, each its own checkpoint.
         n = math.ceil(batch / chunk)
@@ -286,10 +290,11 @@ class Planner:
         bwd = v.bwd_peak - image_c + n * image_c + (n - 1) * latent_c  # full image grad + finished latent grads
         return CallProfile(0, fwd, bwd), rew.scaled(batch)
 
-    def after_window_bytes(self, batch: int) -> int:
+    def after_window_bytes(self, batch: int, checkpoint_decode: bool | None = None,
+                           checkpoint_reward: bool | None = None) -> int:
         """Peak bytes the VAE decode and the reward add on top of the window's kept bytes: the
         `reserve_bytes` that `AutoRecompute` should hold back."""
-        vae, rew = self.after_window(batch)
+        vae, rew = self.after_window(batch, checkpoint_decode, checkpoint_reward)
         image = batch * 3 * self.resolution**2 * 4
         return max(vae.fwd_peak, vae.retained + image + rew.fwd_peak, vae.retained + image + rew.bwd_peak,
                    vae.bwd_peak)
@@ -349,9 +354,23 @@ class Planner:
         after = self.after_window_bytes(batch)
         chunk = s.recompute_chunk if s.recompute_chunk < batch else 0
         profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad), batch)
+        ckpt = (s.checkpoint_decode, s.checkpoint_reward)
         if recompute == "auto":
             budget = available if available is not None else 0
-            plan = plan_window(window, profiles, budget, after, latent)
+            # the cheapest fitting plan over the ways decode and reward may run (AutoRecompute's
+            # choice: each checkpoint costs AFTER_RECOMPUTE_COST); none fits: the least held back
+            options = {(d, r): self.after_window_bytes(batch, d, r)
+                       for d in {False, s.checkpoint_decode} for r in {False, s.checkpoint_reward}}
+            best = None
+            for option, reserve in options.items():
+                p = plan_window(window, profiles, budget, reserve, latent)
+                cost = p.recompute_cost + AFTER_RECOMPUTE_COST * sum(option)
+                if p.fits and (best is None or (cost, p.peak) < best[0]):
+                    best = ((cost, p.peak), option, p)
+            ckpt = best[1] if best else min(options, key=options.get)
+            after = options[ckpt]
+            vae, rew = self.after_window(batch, *ckpt)
+            plan = best[2] if best else plan_window(window, profiles, budget, after, latent)
             if not s.recompute_chunk and not plan.fits and batch > 1:
                 # the largest chunk that fits (the peak grows with the chunk); else chunk 1's plan
                 lo, hi, best = 1, batch - 1, None
@@ -370,6 +389,7 @@ class Planner:
             peak, kept, phase = _window_peak([(recompute, window)], profiles, latent, after)
             plan = WindowPlan([recompute] * window, peak, kept, phase, RECOMPUTE_COST[recompute] * window, True)
         plan.recompute_chunk = chunk if recompute in ("auto", *CHUNKABLE) else 0
+        plan.checkpoint_decode, plan.checkpoint_reward = ckpt
         # no-grad steps before the window: one forward at a time, of the whole batch (DRaFT with
         # K = N has none; with the checkpointed calls chunked they can set the peak)
         pre = profiles["nograd"].fwd_peak + latent
@@ -442,7 +462,8 @@ class Planner:
             max_batch=self.max_batch(s.recompute, state), recommended_recompute=recommended,
             components=components,
             window={"size": s.window_size(), "kinds": _counts_text(wplan.counts), "phase": wplan.phase,
-                    "recompute_unet_forwards": wplan.recompute_cost, "recompute_chunk": wplan.recompute_chunk},
+                    "recompute_unet_forwards": wplan.recompute_cost, "recompute_chunk": wplan.recompute_chunk,
+                    "checkpoint_decode": wplan.checkpoint_decode, "checkpoint_reward": wplan.checkpoint_reward},
             policies=policies, param_counts=dict(self.param_counts()), host_bytes=self.host_bytes(),
             notes=[f"budget: {how}; usable = budget - {s.reserve_gb:g} GiB reserve (CUDA context, workspaces, fragmentation)",
                    f"resolution {self.resolution}, latent {self.resolution // (2 ** (len(self.model.vae['block_out_channels']) - 1))}",

@@ -30,10 +30,13 @@ Policies (`--recompute`), cheapest in recompute first:
                     each UNet block again, so its backward rematerialises one block at a time
                     (block inputs kept only during that backward, nothing across steps: flat in
                     K). About one UNet forward more than `full`; the lowest backward peak.
-    auto            given a byte budget, keep full activations for as many window steps as fit,
-                    `lean` ones for the next, and checkpoint the rest (`full`, or `selective`
-                    where `full`'s backward would not fit), minimising recompute. The plan comes
-                    from `window.plan_window` on a measured profile of one call.
+    auto            (the default) given a byte budget (`--memory_budget`, else the device's free
+                    memory at start: `device_budget`), keep full activations for as many window
+                    steps as fit, `lean` ones for the next, and checkpoint the rest (`full`, or
+                    `selective` where `full`'s backward would not fit), minimising recompute; the
+                    same plan decides whether the VAE decode and the reward are checkpointed. With
+                    memory to spare that is `none` everywhere and nothing checkpointed. The plan
+                    comes from `window.plan_window` on a measured profile of one call.
 
 `--recompute_chunk c` runs each `full` / `selective` / `nested` call as one checkpoint per c samples
 (`chunked`): the backward of a checkpointed call then rematerialises one chunk at a time, so its
@@ -47,11 +50,12 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..config import ConfigError
 from . import measure
 from .measure import component
 from .nested import nested_call
@@ -326,41 +330,111 @@ class NestedRecompute(MemoryPolicy):
         return "nested"
 
 
+# --recompute auto without --memory_budget plans in the device's memory free at start, less a margin
+# for what the plan does not see: on GPU the library workspaces (cuBLAS, cuDNN) and the caching
+# allocator's fragmentation; on CPU the growth of other processes and the page cache the system needs.
+GPU_MARGIN_MIN, GPU_MARGIN_FRACTION = 1 << 30, 0.05  # the larger of 1 GiB and 5% of the device
+CPU_MARGIN_FRACTION = 0.10  # of the available RAM
+
+# What checkpointing the VAE decode or the reward costs in the plan's unit, UNet forwards: one more
+# forward of it. A decoder at 512-1024 px is of the order of a UNet call; rewards are mostly less,
+# so auto checkpoints them only when that saves a window step's recompute or is needed to fit.
+AFTER_RECOMPUTE_COST = 1.0
+
+
+def _host_available() -> tuple[int, int]:
+    """(available, total) bytes of host RAM: MemAvailable of /proc/meminfo, capped by the cgroup's
+    limit when the process runs in one with a limit (a container); psutil where there is no /proc."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, value = line.split(":", 1)
+                info[name] = int(value.split()[0]) * 1024
+        available, total = info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError):
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    try:  # cgroup v2: the limit less what the group uses, its reclaimable page cache counted free
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            stat = dict(line.split() for line in open("/sys/fs/cgroup/memory.stat"))
+            used -= int(stat.get("inactive_file", 0))
+            available, total = min(available, int(limit) - used), min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return available, total
+
+
+def device_budget(device: torch.device | str) -> tuple[int, str]:
+    """`--recompute auto`'s budget without `--memory_budget`, in AutoRecompute's terms (bytes the
+    step may use, the bytes live now included): live now + free now - a margin. GPU: free memory
+    (torch.cuda.mem_get_info, plus the blocks torch's allocator caches unused); CPU: available RAM.
+    Returns (bytes, how it was found)."""
+    device = torch.device(device)
+    live = measure.live_bytes(device) or 0
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        margin, what = max(GPU_MARGIN_MIN, int(GPU_MARGIN_FRACTION * total)), "free GPU memory"
+    else:
+        free, total = _host_available()
+        margin, what = int(CPU_MARGIN_FRACTION * free), "available RAM"
+    return live + free - margin, f"{what} {free / 2**30:.2f} GiB less a {margin / 2**30:.2f} GiB margin"
+
+
 class AutoRecompute(MemoryPolicy):
-    """Keep as many window steps' activations as `memory_budget` allows.
+    """The fastest plan that fits: keep as many window steps' activations as the budget allows.
 
-    At the first call of a window it profiles one call of `fn` on the real inputs under each of
-    `kinds` (bytes kept after forward, peak during forward and during backward; one extra
-    forward/backward per kind and input shape, gradients taken with autograd.grad so nothing
-    accumulates into .grad), then `window.plan_window` picks per window position what to keep.
+    At the first call of a window it profiles one call of `fn` on the real inputs (bytes kept after
+    forward, peak during forward and during backward; one extra forward/backward per kind and input
+    shape, gradients taken with autograd.grad so nothing accumulates into .grad): `none` first, and
+    the other `kinds` only when keeping everything does not fit. `window.plan_window` then picks per
+    window position what to keep, and whether the decode and the reward are checkpointed.
 
-    budget_bytes    total bytes the step may use on the device (alias: memory_budget).
+    budget_bytes    total bytes the step may use on the device (alias: memory_budget); None = the
+                    device's free memory now (`device_budget` on `device`).
     reserve_bytes   bytes to hold back for what comes after the window (VAE decode and reward
-                    forward/backward); the planner's `vae_decode` + `reward` estimate is right here.
+                    forward/backward; the planner's `after_window_bytes` is right here): a number
+                    keeps `checkpoint_decode` / `checkpoint_reward` as given; a mapping
+                    {(checkpoint_decode, checkpoint_reward): bytes} lets the plan choose among them
+                    (each checkpoint costs AFTER_RECOMPUTE_COST).
     When no plan of whole-batch calls fits and `recompute_chunk` is 0, the checkpointed kinds run
     chunked (`chunked`) at the largest chunk whose plan fits (`self.chunk`; bigger chunks run faster).
-    The bytes already live when the window begins (parameters, optimizer state, text embeddings)
-    are read from `measure.live_bytes` (the CUDA allocator, or the active CPU tracker); with
-    neither, the budget applies to the window alone.
+    When nothing fits, not even every call checkpointed at chunk 1, it raises ConfigError naming
+    the budget. The bytes already live when the window begins (parameters, optimizer state, text
+    embeddings) are read from `measure.live_bytes` (the CUDA allocator, or the active CPU tracker);
+    with neither, the budget applies to the window alone.
     """
 
     name = "auto"
 
-    def __init__(self, budget_bytes: int | str | None = None, reserve_bytes: int = 0,
+    def __init__(self, budget_bytes: int | str | None = None, reserve_bytes: int | Mapping = 0,
                  kinds: tuple[str, ...] = ("none", "lean", "full", "selective", "nested"), memory_budget: int | str | None = None,
-                 **kwargs):
+                 device: torch.device | str = "cpu", **kwargs):
         super().__init__(**kwargs)
         budget = budget_bytes if budget_bytes is not None else memory_budget
         if budget is None:
-            raise ValueError("--recompute auto needs --memory_budget (bytes or e.g. 40GB)")
-        self.memory_budget = _parse_bytes(budget)
-        self.reserve_bytes = int(reserve_bytes)
+            self.memory_budget, how = device_budget(device)
+            self.budget_source = f"the device's memory ({how})"
+        else:
+            self.memory_budget = _parse_bytes(budget)
+            self.budget_source = f"--memory_budget {budget}"
+        if isinstance(reserve_bytes, Mapping):
+            self.reserve_options = {(bool(d), bool(r)): int(v) for (d, r), v in reserve_bytes.items()}
+        else:
+            self.reserve_options = {(self.checkpoint_decode, self.checkpoint_reward): int(reserve_bytes)}
+        self.reserve_bytes = min(self.reserve_options.values())
         self.kinds = kinds
         self.window_size: int | None = None
         self.plan: list[str] | None = None
         self.last_plan = None  # window.WindowPlan of the latest window, for logs and tests
         self.chunk = self.recompute_chunk  # the latest window's chunk (0 = the batch): given, or planned
         self._profiles: dict = {}
+        self._plans: dict = {}  # (inputs, window size, bytes available) -> the choice made
 
     def begin_window(self, window_size: int) -> None:
         self.window_size = int(window_size)
@@ -385,17 +459,51 @@ class AutoRecompute(MemoryPolicy):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         key = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
                     for a in args)
-        if key not in self._profiles:
-            self._profiles[key] = measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in self.kinds})
         live = measure.live_bytes(device) or 0
+        available = self.memory_budget - live
+        memo = (key, self.window_size, available)
+        if memo not in self._plans:
+            self._plans[memo] = self._choose(fn, args, key, available)
+        plan, self.chunk, (self.checkpoint_decode, self.checkpoint_reward), self.reserve_bytes = self._plans[memo]
+        self.last_plan = plan
+        self.plan = plan.kinds
+
+    def _choose(self, fn, args, key, available):
+        """(WindowPlan, chunk, (checkpoint_decode, checkpoint_reward), reserve): the cheapest plan
+        that fits `available` bytes, counting the decode and reward recompute."""
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
-        profiles, available = self._profiles[key], self.memory_budget - live
-        plan = plan_window(self.window_size, profiles, available, after=self.reserve_bytes, latent_bytes=latent)
-        self.chunk = self.recompute_chunk
+        profiles = self._profiles.setdefault(key, {})
+
+        def profiled(kinds):
+            todo = [k for k in kinds if k not in profiles]
+            if todo:
+                profiles.update(measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in todo}))
+            return {k: profiles[k] for k in kinds}
+
+        def cheapest(profs):
+            best = None
+            for after, reserve in self.reserve_options.items():
+                p = plan_window(self.window_size, profs, available, after=reserve, latent_bytes=latent)
+                cost = p.recompute_cost + AFTER_RECOMPUTE_COST * sum(after)
+                if p.fits and (best is None or (cost, p.peak) < best[0]):
+                    best = ((cost, p.peak), (p, self.recompute_chunk, after, reserve))
+            return best
+
+        # With memory to spare everything is kept and nothing else needs profiling.
+        best = cheapest(profiled(["none"])) if "none" in self.kinds else None
+        if best is None or best[0][0] > 0:
+            best = cheapest(profiled(self.kinds))
+        if best is not None:
+            return best[1]
+        # Nothing of whole-batch calls fits: decode and reward checkpointed (the least held back),
+        # and the checkpointed calls chunked at the largest chunk that fits (bigger chunks run faster):
+        # one chunk's profile scaled from the batch's, the rest as `chunked_profile` counts it.
+        after, reserve = min(self.reserve_options.items(), key=lambda o: o[1])
+        profiles = profiled(self.kinds)
         x = args[0]
-        if not self.recompute_chunk and not plan.fits and x.shape[0] > 1 and hasattr(fn, "rows"):
-            # The largest chunk of the checkpointed calls that fits (bigger chunks run faster):
-            # one chunk's profile scaled from the batch's, the rest as `chunked_profile` counts it.
+        plan = plan_window(self.window_size, profiles, available, after=reserve, latent_bytes=latent)
+        chunk = self.recompute_chunk
+        if not self.recompute_chunk and x.shape[0] > 1 and hasattr(fn, "rows"):
             batch, sample = x.shape[0], x[:1].nbytes
             x_grad = self.window_size > 1  # later window steps' latents carry gradient
             unet = getattr(fn, "unet", None)
@@ -405,21 +513,36 @@ class AutoRecompute(MemoryPolicy):
                 return {k: chunked_profile(v.scaled(c / batch), batch, c, sample, sample if x_grad else 0, grads)
                         if k in CHUNKABLE else v for k, v in profiles.items()}
 
-            lo, hi, best = 1, batch - 1, None
+            lo, hi, found = 1, batch - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                p = plan_window(self.window_size, at(mid), available, after=self.reserve_bytes, latent_bytes=latent)
+                p = plan_window(self.window_size, at(mid), available, after=reserve, latent_bytes=latent)
                 if p.fits:
-                    best, lo = (mid, p), mid + 1
+                    found, lo = (mid, p), mid + 1
                 else:
                     hi = mid - 1
-            self.chunk, plan = best or (1, plan_window(self.window_size, at(1), available, after=self.reserve_bytes,
-                                                       latent_bytes=latent))
-        self.last_plan = plan
-        self.plan = plan.kinds
+            if found:
+                return found[1], found[0], after, reserve
+            chunk, plan = 1, plan_window(self.window_size, at(1), available, after=reserve, latent_bytes=latent)
+        raise ConfigError(
+            f"--memory_budget: one training step does not fit in {_size(available)} ({self.budget_source}"
+            f"{', less the bytes live at the window' if self.memory_budget != available else ''}): its smallest "
+            f"plan ({_counts(plan.kinds)}{f' at chunk {chunk}' if chunk else ''}) needs {_size(plan.peak)}; "
+            "give a larger --memory_budget or lower --train_batch_size or --resolution")
 
     def call_chunk(self) -> int:
         return self.chunk
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _counts(kinds: list[str]) -> str:
+    return ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no UNet call"
 
 
 def _parse_bytes(value) -> int:

@@ -1,0 +1,180 @@
+"""`--recompute auto`, the default: its budget (given, or the device's free memory), the fastest plan
+that fits it (decode and reward checkpointing included), and one line when nothing fits."""
+import pytest
+import torch
+
+from refl_engine.config import ConfigError
+from refl_engine.memory import measure, planner
+from refl_engine.memory import recompute
+from refl_engine.memory.recompute import AutoRecompute, build_policy, device_budget
+from refl_engine.sampling import DDIMSchedule, Window, run_trajectory
+
+GiB = 2**30
+N_STEPS = 3
+
+
+def _simulated_gpu(monkeypatch, free, total, reserved, allocated):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+
+
+def test_gpu_budget_is_free_memory_less_a_margin(monkeypatch):
+    """80 GiB device, 30 GiB free to the driver, 6 GiB cached by torch of which 5 GiB hold tensors:
+    the step may use the 5 GiB live + 30 + 1 GiB cached-but-unused, less max(1 GiB, 5% of 80 GiB)."""
+    _simulated_gpu(monkeypatch, free=30 * GiB, total=80 * GiB, reserved=6 * GiB, allocated=5 * GiB)
+    budget, how = device_budget("cuda:0")
+    assert budget == (5 + 30 + 1 - 4) * GiB and "free GPU memory" in how
+    policy = AutoRecompute(device=torch.device("cuda", 0))
+    assert policy.memory_budget == budget and "free GPU memory" in policy.budget_source
+    # a small device: the margin is the 1 GiB floor
+    _simulated_gpu(monkeypatch, free=10 * GiB, total=12 * GiB, reserved=0, allocated=0)
+    assert device_budget("cuda")[0] == 9 * GiB
+
+
+def test_explicit_budget_overrides_the_device(monkeypatch):
+    def unread(*args, **kwargs):
+        raise AssertionError("the device's free memory was read although --memory_budget was given")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", unread)
+    monkeypatch.setattr(recompute, "_host_available", unread)
+    for device in ("cuda", "cpu"):
+        policy = AutoRecompute(budget_bytes="3GB", device=device)
+        assert policy.memory_budget == 3 * 10**9 and policy.budget_source == "--memory_budget 3GB"
+
+
+def test_cpu_budget_is_available_ram_less_a_margin(monkeypatch):
+    monkeypatch.setattr(recompute, "_host_available", lambda: (10 * GiB, 24 * GiB))
+    budget, how = device_budget("cpu")
+    assert budget == 9 * GiB and "available RAM" in how  # no tracker: the budget is the window's alone
+    with measure.LiveBytesTracker(include_existing=False) as tracker:
+        keep = torch.zeros(1 << 20)  # 4 MiB live: counted in the budget, as AutoRecompute subtracts it
+        assert device_budget("cpu")[0] == 9 * GiB + tracker.live
+        del keep
+
+
+def test_host_available_reads_the_kernels_count():
+    """MemAvailable of /proc/meminfo, as psutil reads it (both move with the other processes: a
+    loose bound around two reads close in time)."""
+    psutil = pytest.importorskip("psutil")
+    available, total = recompute._host_available()
+    vm = psutil.virtual_memory()
+    assert total == vm.total
+    assert abs(available - vm.available) <= 0.05 * vm.total, (available, vm.available)
+
+
+# ------------------------------------------------------------------ a step on the tiny preset
+
+def _tiny():
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from refl_engine.models.load import tiny_sd_configs
+    from refl_engine.models.lora import add_lora
+
+    cfgs = tiny_sd_configs()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**cfgs["unet"])
+    vae = AutoencoderKL(**cfgs["vae"]).requires_grad_(False)
+    params = add_lora(unet, rank=4)
+    for p in params:
+        p.data.normal_(0, 0.05)
+    return unet, vae, params, DDIMScheduler(**cfgs["scheduler"])
+
+
+def _step(policy, models, batch=2):
+    from refl_engine.models.conditioning import Conditioning, make_eps_fn
+    from refl_engine.rewards.toy import Colorfulness
+
+    unet, vae, params, scheduler = models
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(batch, 4, 16, 16, generator=g)
+    cond = Conditioning(torch.randn(batch, 77, 32, generator=g), torch.randn(batch, 77, 32, generator=g))
+    x0 = run_trajectory(make_eps_fn(unet, cond, 3.0), DDIMSchedule.from_scheduler(scheduler, N_STEPS), x_T,
+                        Window([0] * batch), policy)
+    images = policy.decode_call(lambda z: (vae.decode(z).sample / 2 + 0.5).clamp(0, 1), x0)
+    loss = -policy.reward_call(Colorfulness(), images, [""] * batch).mean()
+    for p in params:
+        p.grad = None
+    loss.backward()
+
+
+def _measured_peak(policy, models):
+    with measure.LiveBytesTracker(devices={"cpu"}) as tracker:
+        _step(policy, models)
+    return tracker.peak
+
+
+def _reserves(batch=2):
+    """What the trainer passes: the planner's decode + reward bytes for each way of running them."""
+    return {(d, r): planner.Planner(planner.PlanSpec(model="tiny-sd", mixed_precision="no", checkpoint_decode=d,
+                                                     checkpoint_reward=r)).after_window_bytes(batch)
+            for d in (False, True) for r in (False, True)}
+
+
+def test_auto_is_the_fastest_plan_that_fits_and_stays_within_budget():
+    """With memory to spare auto keeps everything (only `none` is profiled) and checkpoints neither
+    the decode nor the reward; under a budget between the smallest and the largest measured peaks
+    it checkpoints some calls, and the measured peak stays within that budget."""
+    models = _tiny()
+    _step(build_policy("none"), models)  # warm-up: the first call's one-off allocations
+    smallest = _measured_peak(build_policy("full"), models)
+    largest = _measured_peak(build_policy("none", checkpoint_decode=False, checkpoint_reward=False), models)
+    assert largest > 1.5 * smallest
+
+    spare = build_policy("auto", budget_bytes=2 * largest, reserve_bytes=_reserves())
+    _step(spare, models)
+    assert set(spare.last_plan.kinds) == {"none"} and set(spare._profiles[next(iter(spare._profiles))]) == {"none"}
+    assert not spare.checkpoint_decode and not spare.checkpoint_reward
+
+    budget = int(smallest + 0.4 * (largest - smallest))
+    tight = build_policy("auto", budget_bytes=budget, reserve_bytes=_reserves())
+    peak = _measured_peak(tight, models)
+    assert tight.last_plan.fits and peak <= budget, (peak, budget, tight.last_plan.counts, tight.checkpoint_decode)
+    assert set(tight.last_plan.kinds) != {"none"}
+
+
+def test_a_budget_nothing_fits_is_one_line_naming_the_flag():
+    models = _tiny()
+    policy = build_policy("auto", budget_bytes="1KB", reserve_bytes=_reserves())
+    with pytest.raises(ConfigError) as e:
+        _step(policy, models)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith("--memory_budget: one training step does not fit") \
+        and "--memory_budget 1KB" in text, text
+
+
+def test_the_trainer_defaults_to_auto_on_the_devices_memory(tiny_sd_dir, tmp_path, monkeypatch):
+    """No flags: `auto`, budgeted from the available RAM read once at set-up; the tiny preset has
+    memory to spare, so the plan is `none` with nothing checkpointed."""
+    from engine_config import make_config
+    from refl_engine.trainer import ReFLTrainer
+
+    reads = []
+    monkeypatch.setattr(recompute, "_host_available", lambda: reads.append(1) or (8 * GiB, 24 * GiB))
+    trainer = ReFLTrainer(make_config(tmp_path, num_inference_steps=3)).setup()
+    assert trainer.cfg.memory.recompute == "auto" and isinstance(trainer.policy, AutoRecompute)
+    assert trainer.policy.memory_budget == 8 * GiB - int(0.1 * 8 * GiB) and "available RAM" in trainer.policy.budget_source
+    trainer.micro_step(trainer.prompts[:2])
+    assert set(trainer.policy.last_plan.kinds) == {"none"} and len(reads) == 1
+    assert not trainer.policy.checkpoint_decode and not trainer.policy.checkpoint_reward
+
+
+def test_the_planner_chooses_decode_and_reward_checkpointing_as_auto_does():
+    """refl-plan's `auto` makes the trainer's choice: with memory to spare decode and reward are kept
+    (nothing recomputed); with a budget at the smallest fixed-policy peak it still fits, and what it
+    keeps of decode and reward is what that budget allows."""
+    from refl_engine.memory.planner import Planner, PlanSpec
+
+    common = dict(model="tiny-sd", mixed_precision="no", batch_size=2, guidance_scale=3.0, num_inference_steps=4,
+                  recompute="auto", reserve_gb=0.0)
+    planner = Planner(PlanSpec(budget_gb=64, **common))
+    _, spare, _ = planner.peak(2, "auto")
+    assert spare.fits and set(spare.kinds) == {"none"}
+    assert not spare.checkpoint_decode and not spare.checkpoint_reward
+    assert planner.after_window_bytes(2, True, True) < planner.after_window_bytes(2, False, False)
+    lowest = min(planner.peak(2, k)[0] for k in ("full", "selective"))  # decode and reward recomputed
+    tight = Planner(PlanSpec(budget_gb=lowest / GiB, **common))
+    peak, wplan, parts = tight.peak(2, "auto")
+    assert wplan.fits and peak <= lowest, (peak, lowest, wplan.counts)
+    assert parts["after"] == tight.after_window_bytes(2, wplan.checkpoint_decode, wplan.checkpoint_reward)
