@@ -28,7 +28,7 @@ TRAINING = [
     ("full FT, 8-bit AdamW", dict(rank=0, optimizer="adamw8bit")),
     ("full FT, ZeRO-3 offload", dict(rank=0, optimizer="adamw", zero=3, offload=True)),
 ]
-ORDER = ("none", "lean", "auto", "full", "selective")  # cheapest recompute first
+ORDER = ("none", "lean", "auto", "full", "selective", "nested")  # cheapest recompute first
 
 
 def cheapest(planner: Planner, batch: int):
@@ -49,7 +49,7 @@ def row(model, res, cfg_scale, method, K, training, budget_gb):
                     guidance_scale=cfg_scale, mixed_precision="bf16", recompute="selective", budget_gb=budget_gb,
                     **training)
     planner = Planner(spec)
-    best_batch = max(planner.max_batch(pol) for pol in ("none", "lean", "full", "selective"))
+    best_batch = max(planner.max_batch(pol) for pol in ("none", "lean", "full", "selective", "nested"))
     if best_batch == 0:
         return 0, None, None, None, None
     pol, peak = cheapest(planner, best_batch)
@@ -66,7 +66,7 @@ def tables(budget_gb: float = 80.0) -> str:
         f"steps, bf16, {budget_gb:g} GiB GPU with 3 GiB held back. Reward: LAION aesthetic (CLIP ViT-L/14 at "
         "224 px, layers checkpointed). VAE decode checkpointed sample by sample, recomputed in lean mode. AlignProp is planned for its "
         "largest window (K = N). `max batch` is the largest batch any policy fits; `policy` the cheapest that "
-        "fits it (none < lean < auto < full < selective in recompute); `peak` its predicted peak. ZeRO-3 offload "
+        "fits it (none < lean < auto < full < selective < nested in recompute); `peak` its predicted peak. ZeRO-3 offload "
         "is modelled (parameters, gradients and optimizer state of the UNet on the host), not measured.",
         "",
     ]
@@ -91,17 +91,18 @@ def tables(budget_gb: float = 80.0) -> str:
 
 
 def chunk_table(budget_gb: float, models=MODELS, methods=(METHODS[0], METHODS[2])) -> list[str]:
-    """Batch-chunked recomputation (--recompute_chunk), CFG 7.5: the largest batch with the
-    checkpointed calls unchunked (`selective`) and chunked one sample at a time (`selective`,
-    chunk 1), and at that batch `auto`'s plan under the budget: the largest chunk that fits and
-    the kinds of its window steps."""
-    out = ["## Batch-chunked recomputation, CFG 7.5", "",
-           "`selective` unchunked vs `--recompute_chunk 1`; at the chunked max batch, `auto` picks the largest chunk "
-           "that fits (bigger chunks run faster). Without chunking the backward of one recomputed UNet call holds "
-           "the whole batch's activations; chunked, one chunk's (the no-grad steps before a window still run the "
-           "whole batch, which limits ReFL and DRaFT K<N).", "",
-           "| model | method | training | max batch, unchunked | max batch, chunk 1 | auto at that batch: chunk | "
-           "window steps | peak GiB |", "|---|---|---|---:|---:|---:|---|---:|"]
+    """Batch-chunked and block-nested recomputation (--recompute_chunk, --recompute nested), CFG
+    7.5: the largest batch with the checkpointed calls unchunked and chunked one sample at a time,
+    each as `selective` and as `nested`, and at the chunked `selective` max batch `auto`'s plan
+    under the budget: the largest chunk that fits and the kinds of its window steps."""
+    out = ["## Batch-chunked and block-nested recomputation, CFG 7.5", "",
+           "`selective` and `nested` unchunked vs `--recompute_chunk 1`; at the chunked `selective` max batch, `auto` "
+           "picks the largest chunk that fits (bigger chunks run faster). Without chunking the backward of one "
+           "recomputed UNet call holds the whole batch's activations; chunked, one chunk's (the no-grad steps "
+           "before a window still run the whole batch, which limits ReFL and DRaFT K<N). `nested` recomputes that "
+           "call one UNet block at a time: its backward holds one block's activations.", "",
+           "| model | method | training | max batch: selective | nested | selective, chunk 1 | nested, chunk 1 | "
+           "auto at that batch: chunk | window steps | peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for model, res in models:
         for mname, method, K in methods:
             for tname, training in TRAINING:
@@ -109,14 +110,17 @@ def chunk_table(budget_gb: float, models=MODELS, methods=(METHODS[0], METHODS[2]
                             mixed_precision="bf16", recompute="selective", budget_gb=budget_gb, reward="aesthetic",
                             **training)
                 whole = Planner(PlanSpec(**spec)).max_batch("selective")
+                nested = Planner(PlanSpec(**spec)).max_batch("nested")
                 chunked = Planner(PlanSpec(**spec, recompute_chunk=1)).max_batch("selective")
+                nested1 = Planner(PlanSpec(**spec, recompute_chunk=1)).max_batch("nested")
                 cells = ["-", "-", "-"]
                 if chunked:
                     peak, wplan, _ = Planner(PlanSpec(**spec)).peak(chunked, "auto")
                     kinds = ", ".join(f"{n} {k}" for k, n in wplan.counts.items())
                     cells = [str(wplan.recompute_chunk or chunked), kinds, f"{peak / GiB:.1f}"]
-                out.append(f"| {model} @ {res} | {mname} | {tname} | {whole} | {chunked} | " + " | ".join(cells) + " |")
-                print(f"  chunked {model} {mname} {tname}: {whole} -> {chunked}", file=sys.stderr)
+                out.append(f"| {model} @ {res} | {mname} | {tname} | {whole} | {nested} | {chunked} | {nested1} | "
+                           + " | ".join(cells) + " |")
+                print(f"  chunked {model} {mname} {tname}: {whole} / {nested} -> {chunked} / {nested1}", file=sys.stderr)
     out.append("")
     return out
 
