@@ -60,28 +60,32 @@ def _no_mode():
 
 
 @contextlib.contextmanager
-def _checkpointed_blocks(blocks, mode: Callable):
-    """For the calls made inside: each of `blocks` is a non-reentrant checkpoint whose forward and
-    recompute run under `mode()`. The checkpoints hold the forward they recompute, so the blocks'
-    own forwards are restored on exit while their backward is still to come."""
-    context_fn = lambda: (mode(), mode())  # noqa: E731
+def checkpointed_modules(modules, mode: Callable | None = None):
+    """For the calls made inside: each of `modules` keeps only its inputs for backward and is
+    recomputed there (a non-reentrant checkpoint; with `mode`, its forward and recompute both run
+    under `mode()`). The checkpoints hold the forward they recompute, so the modules' own forwards
+    are restored on exit while their backward is still to come. Used for a nested call's blocks and
+    for a reward's layers (recompute.checkpointed_layers)."""
+    kwargs = {} if mode is None else {"context_fn": lambda: (mode(), mode())}
 
-    def run(inner, *args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    def run(inner, *args, **kw):
+        if not torch.is_grad_enabled():
+            return inner(*args, **kw)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs, **kw)
 
     stock = []
-    for block in blocks:
-        inner = block.forward
-        stock.append((block, "forward" in vars(block), inner))
-        block.forward = functools.partial(run, inner)
+    for module in modules:
+        inner = module.forward
+        stock.append((module, "forward" in vars(module), inner))
+        module.forward = functools.partial(run, inner)
     try:
         yield
     finally:
-        for block, had_own, inner in reversed(stock):
+        for module, had_own, inner in reversed(stock):
             if had_own:
-                block.forward = inner
+                module.forward = inner
             else:
-                del block.forward
+                del module.forward
 
 
 def _autocast_states(device: torch.device):
@@ -132,7 +136,7 @@ class _NestedCall(torch.autograd.Function):
             for kind, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
             stack.enter_context(ctx.mode())
-            with _checkpointed_blocks(ctx.blocks[:-1], ctx.mode):
+            with checkpointed_modules(ctx.blocks[:-1], ctx.mode):
                 out = ctx.fn(*args)
             grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True) if wrt else ())
         del out

@@ -58,7 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError
 from . import measure
 from .measure import component
-from .nested import nested_call
+from .nested import checkpointed_modules, nested_call
 from .lean import in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
@@ -102,24 +102,10 @@ def _nested(fn, *args):
 
 
 # window_pos -> how that call is run
-@contextmanager
 def checkpointed_layers(layers):
-    """For the calls made inside: each of `layers` keeps only its inputs for backward and is
-    recomputed there (non-reentrant checkpoints, which hold the forward they recompute, so the
-    layers' own forwards are restored on exit while their backward is still to come)."""
-    stock = []
-    for layer in layers:
-        inner = layer.forward
-        stock.append((layer, "forward" in vars(layer), inner))
-        layer.forward = functools.partial(_checkpointed, inner)
-    try:
-        yield
-    finally:
-        for layer, had_own, inner in reversed(stock):
-            if had_own:
-                layer.forward = inner
-            else:
-                del layer.forward
+    """For the calls made inside: each of `layers` (a reward's blocks) keeps only its inputs for
+    backward and is recomputed there."""
+    return checkpointed_modules(layers)
 
 
 CALL_KINDS: dict[str, Callable] = {
