@@ -197,13 +197,8 @@ def _kl_loss(unet, tiny64, kl, policy=NoRecompute(), method="draft"):
     return m.regularize({"rollout": rollout})["kl"], rollout
 
 
-def test_kl_is_zero_for_a_zero_adapter_and_positive_after_a_step(tiny64):
-    unet, params = _lora_unet(tiny64)
-    kl = KLPenalty()
-    value, rollout = _kl_loss(unet, tiny64, kl)
-    assert float(value.detach()) == 0.0 and rollout.window_size == N
-    # one reward step moves the adapter off zero
-    opt = torch.optim.SGD(params, lr=1e-2)
+def _reward_step(unet, tiny64, opt):
+    """One DRaFT K=2 colorfulness step: moves the trained weights off the base."""
     vae = tiny64[1]
     m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="2"))
     schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
@@ -214,6 +209,16 @@ def test_kl_is_zero_for_a_zero_adapter_and_positive_after_a_step(tiny64):
     opt.zero_grad()
     loss.backward()
     opt.step()
+
+
+def test_kl_is_zero_for_a_zero_adapter_and_positive_after_a_step(tiny64):
+    unet, params = _lora_unet(tiny64)
+    kl = KLPenalty()
+    value, rollout = _kl_loss(unet, tiny64, kl)
+    assert float(value.detach()) == 0.0 and rollout.window_size == N
+    # one reward step moves the adapter off zero
+    opt = torch.optim.SGD(params, lr=1e-2)
+    _reward_step(unet, tiny64, opt)
     after, _ = _kl_loss(unet, tiny64, KLPenalty())
     assert float(after) > 1e-12
     # the adapter is back on after the base calls: the fine-tuned output differs from the base one
@@ -279,16 +284,7 @@ def test_kl_full_ft_is_zero_for_an_identical_copy_and_positive_after_a_step(tiny
     value.backward()  # a flat penalty: zero gradient, and none reaches the frozen copy
     assert all(b.grad is None for b in base.parameters())
     opt = torch.optim.SGD(params, lr=1e-3)
-    vae = tiny64[1]
-    m = build_method(MethodConfig(method="draft", num_inference_steps=N, guidance_scale=2.0, K="2"))
-    schedule = DDIMSchedule.from_scheduler(tiny64[3], N)
-    x_T = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ro = m.rollout(SamplingChain(make_eps_fn(unet, tiny64[2], 2.0), schedule, NoRecompute()), x_T,
-                   torch.Generator().manual_seed(0))
-    loss = m.loss([Colorfulness()((vae.decode(ro.x0s[0]).sample / 2 + 0.5).clamp(0, 1), ["", ""])])
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    _reward_step(unet, tiny64, opt)
     after, _ = _kl_loss(unet, tiny64, KLPenalty(base_unet=base))
     assert float(after) > 1e-12
     assert all(torch.equal(b, s) for b, s in zip(base.parameters(), snapshot))  # the base did not move

@@ -1,19 +1,19 @@
 """Block-nested recomputation (`--recompute nested`, memory/nested.py): the gradients of `none` for
 every method, LoRA and full fine-tuning, alone and chunked; one call's backward peaks below a plain
 checkpoint's; nothing of it outlives a window step, so the step's peak is as flat in K as `full`'s."""
-import itertools
 import random
 
 import numerics
 import pytest
 import torch
 from test_chunked import GUIDANCE, METHODS, N_STEPS, _conditioning, _step, _tiny
+from test_planner import assert_cheapest_plan_that_fits
 
 from refl_engine.memory import measure
 from refl_engine.memory import nested as nested_module
 from refl_engine.memory.nested import unet_blocks
 from refl_engine.memory.recompute import CALL_KINDS, build_policy, chunked
-from refl_engine.memory.window import RECOMPUTE_COST, CallProfile, plan_window
+from refl_engine.memory.window import CallProfile
 from refl_engine.models.conditioning import make_eps_fn
 
 ONE = {"decode_chunk": 0}  # the decode as one call in every run: only the UNet calls differ
@@ -166,20 +166,6 @@ def test_nested_with_zero3_is_refused():
         validate(cfg)
 
 
-def _simulate(kinds, profiles, latent, after):
-    """The window's live bytes step by step: forwards, decode and reward, then backward last step first."""
-    live, peak, kept = latent, 0, []
-    for k in kinds:
-        peak = max(peak, live + profiles[k].fwd_peak)
-        live += profiles[k].retained + latent
-        kept.append(profiles[k].retained + latent)
-    peak = max(peak, live + after)
-    for k in reversed(kinds):
-        live -= kept.pop()
-        peak = max(peak, live + profiles[k].bwd_peak)
-    return peak
-
-
 def test_plan_window_with_nested_matches_brute_force(seed):
     """plan_window over all five kinds is the cheapest plan that fits, as enumerating every
     sequence of kinds finds it."""
@@ -192,19 +178,7 @@ def test_plan_window_with_nested_matches_brute_force(seed):
         profiles = dict(none=none, lean=lean, full=full, selective=CallProfile(0, full.fwd_peak, lean.bwd_peak),
                         nested=CallProfile(0, full.fwd_peak, int(lean.bwd_peak * rng.uniform(0.3, 0.9))))
         W, latent, after = rng.randint(1, 5), rng.randint(1, 20), rng.randint(0, 1500)
-        available = rng.randint(R // 2, (W + 1) * R + after)
-        best = None
-        for seq in itertools.product(profiles, repeat=W):
-            peak = _simulate(seq, profiles, latent, after)
-            cost = sum(RECOMPUTE_COST[k] for k in seq)
-            if peak <= available and (best is None or cost < best - 1e-9):
-                best = cost
-        plan = plan_window(W, profiles, available, after, latent)
-        if best is None:
-            assert not plan.fits
-        else:
-            assert plan.fits and abs(plan.recompute_cost - best) < 1e-9
-            assert _simulate(plan.kinds, profiles, latent, after) == plan.peak <= available
+        assert_cheapest_plan_that_fits(W, profiles, latent, after, available=rng.randint(R // 2, (W + 1) * R + after))
 
 
 def test_chunked_nested_call_backward_is_one_chunks():

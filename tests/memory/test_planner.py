@@ -146,19 +146,23 @@ def test_plan_window_matches_brute_force(seed):
         # a checkpoint recomputing in lean mode: forward as full's, backward as lean's
         profiles["selective"] = CallProfile(0, profiles["full"].fwd_peak, profiles["lean"].bwd_peak)
         W, latent, after = rng.randint(1, 5), rng.randint(1, 20), rng.randint(0, 1500)
-        available = rng.randint(R, (W + 1) * R + after)
-        best = None
-        for seq in itertools.product(("none", "lean", "full", "selective"), repeat=W):
-            peak = _simulate(seq, profiles, latent, after)
-            cost = sum(RECOMPUTE_COST[k] for k in seq)
-            if peak <= available and (best is None or cost < best - 1e-9):
-                best = cost
-        plan = plan_window(W, profiles, available, after, latent)
-        if best is None:
-            assert not plan.fits
-        else:
-            assert plan.fits and abs(plan.recompute_cost - best) < 1e-9
-            assert _simulate(plan.kinds, profiles, latent, after) == plan.peak <= available
+        assert_cheapest_plan_that_fits(W, profiles, latent, after, available=rng.randint(R, (W + 1) * R + after))
+
+
+def assert_cheapest_plan_that_fits(W, profiles, latent, after, available):
+    """plan_window's plan is the cheapest that fits, as enumerating every sequence of the kinds finds it."""
+    best = None
+    for seq in itertools.product(profiles, repeat=W):
+        peak = _simulate(seq, profiles, latent, after)
+        cost = sum(RECOMPUTE_COST[k] for k in seq)
+        if peak <= available and (best is None or cost < best - 1e-9):
+            best = cost
+    plan = plan_window(W, profiles, available, after, latent)
+    if best is None:
+        assert not plan.fits
+    else:
+        assert plan.fits and abs(plan.recompute_cost - best) < 1e-9
+        assert _simulate(plan.kinds, profiles, latent, after) == plan.peak <= available
 
 
 @pytest.mark.parametrize("model,unet_params,te_params", [
