@@ -11,6 +11,7 @@ import pytest
 
 from refl_engine.config import FIELDS, _interval
 from refl_engine.train import main
+from hang import hang_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,7 +209,8 @@ def test_help_exits_0(capsys):
 
 @pytest.mark.parametrize("entry", [["engine/train.py"], ["-m", "refl_engine.train"]])
 def test_help_in_a_fresh_interpreter(entry):
-    proc = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=hang_timeout(300))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "usage: refl-train" in proc.stdout
 
@@ -240,7 +242,7 @@ def test_embedded_default_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "engine" / "train.py"), "--method", "draft", "--K", "full",
          "--max_train_steps", "2", "--num_inference_steps", "4", "--output_dir", str(out)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=hang_timeout(600),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

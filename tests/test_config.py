@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hang import hang_timeout
 
 from refl_engine.config import (
     FIELDS,
@@ -155,7 +156,8 @@ def test_help_is_grouped_lists_choices_and_defaults_and_is_stable():
     """--help: one group per section, choices and defaults shown, canonical underscore spelling
     first, the same text whatever the hash seed."""
     code = "from refl_engine.config import build_parser; print(build_parser().format_help())"
-    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           timeout=hang_timeout(300),
                            env=dict(os.environ, PYTHONHASHSEED=str(seed), COLUMNS="100")).stdout
             for seed in (1, 2)]
     assert outs[0] == outs[1] and outs[0]

@@ -10,6 +10,7 @@ from refl_engine.memory.recompute import CALL_KINDS, build_policy, chunked, chun
 from refl_engine.methods import SamplingChain, build_method
 from refl_engine.models.conditioning import Conditioning, make_eps_fn
 from refl_engine.sampling import DDIMSchedule
+from hang import hang_timeout
 
 N_STEPS, BATCH, GUIDANCE = 3, 3, 3.0
 
@@ -217,7 +218,8 @@ def _in_fresh_process(*args):
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     code = ("import json, torch; torch.set_num_threads(1); from test_chunked import _trainer_step_peak; "
             f"print('RESULT', json.dumps(_trainer_step_peak{args!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=hang_timeout(900))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
