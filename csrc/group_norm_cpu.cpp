@@ -670,23 +670,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& dy
   }
   // dweight, dbias: sums over the batch, in a plain loop written in the parameters' dtype (two
   // ATen reductions and casts cost more at the UNet's small shapes than the kernels themselves)
-  at::Tensor dw = at::empty({C}, weight.options()), db = at::empty({C}, bias.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "group_norm_silu_dweight", [&] {
-    scalar_t* dwp = dw.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      float s = 0.f;
-      for (int64_t n = 0; n < N; ++n) s += sum_dz_xhat[n * C + c];
-      dwp[c] = static_cast<scalar_t>(s);
-    }
-  });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bias.scalar_type(), "group_norm_silu_dbias", [&] {
-    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      float s = 0.f;
-      for (int64_t n = 0; n < N; ++n) s += sum_dz[n * C + c];
-      dbp[c] = static_cast<scalar_t>(s);
-    }
-  });
+  auto sum_over_batch = [&](const std::vector<float>& per_sample, const at::Tensor& like) {
+    at::Tensor out = at::empty({C}, like.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, like.scalar_type(), "group_norm_silu_dparams", [&] {
+      scalar_t* p = out.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        float s = 0.f;
+        for (int64_t n = 0; n < N; ++n) s += per_sample[n * C + c];
+        p[c] = static_cast<scalar_t>(s);
+      }
+    });
+    return out;
+  };
+  at::Tensor dw = sum_over_batch(sum_dz_xhat, weight), db = sum_over_batch(sum_dz, bias);
   return {dx, dw, db};
 }
 
