@@ -38,6 +38,7 @@ import torch.distributed as dist
 from .config import OFFLOADS, ConfigError, OptimConfig, TrainConfig, validate_distributed  # noqa: F401
 from .config import read_deepspeed_file as _read_file
 from .optim import build_optimizer, deepspeed_optimizer, lr_schedule, use_persistent_extensions_dir
+from .memory.nested import param_grads_into_grad
 
 log = logging.getLogger("refl_engine")
 
@@ -202,14 +203,16 @@ def backward(trainer, loss: torch.Tensor, finite: bool) -> bool:
     finite = agree(finite, trainer.device)
     accum = trainer.cfg.optim.gradient_accumulation_steps
     engine = trainer.engine
-    if engine is None:
-        if finite:
-            scaled = loss / accum
-            (trainer.scaler.scale(scaled) if trainer.scaler else scaled).backward()
-        return finite
-    # Every rank runs backward in step with the others; a non-finite step is made non-finite on
-    # all of them, so all drop it together (module docstring).
-    engine.backward(loss / accum if finite else loss * float("nan"), scale_wrt_gas=False)
+    # into .grad: nested recompute calls then hand over their parameter gradients block by block
+    with param_grads_into_grad():
+        if engine is None:
+            if finite:
+                scaled = loss / accum
+                (trainer.scaler.scale(scaled) if trainer.scaler else scaled).backward()
+            return finite
+        # Every rank runs backward in step with the others; a non-finite step is made non-finite on
+        # all of them, so all drop it together (module docstring).
+        engine.backward(loss / accum if finite else loss * float("nan"), scale_wrt_gas=False)
     return finite
 
 

@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .nested import param_grads_into_grad
 from .window import CallProfile
 
 _local = threading.local()
@@ -391,7 +392,8 @@ def profile_call(fn: Callable, args: Sequence, call_kinds: Mapping[str, Callable
             params = [p for p in _graph_leaves([y]) if not any(p is a for a in inputs)]
             with tracker.window() as bw:
                 if grad_into_params:
-                    y.backward(grad_out)
+                    with param_grads_into_grad():  # as the trainer's backward runs
+                        y.backward(grad_out)
                     param_grad_bytes = 0
                 else:
                     grads = torch.autograd.grad(y, inputs + params, grad_out, allow_unused=True)

@@ -1,6 +1,7 @@
 """Block-nested recomputation (`--recompute nested`, memory/nested.py): the gradients of `none` for
 every method, LoRA and full fine-tuning, alone and chunked; one call's backward peaks below a plain
 checkpoint's; nothing of it outlives a window step, so the step's peak is as flat in K as `full`'s."""
+import contextlib
 import random
 
 import numerics
@@ -243,3 +244,34 @@ def test_planner_auto_nests_when_only_nesting_fits():
     planner = Planner(PlanSpec(recompute="auto", budget_gb=(nested + 0.3 * (selective - nested)) / GiB, **common))
     peak, plan, _ = planner.peak(1, "auto")
     assert plan.fits and "nested" in plan.counts and peak <= planner.usable_bytes(), plan
+
+
+def test_full_finetune_gradients_go_into_grad_block_by_block():
+    """Full fine-tuning, one guided nested call's .backward() into existing .grad buffers (the
+    trainer's steady state): under param_grads_into_grad() the call hands each parameter's gradient
+    to its .grad as its block's backward produces it, instead of returning the whole set at once.
+    The .grad it leaves is bit-identical (the same sums, in the same order), the latent's gradient
+    too, and the backward peaks lower by at least half the trainable parameters' bytes (returned at
+    once, all of them are alive beside .grad)."""
+    unet, _, params, _ = _tiny(0, 0, torch.float32)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    # one 8x8 sample: the parameters (3.2 MB) outweigh a block's activations, as SD1.5's 3.4 GB do
+    fn = make_eps_fn(unet, _conditioning(0, 1, torch.float32), GUIDANCE)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for into_grad in (False, True):
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)  # a window's earlier steps already accumulated here
+        x = x0.clone().requires_grad_()
+        y = CALL_KINDS["nested"](fn, x, torch.tensor(500))
+        with measure.LiveBytesTracker(include_existing=False, devices={"cpu"}) as tracker:
+            with nested_module.param_grads_into_grad() if into_grad else contextlib.nullcontext():
+                y.square().sum().backward()
+        results[into_grad] = tracker.peak, x.grad.clone(), [p.grad.clone() for p in params]
+    (peak_ret, gx_ret, g_ret), (peak_into, gx_into, g_into) = results[False], results[True]
+    assert torch.equal(gx_ret, gx_into)
+    for i, (a, b) in enumerate(zip(g_ret, g_into)):
+        assert torch.equal(a, b), (i, (a - b).abs().max().item())
+    assert any((g - 0.5).abs().max() > 0 for g in g_into)
+    print(f"backward peak: returned {peak_ret}, into .grad {peak_into}, parameters {param_bytes} bytes")
+    assert peak_ret - peak_into >= param_bytes // 2, (peak_ret, peak_into, param_bytes)
