@@ -100,7 +100,9 @@ def chunk_table(budget_gb: float, models=MODELS, methods=(METHODS[0], METHODS[2]
            "picks the largest chunk that fits (bigger chunks run faster). Without chunking the backward of one "
            "recomputed UNet call holds the whole batch's activations; chunked, one chunk's (the no-grad steps "
            "before a window still run the whole batch, which limits ReFL and DRaFT K<N). `nested` recomputes that "
-           "call one UNet block at a time: its backward holds one block's activations.", "",
+           "call one UNet block at a time: its backward holds one block's activations. Under ZeRO-3 `nested` is refused "
+           "(partitioned parameters cannot be its Function's inputs) and `auto` counts it as `selective`, as the trainer "
+           "runs it there.", "",
            "| model | method | training | max batch: selective | nested | selective, chunk 1 | nested, chunk 1 | "
            "auto at that batch: chunk | window steps | peak GiB |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for model, res in models:
@@ -110,9 +112,12 @@ def chunk_table(budget_gb: float, models=MODELS, methods=(METHODS[0], METHODS[2]
                             mixed_precision="bf16", recompute="selective", budget_gb=budget_gb, reward="aesthetic",
                             **training)
                 whole = Planner(PlanSpec(**spec)).max_batch("selective")
-                nested = Planner(PlanSpec(**spec)).max_batch("nested")
                 chunked = Planner(PlanSpec(**spec, recompute_chunk=1)).max_batch("selective")
-                nested1 = Planner(PlanSpec(**spec, recompute_chunk=1)).max_batch("nested")
+                if spec.get("zero") == 3:  # refused there: ZeRO-3's partitioned parameters (auto runs it as selective)
+                    nested = nested1 = "n/a"
+                else:
+                    nested = Planner(PlanSpec(**spec)).max_batch("nested")
+                    nested1 = Planner(PlanSpec(**spec, recompute_chunk=1)).max_batch("nested")
                 cells = ["-", "-", "-"]
                 if chunked:
                     peak, wplan, _ = Planner(PlanSpec(**spec)).peak(chunked, "auto")

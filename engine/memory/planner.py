@@ -142,6 +142,9 @@ class Planner:
         if spec.zero not in (0, 1, 2, 3):
             raise ConfigError("--zero must be 0, 1, 2 or 3")
         spec.window_size()  # an unknown method or a K out of range fails here, with the trainer's message
+        if spec.recompute == "nested" and spec.zero == 3:
+            raise ConfigError("--recompute nested cannot run with ZeRO-3 (its partitioned parameters cannot be the "
+                              "nested recompute's inputs); use --recompute selective or auto, or --zero 2")
         if spec.method_config().kl_coeff > 0 and spec.rank == 0 and spec.zero == 3:
             raise ConfigError("--kl_coeff with full fine-tuning (--rank 0) keeps a frozen copy of the whole UNet, "
                               "which ZeRO-3 would not partition; use LoRA (--rank > 0) or --zero 2")
@@ -262,7 +265,10 @@ class Planner:
         traced = trace("unet", s.use_cache, unet_cfg=unet_cfg, kind_model=self.model.kind, cross_dims=cross,
                         resolution=self.resolution, batch=1, cfg=s.guidance_scale > 1.0, dtype=s.mixed_precision,
                         rank=rank, lora_targets=s.lora_targets, x_grad=x_grad, kinds=["nograd", *WINDOW_KINDS])
-        return {k: v.scaled(batch) for k, v in traced.items()}
+        profiles = {k: v.scaled(batch) for k, v in traced.items()}
+        if s.zero == 3:  # partitioned parameters: the nested kind runs as one selective checkpoint (nested.py)
+            profiles["nested"] = profiles["selective"]
+        return profiles
 
     def after_window(self, batch: int, checkpoint_decode: bool | None = None,
                      checkpoint_reward: bool | None = None) -> tuple[CallProfile, CallProfile]:

@@ -275,3 +275,20 @@ def test_full_finetune_gradients_go_into_grad_block_by_block():
     assert any((g - 0.5).abs().max() > 0 for g in g_into)
     print(f"backward peak: returned {peak_ret}, into .grad {peak_into}, parameters {param_bytes} bytes")
     assert peak_ret - peak_into >= param_bytes // 2, (peak_ret, peak_into, param_bytes)
+
+
+def test_planner_under_zero3_refuses_nested_and_auto_sees_selective():
+    """As the trainer: `--recompute nested` with ZeRO-3 is refused with the fix named, and under
+    ZeRO-3 the planner's nested profile is `selective`'s (nested.py runs the kind as one selective
+    checkpoint there), so `auto` never plans on a peak the trainer cannot reach."""
+    from refl_engine.config import ConfigError
+    from refl_engine.memory.planner import Planner, PlanSpec
+
+    common = dict(model="tiny-sd", method="draft", K="full", num_inference_steps=4, guidance_scale=3.0, rank=4,
+                  mixed_precision="no", batch_size=1, reserve_gb=0.0)
+    with pytest.raises(ConfigError, match="nested.*ZeRO-3.*selective"):
+        Planner(PlanSpec(recompute="nested", zero=3, **common))
+    plain = Planner(PlanSpec(recompute="auto", **common)).unet_profiles(2)
+    zero3 = Planner(PlanSpec(recompute="auto", zero=3, **common)).unet_profiles(2)
+    assert plain["nested"].bwd_peak < plain["selective"].bwd_peak
+    assert zero3["nested"] == zero3["selective"] == plain["selective"]
