@@ -330,8 +330,8 @@ def fmt_t(entry):
 
 def group_norm_summary(result: dict) -> list[str]:
     """Per model, forward+backward of one UNet forward's GroupNorm calls (sum of count x median):
-    each backend alone, and what apply_kernels(unet, "native") runs - the native op for GroupNorm -> SiLU,
-    torch's GroupNorm for the lone GroupNorms."""
+    each backend alone (patch(unet, "native") runs the native column: every GroupNorm), and the native op
+    for GroupNorm -> SiLU with torch's GroupNorm for the lone ones (what patch ran before routing them)."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in result["group_norm"]):
         rows = [r for r in result["group_norm"] if r["model"] == model]
@@ -347,7 +347,7 @@ def group_norm_summary(result: dict) -> list[str]:
         if tot.get("native") and tot.get("torch"):
             mix = sum(r["count_per_step"] * r["timings"]["native" if r["activation"] else "torch"]["fwd_bwd"]["median_ms"]
                       for r in rows)
-            line += (f"; native {tot['torch'] / tot['native']:.2f}x torch; as apply_kernels native runs it (native with "
+            line += (f"; native {tot['torch'] / tot['native']:.2f}x torch; lone GroupNorms left to torch (native with "
                      f"SiLU, torch alone) {mix:.1f} ms, {tot['torch'] / mix:.2f}x torch")
             result.setdefault("group_norm_step_ms", {})[model] = {**tot, "kernels_native_mix": mix}
         lines.append(line)

@@ -1,8 +1,8 @@
 """Seconds per training step of the demo (`--config demo`: DRaFT through all 20 steps) with and
 without the native GroupNorm(+SiLU) op.
 
-"on" runs `--kernels native` with the library loaded: the ResNet blocks' GroupNorm -> SiLU run the
-fused op, and so do the lean/selective recompute modes' GroupNorm -> SiLU -> projection on CPU.
+"on" runs `--kernels native` with the library loaded: every GroupNorm (fused with the SiLU after it
+where there is one) runs the op, and so do the lean/selective recompute modes on CPU.
 "off" runs `--kernels torch` with the library hidden (REFL_NATIVE_LIB pointing nowhere), so the
 same code takes torch's GroupNorm and SiLU everywhere. Everything else is the demo's own config
 (its --recompute default included; the JSON records which mode ran). Each run is its own process
@@ -10,6 +10,9 @@ same code takes torch's GroupNorm and SiLU everywhere. Everything else is the de
 processes hits both alike. Per run: set-up, 2 warm-up steps, then --steps timed steps.
 
     python benchmarks/native_step.py [--rounds 2] [--steps 6] [--threads 2] [--clock wall|cpu] [--json FILE]
+
+Each run also profiles one more step (torch.profiler) and reports the share of its operator CPU time
+spent in GroupNorm and SiLU, forward and backward: the most the op could save.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the operators of GroupNorm and SiLU, forward and backward: torch's, and the native op's (refl::)
+NORM_OPS = re.compile(r"^(aten::(native_group_norm|group_norm|silu)|refl::group_norm)")
 
 
 def worker(steps: int, threads: int, clock: str, kernels: str) -> dict:
@@ -48,9 +54,17 @@ def worker(steps: int, threads: int, clock: str, kernels: str) -> dict:
             t0 = now()
             trainer.train_step()
             times.append(now() - t0)
+        # one more step under torch's profiler: the share of the step's operator CPU time spent in
+        # GroupNorm and SiLU, forward and backward (torch's ops, or the native op), which bounds
+        # what the op can save
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.train_step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        norm = sum(e.self_cpu_time_total for e in events if NORM_OPS.search(e.key))
     flat = flat_dict(cfg)
     return {"native_loaded": native.available("cpu"), "recompute": flat["recompute"], "kernels": flat["kernels"],
-            "step_s": times}
+            "step_s": times, "groupnorm_silu_share": norm / total}
 
 
 def main(argv=None):
@@ -70,7 +84,7 @@ def main(argv=None):
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("error: --clock cpu measures CPU time of one thread; add --threads 1")
 
-    runs, settings = {"off": [], "on": []}, {}
+    runs, shares, settings = {"off": [], "on": []}, {"off": [], "on": []}, {}
     load_at_start = os.getloadavg()
     for r in range(args.rounds):
         for mode in ("off", "on"):
@@ -87,17 +101,24 @@ def main(argv=None):
             if res["native_loaded"] != (mode == "on"):
                 raise SystemExit(f"run '{mode}': native library loaded = {res['native_loaded']}; build it with `make install`")
             runs[mode].append(res["step_s"])
+            shares[mode].append(res["groupnorm_silu_share"])
             settings[mode] = {"recompute": res["recompute"], "kernels": res["kernels"]}
             print(f"round {r + 1} native {mode:3}: median {statistics.median(res['step_s']):.3f} s/step "
                   f"({', '.join(f'{t:.2f}' for t in res['step_s'])})", flush=True)
     summary = {}
     for mode, rs in runs.items():
         flat = [t for run in rs for t in run]
-        summary[mode] = {"median_s": statistics.median(flat), "min_s": min(flat), "runs": rs}
+        summary[mode] = {"median_s": statistics.median(flat), "min_s": min(flat), "runs": rs,
+                         "run_medians_s": [statistics.median(run) for run in rs],
+                         "groupnorm_silu_share": statistics.median(shares[mode])}
     ratio = summary["off"]["median_s"] / summary["on"]["median_s"]
     print(f"demo {args.clock} seconds per step (median over {args.rounds} runs x {args.steps} steps, {args.threads} threads): "
           f"torch GroupNorm {summary['off']['median_s']:.3f}, native {summary['on']['median_s']:.3f} ({ratio:.2f}x; "
           f"--recompute {settings['on']['recompute']})")
+    for mode in ("off", "on"):
+        meds = summary[mode]["run_medians_s"]
+        print(f"  {mode}: per-run medians {min(meds):.3f}-{max(meds):.3f} s; GroupNorm+SiLU ops (forward and backward) "
+              f"{100 * summary[mode]['groupnorm_silu_share']:.1f}% of a profiled step's operator CPU time")
     import torch
 
     record = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",

@@ -25,9 +25,11 @@ The kernels (`--kernels`):
 - with "triton" the GroupNorm -> SiLU pairs of every ResnetBlock2D (norm1 -> act and, for
   time_embedding_norm="default", norm2 -> act) and the UNet's conv_norm_out -> conv_act run as one
   fused GroupNorm+SiLU, and every other nn.GroupNorm as the fused GroupNorm without activation;
-- "native": the GroupNorm -> SiLU pairs fused by the C++ op of refl_kernels.native (CPU; needs the
-  library `make install` builds); GroupNorms without SiLU and attention keep the stock modules
-  (torch's GroupNorm, PyTorch SDPA), which the native op does not beat;
+- "native": the same GroupNorms (GroupNorm -> SiLU pairs fused, the others alone) run the C++ op of
+  refl_kernels.native (CPU; needs the library `make install` builds); attention keeps PyTorch SDPA.
+  The GroupNorms alone measured 0.95-2.5x torch's per SD1.5 shape, and routing them too was as fast
+  or faster than leaving them to torch in 12 of 12 quiet-machine runs of benchmarks/kernel_speed.py
+  (fp32/bf16, batch 1/2, sum per UNet forward);
 - "torch" runs the stock diffusers modules (and lean's torch ops);
 - "auto" is what refl_kernels picks for GroupNorm on the model's device: "triton" on CUDA (or
   under Triton's CPU interpreter), "native" on CPU when its library is built, else "torch".
@@ -288,8 +290,7 @@ def patch(model: nn.Module, kernels: str | None = None, *, attention: bool = Tru
             model.__dict__["_refl_conv_act"] = model.conv_act  # kept outside _modules: not a submodule
             model.conv_act = nn.Identity()
         for module in model.modules():
-            # native: only where it fuses the SiLU; a GroupNorm alone is as fast in torch and saves the same
-            if type(module) is nn.GroupNorm and id(module) not in fused_silu and norm_backend == "triton":
+            if type(module) is nn.GroupNorm and id(module) not in fused_silu:
                 module.__class__ = FusedGroupNorm
                 module.__dict__["_refl_norm_backend"] = norm_backend
     model.__dict__["_refl_kernels"] = kernels

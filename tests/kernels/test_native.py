@@ -348,7 +348,7 @@ def _policy_step(unet, policy_name, seed=0):
 def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
     """--kernels native (every GroupNorm(+SiLU) fused) and, in the recompute modes, the native op
     inside lean.py's GroupNorm->SiLU->projection: the stock model's outputs and gradients."""
-    from refl_engine.models.patch import patch
+    from refl_engine.models.patch import FusedGroupNorm, FusedGroupNormSiLU, ReflResnetBlock2D, patch
 
     stock_out, stock_grads = _policy_step(_unet(), "none")
 
@@ -367,6 +367,11 @@ def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
     monkeypatch.setattr(refl_kernels, "group_norm_with_stats", counting_sel)
     unet = _unet()
     patch(unet, "native")
+    # every GroupNorm runs the op: the ResNet blocks' through lean.py's routed block, the others
+    # fused with the SiLU after them (conv_norm_out) or alone (the attention blocks' norms)
+    in_resnets = {id(n) for b in unet.modules() if isinstance(b, ReflResnetBlock2D) for n in (b.norm1, b.norm2)}
+    others = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm) and id(m) not in in_resnets]
+    assert {type(m) for m in others} == {FusedGroupNorm, FusedGroupNormSiLU}
     out, grads = _policy_step(unet, policy)
     assert calls["patch"] > 0
     if policy in ("lean", "selective"):  # these run the ResNet blocks' norms through lean.py
