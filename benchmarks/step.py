@@ -65,6 +65,23 @@ def step_flops(trainer) -> tuple[int, int]:
     return total, counter.get_total_flops()
 
 
+def profile_step(trainer) -> dict:
+    """One more step under torch's profiler: its self CPU time split into the operators' own work
+    (aten::, refl::) and everything else (Python autograd Functions' bodies, the autograd engine,
+    module code run by a checkpoint's recompute: per-call overhead), and the top entries. The
+    profiler adds its own per-call cost, so these totals exceed the timed steps'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    ops = sum(e.self_cpu_time_total for e in events if e.key.startswith(("aten::", "refl::"))) / 1e3
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    return dict(self_ms=total, op_ms=ops, other_ms=total - ops,
+                top=[(e.key, e.self_cpu_time_total / 1e3, e.count) for e in top])
+
+
 def measure_case(args, method, K, policies) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainers = {p: make_trainer(args.model, method, K, args.num_inference_steps, args.batch, p,
@@ -83,6 +100,7 @@ def measure_case(args, method, K, policies) -> dict:
                 cpu[p].append(time.process_time() - c0)
                 wall[p].append(time.perf_counter() - w0)
                 windows.append(m["window_size"])
+        profiles = {p: profile_step(t) for p, t in trainers.items()} if args.profile else {}
     base = "none" if "none" in policies else policies[0]
     rows = {}
     for p in policies:
@@ -91,7 +109,7 @@ def measure_case(args, method, K, policies) -> dict:
             ratio=statistics.median(a / b for a, b in zip(cpu[p], cpu[base])),
             ratio_min=min(a / b for a, b in zip(cpu[p], cpu[base])),
             floor=flops[p][0] / flops[base][0], step_flops=flops[p][0], unet_forward_flops=flops[p][1],
-            cpu_times=cpu[p], wall_times=wall[p])
+            cpu_times=cpu[p], wall_times=wall[p], **({"profile": profiles[p]} if p in profiles else {}))
     return dict(method=method, K=K, steps=args.num_inference_steps, batch=args.batch, base=base,
                 mean_window=sum(windows) / len(windows), unet_forward_share=flops[base][1] / flops[base][0],
                 policies=rows)
@@ -108,6 +126,8 @@ def main(argv=None):
     p.add_argument("--cases", default="", help="comma-separated method:K (default: all five)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="default: benchmarks/results/step-<model>-cpu.json")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step per policy: operator work vs per-call overhead, top entries")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
@@ -123,6 +143,10 @@ def main(argv=None):
         cols = "".join(f" {pr[q]['ratio']:>11.2f} ({pr[q]['floor']:.2f})" for q in policies[1:])
         print(f"{method:10} {K:>5} {r['mean_window']:>6.1f} {r['unet_forward_share']:>8.3f} "
               f"{pr[policies[0]]['cpu_s']:>12.3f}{cols}", flush=True)
+        for q in policies if args.profile else ():
+            prof = pr[q]["profile"]
+            print(f"    profiled {q:9}: self CPU {prof['self_ms']:8.1f} ms = operators {prof['op_ms']:8.1f} + outside "
+                  f"them {prof['other_ms']:8.1f}; top: " + ", ".join(f"{k} {ms:.0f} ms/{n}" for k, ms, n in prof["top"][:4]))
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
