@@ -24,6 +24,7 @@ on every rank, and drops them before the engine's step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -203,8 +204,12 @@ def backward(trainer, loss: torch.Tensor, finite: bool) -> bool:
     finite = agree(finite, trainer.device)
     accum = trainer.cfg.optim.gradient_accumulation_steps
     engine = trainer.engine
-    # into .grad: nested recompute calls then hand over their parameter gradients block by block
-    with param_grads_into_grad():
+    # Plain torch and DeepSpeed's stage 0 accumulate into .grad and reduce after backward: nested
+    # recompute calls may then hand over their parameter gradients block by block. ZeRO-1/2 reduce
+    # each gradient in a hook as it accumulates and refuse a second accumulation in one backward
+    # (one per window step would come), so there the calls return them, as any op.
+    into_grad = param_grads_into_grad() if engine is None or zero_stage(engine) == 0 else contextlib.nullcontext()
+    with into_grad:
         if engine is None:
             if finite:
                 scaled = loss / accum
@@ -259,8 +264,6 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
 
 def gathered(trainer, params):
     """A context in which `params` are whole on every rank (ZeRO-3), a no-op otherwise."""
-    import contextlib
-
     if zero_stage(trainer.engine) == 3:
         import deepspeed
 

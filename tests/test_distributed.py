@@ -99,6 +99,19 @@ def test_two_ranks_batch1_equal_one_process_batch2(reference, tmp_path, zero):
     assert max(w.abs().max() for n, w in weights.items() if "lora_B" in n) > 1e-4
 
 
+@pytest.mark.parametrize("zero", [0, 2])
+def test_nested_recompute_under_deepspeed_equals_plain(reference, tmp_path, zero):
+    """--recompute nested over the 4 window steps: at stage 0 each nested call hands its parameters'
+    gradients to .grad inside its own backward (nested.param_grads_into_grad), four accumulations
+    per parameter that DeepSpeed then averages; ZeRO-2's hooks reduce each gradient as it
+    accumulates and refuse a second accumulation in one backward, so there the calls return them
+    (once entered there, this failed with "Gradient computed twice for this partition")."""
+    weights, _ = reference
+    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero, recompute="nested"), steps=2)
+    for r in ranks:
+        _assert_same(weights, r["weights"])
+
+
 def test_zero3_param_and_optimizer_offload_equals_plain(reference, tmp_path):
     weights, _ = reference
     (r,) = run_ranks(tmp_path, 1, dict(RUN, train_batch_size=2, zero=3, offload="param"), steps=2)

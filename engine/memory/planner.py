@@ -268,6 +268,10 @@ class Planner:
         profiles = {k: v.scaled(batch) for k, v in traced.items()}
         if s.zero == 3:  # partitioned parameters: the nested kind runs as one selective checkpoint (nested.py)
             profiles["nested"] = profiles["selective"]
+        elif s.zero in (1, 2):  # the calls return their parameter gradients at once (distributed.backward)
+            n = self.param_counts()["lora" if rank > 0 else "unet"] * 4
+            nested = profiles["nested"]
+            profiles["nested"] = CallProfile(nested.retained, nested.fwd_peak, nested.bwd_peak + n, nested.saved)
         return profiles
 
     def after_window(self, batch: int, checkpoint_decode: bool | None = None,
