@@ -30,12 +30,12 @@ parameter gradients alive beside .grad when the Function's backward returns: for
 of SD1.5 (3.4 GB in fp32) more than the blocks' activations it saves. So the trainer's backward
 runs under `param_grads_into_grad()`, in which the backward accumulates each parameter's gradient
 into its .grad as soon as its block's backward has produced it (through the parameter's own
-AccumulateGrad node, so gradient hooks, AMP scaling and ZeRO-1/2's reductions see it as from any
-op) and returns none for the parameters: the same .grad, one block's gradients in flight.
-torch.autograd.grad must not be taken for the parameters inside it (they would get none). Not under
-DeepSpeed's ZeRO-1/2: their hooks reduce each gradient as it accumulates and refuse a second
-accumulation of a parameter in one backward, which a window of several nested calls would make
-(distributed.backward; tests/test_distributed.py::test_nested_recompute_under_zero2_equals_plain). Anything else `fn` closes over (the prompt
+AccumulateGrad node, so gradient hooks and AMP scaling see it as from any op) and returns none for
+the parameters: the same .grad, one block's gradients in flight. torch.autograd.grad must not be
+taken for the parameters inside it (they would get none). Not under DeepSpeed's ZeRO-1/2: their
+hooks reduce each gradient as it accumulates and refuse a second accumulation of a parameter in one
+backward, which a window of several nested calls makes (distributed.backward;
+tests/test_distributed.py::test_nested_recompute_under_deepspeed_equals_plain). Anything else `fn` closes over (the prompt
 embeddings) is a constant. ZeRO-3's partitioned parameters cannot be inputs of a Function (their
 gradients have the gathered shape, the inputs the partitioned one): there the call runs as one
 checkpoint recomputed under `mode` (what `selective` does; logged once). `--recompute nested` with
