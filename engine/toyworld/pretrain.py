@@ -289,7 +289,7 @@ def build_parts(seed: int) -> dict:
 
 
 def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16, vae_lr: float = 3e-3,
-             kl_weight: float = 1e-4, pool: int = 8192, unet_steps: int = 4000, unet_batch: int = 16,
+             kl_weight: float = 1e-4, pool: int = 8192, unet_steps: int = 6000, unet_batch: int = 16,
              unet_lr: float = 3e-3, ema_decay: float = 0.995, cfg_dropout: float = 0.1, snr_gamma: float = 5.0,
              high_noise_fraction: float = 0.5, x0_weight_cap: float = 20.0, cross_attn_lr_mult: float = 3.0,
              text_lr_mult: float = 0.5, threads: int = 1, samples: Path | None = None,
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--pool", type=int, default=8192, help="images rendered and encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-steps", type=int, default=6000, help="the shipped model: 6000 (about 26 min of one core here)")
     p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=3e-3)
     p.add_argument("--ema-decay", type=float, default=0.995)
