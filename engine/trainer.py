@@ -134,6 +134,8 @@ class ReFLTrainer:
             self.engine, self.optimizer, self.lr_schedule = dist.initialize(self)
             self.collective_sampling = dist.zero_stage(self.engine) == 3
             self.scaler = None
+            # DeepSpeed's gradient hooks would take the profile's gradients for real ones
+            self.policy.profile_into_grad = False
         else:
             self.optimizer, self.lr_schedule, self.scaler = build_optimization(self.params, cfg.optim, mp)
         self.out = Path(cfg.output.output_dir)

@@ -47,6 +47,8 @@ can be broken down by component.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 from contextlib import contextmanager
@@ -377,8 +379,11 @@ class AutoRecompute(MemoryPolicy):
 
     At the first call of a window it profiles one call of `fn` on the real inputs (bytes kept after
     forward, peak during forward and during backward; one extra forward/backward per kind and input
-    shape, gradients taken with autograd.grad so nothing accumulates into .grad): `none` first, and
-    the other `kinds` only when keeping everything does not fit. `window.plan_window` then picks per
+    shape, its parameter gradients accumulated into scratch .grad buffers and discarded, or under
+    DeepSpeed taken with autograd.grad: `profile_into_grad`): `none` first, and the other `kinds`
+    only when keeping everything does not fit. The gradients the backward will allocate (trainable
+    UNet parameters without a .grad now: all of them under full fine-tuning) are added to every
+    backward peak. `window.plan_window` then picks per
     window position what to keep, and whether the decode and the reward are checkpointed.
 
     budget_bytes    total bytes the step may use on the device (alias: memory_budget); None = the
@@ -421,6 +426,11 @@ class AutoRecompute(MemoryPolicy):
         self.chunk = self.recompute_chunk  # the latest window's chunk (0 = the batch): given, or planned
         self._profiles: dict = {}
         self._plans: dict = {}  # (inputs, window size, bytes available) -> the choice made
+        # Profile backward into scratch .grad buffers (activation peaks as the trainer's backward
+        # sees them). The trainer turns it off under DeepSpeed, whose gradient hooks would take the
+        # profile's gradients for real ones (ZeRO-1/2 reduce them as they accumulate): there
+        # autograd.grad is used, whose peak can under-count by the gradients made before it.
+        self.profile_into_grad = True
 
     def begin_window(self, window_size: int) -> None:
         self.window_size = int(window_size)
@@ -459,17 +469,27 @@ class AutoRecompute(MemoryPolicy):
         that fits `available` bytes, counting the decode and reward recompute."""
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
         profiles = self._profiles.setdefault(key, {})
+        pending = _pending_grad_bytes(fn)
 
         def profiled(kinds):
             todo = [k for k in kinds if k not in profiles]
             if todo:
-                profiles.update(measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in todo}))
+                into = self.profile_into_grad
+                with _scratch_grads(fn) if into else contextlib.nullcontext():
+                    profiles.update(measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in todo},
+                                                         grad_into_params=into))
             return {k: profiles[k] for k in kinds}
+
+        def with_grads(profs):
+            # the profile's backward peak is the activations' alone (its parameter gradients went
+            # into scratch .grad buffers allocated before it, or were returned by autograd.grad and
+            # subtracted); the window's backward allocates the gradients on top of them
+            return {k: dataclasses.replace(v, bwd_peak=v.bwd_peak + pending) for k, v in profs.items()}
 
         def cheapest(profs):
             best = None
             for after, reserve in self.reserve_options.items():
-                p = plan_window(self.window_size, profs, available, after=reserve, latent_bytes=latent)
+                p = plan_window(self.window_size, with_grads(profs), available, after=reserve, latent_bytes=latent)
                 cost = p.recompute_cost + AFTER_RECOMPUTE_COST * sum(after)
                 if p.fits and (best is None or (cost, p.peak) < best[0]):
                     best = ((cost, p.peak), (p, self.recompute_chunk, after, reserve))
@@ -487,7 +507,7 @@ class AutoRecompute(MemoryPolicy):
         after, reserve = min(self.reserve_options.items(), key=lambda o: o[1])
         profiles = profiled(self.kinds)
         x = args[0]
-        plan = plan_window(self.window_size, profiles, available, after=reserve, latent_bytes=latent)
+        plan = plan_window(self.window_size, with_grads(profiles), available, after=reserve, latent_bytes=latent)
         chunk = self.recompute_chunk
         if not self.recompute_chunk and x.shape[0] > 1 and hasattr(fn, "rows"):
             batch, sample = x.shape[0], x[:1].nbytes
@@ -496,8 +516,8 @@ class AutoRecompute(MemoryPolicy):
             grads = sum(p.numel() for p in unet.parameters() if p.requires_grad) * x.element_size() if unet else 0
 
             def at(c):
-                return {k: chunked_profile(v.scaled(c / batch), batch, c, sample, sample if x_grad else 0, grads)
-                        if k in CHUNKABLE else v for k, v in profiles.items()}
+                return with_grads({k: chunked_profile(v.scaled(c / batch), batch, c, sample, sample if x_grad else 0,
+                                                      grads) if k in CHUNKABLE else v for k, v in profiles.items()})
 
             lo, hi, found = 1, batch - 1, None
             while lo <= hi:
@@ -518,6 +538,36 @@ class AutoRecompute(MemoryPolicy):
 
     def call_chunk(self) -> int:
         return self.chunk
+
+
+@contextmanager
+def _scratch_grads(fn):
+    """Zeroed .grad buffers for the trainable UNet parameters while a call is profiled, allocated
+    before its tracker starts, so the profile's backward accumulates into them as the trainer's
+    does and its peak counts the activations only (under autograd.grad the peak holds whatever
+    gradients exist at that moment, and subtracting all of them afterwards under-counts a peak
+    that comes early in the backward). The parameters' own .grad are put back afterwards."""
+    unet = getattr(fn, "unet", None)
+    params = [p for p in unet.parameters() if p.requires_grad] if unet is not None else []
+    saved = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def _pending_grad_bytes(fn) -> int:
+    """Bytes of the gradients the backward will allocate: the trainable UNet parameters that have
+    no .grad now (the trainer zeroes with set_to_none, so all of them at a window's start; those
+    that have one are already in the live bytes). Partitioned ZeRO-3 parameters hold no elements
+    here; DeepSpeed keeps their gradients in buffers allocated at initialisation."""
+    unet = getattr(fn, "unet", None)
+    if unet is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad and p.grad is None)
 
 
 def _size(n: int) -> str:
