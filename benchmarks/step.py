@@ -37,13 +37,14 @@ import torch
 CASES = [("refl", "full"), ("draft", "1"), ("draft", "full"), ("draft-lv", "full"), ("alignprop", "full")]
 
 
-def make_trainer(model, method, K, n, batch, recompute, guidance_scale, out):
+def make_trainer(model, method, K, n, batch, recompute, guidance_scale, out, rank=4, kernels="torch", resolution=0):
     from refl_engine.config import TrainConfig, set_field, validate
     from refl_engine.trainer import ReFLTrainer
 
     cfg = TrainConfig()
     for k, v in dict(model=model, method=method, K=K, num_inference_steps=n, train_batch_size=batch,
-                     recompute=recompute, guidance_scale=guidance_scale, output_dir=out, progress=False).items():
+                     recompute=recompute, guidance_scale=guidance_scale, output_dir=out, progress=False,
+                     rank=rank, kernels=kernels, resolution=resolution).items():
         set_field(cfg, k, v)
     validate(cfg)
     return ReFLTrainer(cfg).setup()
@@ -85,7 +86,8 @@ def profile_step(trainer) -> dict:
 def measure_case(args, method, K, policies) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainers = {p: make_trainer(args.model, method, K, args.num_inference_steps, args.batch, p,
-                                    args.guidance_scale, os.path.join(out, p)) for p in policies}
+                                    args.guidance_scale, os.path.join(out, p), args.rank, args.kernels, args.resolution)
+                    for p in policies}
         for t in trainers.values():  # warm-up: first calls initialise kernels, caches, lazy installs
             for _ in range(2):
                 t.train_step()
@@ -125,6 +127,10 @@ def main(argv=None):
     p.add_argument("--policies", default="none,lean,full,selective", help="comma-separated --recompute values")
     p.add_argument("--cases", default="", help="comma-separated method:K (default: all five)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 = full fine-tuning (floor nearer 4/3)")
+    p.add_argument("--resolution", type=int, default=0, help="image side in pixels (0: the model's own; larger is "
+                   "more compute-bound, nearer a real model's balance of convolutions to per-call overhead)")
+    p.add_argument("--kernels", default="torch", help="--kernels of every trainer (native: the C++ GroupNorm+SiLU)")
     p.add_argument("--json", default=None, help="default: benchmarks/results/step-<model>-cpu.json")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step per policy: operator work vs per-call overhead, top entries")
@@ -155,7 +161,7 @@ def main(argv=None):
 
     record = dict(device=device, torch=torch.__version__, diffusers=diffusers.__version__,
                   python=sys.version.split()[0], model=args.model, guidance_scale=args.guidance_scale,
-                  threads=args.threads, timing="process CPU time", load_before=load_before, load_after=load_after,
+                  rank=args.rank, kernels=args.kernels, resolution=args.resolution, threads=args.threads, timing="process CPU time", load_before=load_before, load_after=load_after,
                   rows=rows)
     if args.json is None:
         where = "" if torch.cuda.is_available() else "-cpu"
