@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -81,23 +80,6 @@ def build(name: str):
 # ------------------------------------------------------------------ memory
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def gib(kib: int | None) -> float | None:
     return None if kib is None else round(kib * 1024 / GiB, 3)
 
@@ -127,12 +109,14 @@ def timed(fn, repeats: int) -> tuple[list[float], list[float]]:
 
 def measure(name: str, repeats: int, batch: int, size: int, thread_counts: list[int]) -> list[dict]:
     """Build `name` once, time it at each thread count; one record per thread count."""
+    from refl_engine.memory.measure import reset_peak_rss, status_kib
+
     resettable = reset_peak_rss()
     t0 = time.perf_counter()
     torch.manual_seed(0)
     reward = build(name)
     build_s = time.perf_counter() - t0
-    rss_model = _status_kib("VmRSS")
+    rss_model = status_kib("VmRSS")
     params = sum(p.numel() for p in reward.parameters())
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     prompts = [PROMPT] * batch
@@ -160,7 +144,7 @@ def measure(name: str, repeats: int, batch: int, size: int, thread_counts: list[
                 min_s_per_img=min(wall) / batch,
                 wall_s=[round(t, 4) for t in wall],
                 cpu_s=[round(t, 4) for t in cpu],
-                peak_rss_gib=gib(_status_kib("VmHWM")) if resettable else None,
+                peak_rss_gib=gib(status_kib("VmHWM")) if resettable else None,
             )
         # Other processes on the machine inflate the times; the 1-minute load average says how much.
         record["loadavg_1min"] = round(os.getloadavg()[0], 2)

@@ -171,23 +171,6 @@ def import_trl():
 
 # ------------------------------------------------------------------ memory helpers
 
-def status_kib(field: str) -> int | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM, which ru_maxrss reads) to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def release_memory() -> None:
     gc.collect()
     try:
@@ -203,6 +186,8 @@ def maxrss_kib() -> int:
 def run_steps(step, steps: int) -> dict:
     """One warm-up step, then `steps` timed ones: process CPU seconds and peak RSS."""
     import torch
+
+    from refl_engine.memory.measure import reset_peak_rss, status_kib
 
     release_memory()
     rss_before = status_kib("VmRSS")

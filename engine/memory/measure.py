@@ -405,3 +405,29 @@ def profile_call(fn: Callable, args: Sequence, call_kinds: Mapping[str, Callable
                                     counter.bytes if counter is not None else 0)
             del y, grad_out
     return out
+
+
+# ---------------------------------------------------------------------- process memory (Linux)
+
+def status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM: the peak RSS), None where unreadable."""
+    import re
+    from pathlib import Path
+
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (VmHWM, which ru_maxrss reads) to the current RSS;
+    False where that is not possible."""
+    from pathlib import Path
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
