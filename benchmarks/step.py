@@ -19,6 +19,7 @@ FLOPs (lean recomputes elementwise work only): floor 1. The printed `unet fwd` i
 
     python benchmarks/step.py [--model tiny-sd|tiny-sdxl|DIR] [--num_inference_steps 20]
         [--guidance_scale 1] [--steps 5] [--policies none,lean,full,selective] [--threads 1] [--json FILE]
+        [--rank 4 (0: full fine-tuning)] [--resolution PX] [--kernels torch|native]
 """
 from __future__ import annotations
 
@@ -161,8 +162,8 @@ def main(argv=None):
 
     record = dict(device=device, torch=torch.__version__, diffusers=diffusers.__version__,
                   python=sys.version.split()[0], model=args.model, guidance_scale=args.guidance_scale,
-                  rank=args.rank, kernels=args.kernels, resolution=args.resolution, threads=args.threads, timing="process CPU time", load_before=load_before, load_after=load_after,
-                  rows=rows)
+                  rank=args.rank, kernels=args.kernels, resolution=args.resolution, threads=args.threads,
+                  timing="process CPU time", load_before=load_before, load_after=load_after, rows=rows)
     if args.json is None:
         where = "" if torch.cuda.is_available() else "-cpu"
         args.json = f"benchmarks/results/step-{Path(args.model).name}{where}.json"
