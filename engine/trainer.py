@@ -120,11 +120,14 @@ class ReFLTrainer:
             # Hold back what decode and reward need after the window, as the planner counts it, for
             # each way of running them the flags allow (--no_checkpoint_decode / _reward: never
             # checkpointed): the plan chooses. No --memory_budget: the device's free memory now.
-            policy_kwargs.update(budget_bytes=budget, device=self.device, reserve_bytes={
+            # On a CPU the budget is resident memory, not tensor bytes (AutoRecompute.host_rss).
+            reserves = {
                 (d, r): auto_reserve_bytes(
                     c.path if Path(c.path).is_dir() else c.kind, self.resolution, cfg.optim.train_batch_size,
                     cfg.optim.mixed_precision, cfg.method.reward, d, r, cfg.memory.lean_decode)
-                for d in {False, cfg.memory.checkpoint_decode} for r in {False, cfg.memory.checkpoint_reward}})
+                for d in {False, cfg.memory.checkpoint_decode} for r in {False, cfg.memory.checkpoint_reward}}
+            policy_kwargs.update(budget_bytes=budget, device=self.device, reserve_bytes=reserves,
+                                 host_rss=self.device.type == "cpu")
         try:
             self.policy = build_policy(cfg.memory.recompute, **policy_kwargs)
         except (ValueError, TypeError) as e:

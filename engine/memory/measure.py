@@ -431,3 +431,69 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------- the C allocator (glibc)
+
+# On the CPU torch takes tensor memory from the C allocator. glibc's malloc serves a block from
+# its heap unless it is at least the mmap threshold, which starts at 128 KiB and rises (up to
+# 32 MiB) to the size of every mmapped block freed; freed heap blocks stay in the process,
+# fragmented. So on CPU the resident set of a training step is not its peak of live tensor bytes:
+# on tiny-sd at 64-128 px it measured 1.4-2.0x the planned tensor peak. With the threshold fixed
+# at 128 KiB (which also stops it rising) every tensor of 128 KiB or more is mapped on allocation
+# and returned to the system when freed, and the resident set follows the live tensors (measured
+# 1.03x the plan), at 8-27% more CPU time for the page faults of fresh mappings.
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+RSS_MMAP_THRESHOLD = 128 << 10
+_mmap_threshold: int | None = None  # what set_malloc_mmap_threshold set in this process
+
+
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def can_set_malloc_mmap_threshold() -> bool:
+    """Whether this process's C allocator is glibc's, whose mmap threshold can be set."""
+    return _glibc() is not None
+
+
+def set_malloc_mmap_threshold(nbytes: int = RSS_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at `nbytes` for the rest of the process (allocations from now
+    on); False where the allocator is not glibc's or refuses the value."""
+    global _mmap_threshold
+    import ctypes
+
+    libc = _glibc()
+    if libc is None or not libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(int(nbytes))):
+        return False
+    _mmap_threshold = int(nbytes)
+    return True
+
+
+def malloc_mmap_threshold() -> int | None:
+    """The fixed glibc mmap threshold in effect: set by `set_malloc_mmap_threshold`, or by the
+    environment at start (MALLOC_MMAP_THRESHOLD_, or glibc.malloc.mmap_threshold in
+    GLIBC_TUNABLES); None when glibc's dynamic default is in effect."""
+    import os
+    import re
+
+    if _mmap_threshold is not None:
+        return _mmap_threshold
+    if _glibc() is None:
+        return None
+    value = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    m = re.search(r"glibc\.malloc\.mmap_threshold=(\d+)", os.environ.get("GLIBC_TUNABLES", ""))
+    value = m.group(1) if m else value
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from contextlib import contextmanager
 from typing import Callable, Mapping
@@ -63,6 +64,8 @@ from .measure import component
 from .nested import checkpointed_modules, nested_call
 from .lean import in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
+
+_log = logging.getLogger("refl_engine")
 
 
 def _checkpointed(fn, *args, **kwargs):
@@ -329,6 +332,16 @@ CPU_MARGIN_FRACTION = 0.10  # of the available RAM
 # so auto checkpoints them only when that saves a window step's recompute or is needed to fit.
 AFTER_RECOMPUTE_COST = 1.0
 
+# On the CPU a budget is resident memory (RSS), while the plan counts live tensor bytes; glibc's
+# allocator makes the two differ (see measure.py, "the C allocator"). Measured on tiny-sd, K = full,
+# batch 2, RSS growth of a step over its planned tensor peak: under glibc's dynamic mmap threshold
+# 1.4-2.0x at 128 px and 1.68x / 2.27x at 64 px (plans of 973 / 492 MB); with the threshold fixed
+# at 128 KiB 1.03x (128 px) and 1.055x (64 px), at 1.08-1.27x (128 px) and 1.53x (64 px) the CPU
+# time. So `auto` on a CPU (host_rss) runs the fast plan under the default allocator when it fits
+# at HEAP_RSS_FACTOR, and any other plan with the threshold fixed, at MMAP_RSS_FACTOR.
+HEAP_RSS_FACTOR = 2.5
+MMAP_RSS_FACTOR = 1.10
+
 
 def _host_available() -> tuple[int, int]:
     """(available, total) bytes of host RAM: MemAvailable of /proc/meminfo, capped by the cgroup's
@@ -405,7 +418,7 @@ class AutoRecompute(MemoryPolicy):
 
     def __init__(self, budget_bytes: int | str | None = None, reserve_bytes: int | Mapping = 0,
                  kinds: tuple[str, ...] = ("none", "lean", "full", "selective", "nested"), memory_budget: int | str | None = None,
-                 device: torch.device | str = "cpu", **kwargs):
+                 device: torch.device | str = "cpu", host_rss: bool = False, **kwargs):
         super().__init__(**kwargs)
         budget = budget_bytes if budget_bytes is not None else memory_budget
         if budget is None:
@@ -431,6 +444,9 @@ class AutoRecompute(MemoryPolicy):
         # profile's gradients for real ones (ZeRO-1/2 reduce them as they accumulate): there
         # autograd.grad is used, whose peak can under-count by the gradients made before it.
         self.profile_into_grad = True
+        # On a CPU the budget is RSS (the trainer sets this there): see HEAP_RSS_FACTOR.
+        self.host_rss = bool(host_rss)
+        self.allocator: str | None = None  # host_rss: "heap" (glibc's default) or "mmap" (threshold fixed)
 
     def begin_window(self, window_size: int) -> None:
         self.window_size = int(window_size)
@@ -459,10 +475,57 @@ class AutoRecompute(MemoryPolicy):
         available = self.memory_budget - live
         memo = (key, self.window_size, available)
         if memo not in self._plans:
-            self._plans[memo] = self._choose(fn, args, key, available)
+            if self.host_rss and device.type == "cpu":
+                self._plans[memo] = self._choose_host(fn, args, key, available)
+            else:
+                self._plans[memo] = self._choose(fn, args, key, available)
+            plan, chunk, (dec, rew), _ = self._plans[memo]
+            host = {"heap": "; glibc's default allocator, budget / " + f"{HEAP_RSS_FACTOR:g} in tensors",
+                    "mmap": f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold() or 0} bytes, "
+                            f"budget / {MMAP_RSS_FACTOR:g} in tensors"}.get(self.allocator, "")
+            _log.info("--recompute auto: window of %d: %s%s, decode %s, reward %s; planned peak %s of %s "
+                      "available (%s%s)", self.window_size, _counts(plan.kinds), f" at chunk {chunk}" if chunk else "",
+                      "checkpointed" if dec else "kept", "checkpointed" if rew else "kept", _size(plan.peak),
+                      _size(available), self.budget_source, host)
         plan, self.chunk, (self.checkpoint_decode, self.checkpoint_reward), self.reserve_bytes = self._plans[memo]
         self.last_plan = plan
         self.plan = plan.kinds
+
+    def _choose_host(self, fn, args, key, available):
+        """`_choose` for a budget of resident memory on a CPU, planning `available` over the
+        allocator's RSS factor in tensor bytes. The fast plan (nothing recomputed, decode and
+        reward kept) runs under glibc's default allocator when it fits at HEAP_RSS_FACTOR. Any
+        other plan fixes the mmap threshold first (`measure.set_malloc_mmap_threshold`) and plans
+        at MMAP_RSS_FACTOR: under the default allocator the RSS of a recomputing plan is no fixed
+        multiple of its tensors (1.68x at 973 MB, 2.68x at 376 MB, same model and budget), so it
+        cannot be planned to fit; with the threshold fixed it follows them."""
+        def run(factor):
+            try:
+                return self._choose(fn, args, key, int(available / factor)), None
+            except ConfigError as e:
+                return None, e
+
+        if measure.malloc_mmap_threshold() is None:
+            heap, err = run(HEAP_RSS_FACTOR)
+            plan, _, after, _ = heap if heap is not None else (None, None, (True, True), None)
+            if heap is not None and plan.recompute_cost == 0 and not any(after):
+                self.allocator = "heap"
+                return heap
+            if not measure.set_malloc_mmap_threshold():  # not glibc: the default allocator's factor
+                if heap is None:
+                    raise self._rss_error(err, HEAP_RSS_FACTOR)
+                self.allocator = "heap"
+                return heap
+        self.allocator = "mmap"
+        choice, err = run(MMAP_RSS_FACTOR)
+        if err is not None:
+            raise self._rss_error(err, MMAP_RSS_FACTOR)
+        return choice
+
+    @staticmethod
+    def _rss_error(err: ConfigError, factor: float) -> ConfigError:
+        return ConfigError(f"{err} (on a CPU the budget is resident memory, which the allocator makes "
+                           f"{factor:g}x the tensor bytes the plan counts)")
 
     def _choose(self, fn, args, key, available):
         """(WindowPlan, chunk, (checkpoint_decode, checkpoint_reward), reserve): the cheapest plan

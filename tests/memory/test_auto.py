@@ -215,3 +215,69 @@ def test_full_finetune_plans_stay_within_budget_gradients_included():
         assert policy.last_plan.fits and peak <= budget, (peak, budget, policy.last_plan.counts)
         kinds |= set(policy.last_plan.kinds)
     assert {"nested", "full", "none"} <= kinds, kinds  # the sweep crossed the policies
+
+
+_RSS_STEP = r"""
+import ctypes, gc, json, sys, tempfile
+import torch
+from refl_engine.config import TrainConfig, set_field, validate
+from refl_engine.memory import measure
+from refl_engine.trainer import ReFLTrainer
+
+torch.set_num_threads(1)
+budget = sys.argv[1]
+with tempfile.TemporaryDirectory() as out:
+    cfg = TrainConfig()
+    for name, v in dict(model="tiny-sd", method="draft", K="full", num_inference_steps=20, guidance_scale=5.0,
+                        train_batch_size=2, resolution=64, rank=4, reward="colorfulness", recompute="auto",
+                        memory_budget=budget, seed=0, output_dir=out, progress=False).items():
+        set_field(cfg, name, v)
+    validate(cfg)
+    trainer = ReFLTrainer(cfg).setup()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = measure.status_kib("VmRSS")
+    assert measure.reset_peak_rss()
+    trainer.train_step()
+    peak = measure.status_kib("VmHWM")
+    p = trainer.policy
+    print(json.dumps(dict(delta=(peak - before) * 1024, planned=p.last_plan.peak, counts=p.last_plan.counts,
+                          allocator=p.allocator, threshold=measure.malloc_mmap_threshold())))
+"""
+
+
+@pytest.mark.skipif(not measure.can_set_malloc_mmap_threshold() or measure.status_kib("VmHWM") is None
+                    or not measure.reset_peak_rss(), reason="needs glibc's malloc and /proc's peak-RSS counter")
+def test_cpu_budget_bounds_the_resident_memory_of_a_step(tmp_path):
+    """On a CPU `--memory_budget` is the step's resident memory, not the tensor bytes the plan
+    counts. tiny-sd at 64 px, draft K=full, batch 2, in a fresh process, budget 1000 MiB (keeping
+    everything would grow the RSS by ~2 GB): under glibc's default allocator the plan of 973 MB of
+    tensors the budget used to buy grew the RSS by 1644 MB, and a plan of 376 MB (budget / 2.5) still
+    by ~1009 MB. auto now fixes the mmap threshold, after which the RSS follows the tensors, and
+    plans at budget / 1.1: 901 MB planned, 949 MB measured."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    budget = 1000 * 2**20
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", _RSS_STEP, str(budget)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["allocator"] == "mmap" and r["threshold"] == measure.RSS_MMAP_THRESHOLD, r
+    assert r["planned"] <= budget / recompute.MMAP_RSS_FACTOR and set(r["counts"]) != {"none"}, r
+    assert r["delta"] <= budget, r
+
+
+def test_cpu_budget_with_room_keeps_the_default_allocator(monkeypatch):
+    """With memory to spare the fast plan runs under glibc's default allocator: the mmap threshold,
+    which costs CPU time, is left alone."""
+    set_calls = []
+    monkeypatch.setattr(measure, "set_malloc_mmap_threshold", lambda *a: set_calls.append(a) or True)
+    monkeypatch.setattr(measure, "malloc_mmap_threshold", lambda: None)
+    unet, vae, params, scheduler = _tiny()
+    policy = build_policy("auto", budget_bytes=64 * GiB, reserve_bytes=_reserves(), host_rss=True)
+    _step(policy, (unet, vae, params, scheduler))
+    assert policy.allocator == "heap" and set(policy.last_plan.kinds) == {"none"} and not set_calls
