@@ -439,10 +439,11 @@ def reset_peak_rss() -> bool:
 # its heap unless it is at least the mmap threshold, which starts at 128 KiB and rises (up to
 # 32 MiB) to the size of every mmapped block freed; freed heap blocks stay in the process,
 # fragmented. So on CPU the resident set of a training step is not its peak of live tensor bytes:
-# on tiny-sd at 64-128 px it measured 1.4-2.0x the planned tensor peak. With the threshold fixed
+# on tiny-sd at 64-128 px it measured 1.4-2.7x the planned tensor peak. With the threshold fixed
 # at 128 KiB (which also stops it rising) every tensor of 128 KiB or more is mapped on allocation
 # and returned to the system when freed, and the resident set follows the live tensors (measured
-# 1.03x the plan), at 8-27% more CPU time for the page faults of fresh mappings.
+# 1.03-1.06x the plan), at 8-27% (128 px) to 40-60% (64 px) more CPU time for the page faults of
+# fresh mappings.
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 RSS_MMAP_THRESHOLD = 128 << 10
 _mmap_threshold: int | None = None  # what set_malloc_mmap_threshold set in this process
