@@ -335,9 +335,9 @@ AFTER_RECOMPUTE_COST = 1.0
 # On the CPU a budget is resident memory (RSS), while the plan counts live tensor bytes; glibc's
 # allocator makes the two differ (see measure.py, "the C allocator"). Measured on tiny-sd, K = full,
 # batch 2, RSS growth of a step over its planned tensor peak: under glibc's dynamic mmap threshold
-# 1.4-2.0x at 128 px and 1.68x / 2.27x at 64 px (plans of 973 / 492 MB); with the threshold fixed
-# at 128 KiB 1.03x (128 px) and 1.055x (64 px), at 1.08-1.27x (128 px) and 1.53x (64 px) the CPU
-# time. So `auto` on a CPU (host_rss) runs the fast plan under the default allocator when it fits
+# 1.4-2.0x at 128 px and 1.68x / 2.27x / 2.68x at 64 px (plans of 973 / 492 / 376 MB); with the
+# threshold fixed at 128 KiB 1.00-1.03x (128 px) and 1.055x (64 px), at 1.08-1.27x (128 px) and
+# 1.4-1.6x (64 px) the CPU time. So `auto` on a CPU (host_rss) runs the fast plan under the default allocator when it fits
 # at HEAP_RSS_FACTOR, and any other plan with the threshold fixed, at MMAP_RSS_FACTOR.
 HEAP_RSS_FACTOR = 2.5
 MMAP_RSS_FACTOR = 1.10
