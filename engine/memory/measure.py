@@ -22,6 +22,7 @@ component's activations were live at the peak.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import threading
 import time
@@ -449,6 +450,7 @@ RSS_MMAP_THRESHOLD = 128 << 10
 _mmap_threshold: int | None = None  # what set_malloc_mmap_threshold set in this process
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
     import ctypes
     import platform

@@ -480,9 +480,12 @@ class AutoRecompute(MemoryPolicy):
             else:
                 self._plans[memo] = self._choose(fn, args, key, available)
             plan, chunk, (dec, rew), _ = self._plans[memo]
-            host = {"heap": "; glibc's default allocator, budget / " + f"{HEAP_RSS_FACTOR:g} in tensors",
-                    "mmap": f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold() or 0} bytes, "
-                            f"budget / {MMAP_RSS_FACTOR:g} in tensors"}.get(self.allocator, "")
+            host = ""
+            if self.allocator == "heap":
+                host = f"; glibc's default allocator, budget / {HEAP_RSS_FACTOR:g} in tensors"
+            elif self.allocator == "mmap":
+                host = (f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold()} bytes, "
+                        f"budget / {MMAP_RSS_FACTOR:g} in tensors")
             _log.info("--recompute auto: window of %d: %s%s, decode %s, reward %s; planned peak %s of %s "
                       "available (%s%s)", self.window_size, _counts(plan.kinds), f" at chunk {chunk}" if chunk else "",
                       "checkpointed" if dec else "kept", "checkpointed" if rew else "kept", _size(plan.peak),
@@ -507,8 +510,8 @@ class AutoRecompute(MemoryPolicy):
 
         if measure.malloc_mmap_threshold() is None:
             heap, err = run(HEAP_RSS_FACTOR)
-            plan, _, after, _ = heap if heap is not None else (None, None, (True, True), None)
-            if heap is not None and plan.recompute_cost == 0 and not any(after):
+            fast = heap is not None and heap[0].recompute_cost == 0 and not any(heap[2])
+            if fast:
                 self.allocator = "heap"
                 return heap
             if not measure.set_malloc_mmap_threshold():  # not glibc: the default allocator's factor
