@@ -1,5 +1,6 @@
 """How often ZeRO-3 gathers the UNet's weights in one training step, with and without batch-chunked
-recomputation: does a chunked call re-gather the weights for every chunk?
+recomputation, and with and without the engine's hold (distributed.Zero3Hold) that keeps the
+gathered weights across a call's chunks.
 
     python benchmarks/zero3_gathers.py [--json benchmarks/results/zero3_gathers-tiny-sd-cpu.json]
 
@@ -10,8 +11,9 @@ elements unpartitioned, which on the tiny UNet is all of them, so nothing would 
 counts, on rank 0, the all-gather collectives (torch.distributed's all_gather,
 all_gather_into_tensor and _all_gather_base, which DeepSpeed's communication layer calls) and
 their bytes during the second step (the first records ZeRO-3's parameter trace). Rows vary
-`--recompute_chunk` (0 = the whole batch) and `stage3_max_reuse_distance` (DeepSpeed keeps a
-gathered parameter when it is used again within that many parameter elements; default 1e9).
+`--recompute_chunk` (0 = the whole batch), whether the hold is on (off: ZeRO-3's module hooks
+alone, which gather every weight again for each chunk) and `stage3_max_reuse_distance` (DeepSpeed
+keeps a gathered parameter when it is used again within that many parameter elements; default 1e9).
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(method="draft", K="full", num_inference_steps=4, rank=0, learning_rate=1e-5, train_batch_size=4,
            zero=3, recompute="full", num_sample_images=2, progress=False, max_train_steps=2)
-ROWS = [  # name, recompute_chunk, stage3_max_reuse_distance (None: DeepSpeed's default 1e9)
-    ("whole batch", 0, None),
-    ("chunk 2", 2, None),
-    ("chunk 1", 1, None),
-    ("whole batch, reuse distance 0", 0, 0),
-    ("chunk 1, reuse distance 0", 1, 0),
+ROWS = [  # name, recompute_chunk, hold, stage3_max_reuse_distance (None: DeepSpeed's default 1e9)
+    ("whole batch", 0, True, None),
+    ("chunk 2", 2, True, None),
+    ("chunk 1", 1, True, None),
+    ("chunk 2, no hold", 2, False, None),
+    ("chunk 1, no hold", 1, False, None),
+    ("chunk 1, no hold, reuse dist. 0", 1, False, 0),
 ]
 
 
@@ -46,8 +49,11 @@ def worker(spec: dict) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from engine_config import make_config
 
+    from refl_engine import distributed
     from refl_engine.trainer import ReFLTrainer
 
+    if not spec["hold"]:  # ZeRO-3's module hooks alone
+        distributed.Zero3Hold.of = classmethod(lambda cls, module: None)
     counts = dict(calls=0, bytes=0, on=False)
 
     def counting(fn):
@@ -90,9 +96,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_row(chunk: int, reuse, timeout: float = 900) -> dict:
+def run_row(chunk: int, hold: bool, reuse, timeout: float = 900) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        spec = dict(chunk=chunk, reuse=reuse, tmp=tmp)
+        spec = dict(chunk=chunk, hold=hold, reuse=reuse, tmp=tmp)
         port = _free_port()
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
                                   env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
@@ -118,13 +124,14 @@ def main(argv=None) -> int:
     import torch
 
     rows = []
-    print(f"{'row':32s} {'gathers':>8s} {'/ whole':>8s} {'gather MB':>10s} {'CPU s':>7s}")
-    for name, chunk, reuse in ROWS:
-        r = dict(name=name, recompute_chunk=chunk, stage3_max_reuse_distance=reuse, **run_row(chunk, reuse))
-        base = next((x for x in rows if x["recompute_chunk"] == 0 and x["stage3_max_reuse_distance"] == reuse), r)
-        r["gathers_over_whole_batch"] = r["gathers"] / base["gathers"]
+    print(f"{'row':32s} {'gathers':>8s} {'gather MB':>10s} {'/ whole':>8s} {'CPU s':>7s}")
+    for name, chunk, hold, reuse in ROWS:
+        r = dict(name=name, recompute_chunk=chunk, hold=hold, stage3_max_reuse_distance=reuse,
+                 **run_row(chunk, hold, reuse))
+        base = rows[0] if rows else r  # the whole batch
+        r["gather_bytes_over_whole_batch"] = r["gather_bytes"] / base["gather_bytes"]
         rows.append(r)
-        print(f"{name:32s} {r['gathers']:8d} {r['gathers_over_whole_batch']:8.2f} {r['gather_bytes'] / 1e6:10.1f} "
+        print(f"{name:32s} {r['gathers']:8d} {r['gather_bytes'] / 1e6:10.1f} {r['gather_bytes_over_whole_batch']:8.2f} "
               f"{r['cpu_s']:7.2f}", flush=True)
     out = dict(device=f"cpu ({platform.machine()}), 2 ranks, gloo", torch=torch.__version__,
                deepspeed=deepspeed.__version__, run=RUN, stage3_param_persistence_threshold=0,

@@ -271,6 +271,77 @@ def gathered(trainer, params):
     return contextlib.nullcontext()
 
 
+class Zero3Hold:
+    """Keeps a module's ZeRO-3 partitioned parameters whole from `acquire()` to `release()`, across
+    everything ZeRO-3's module hooks do in between.
+
+    ZeRO-3 gathers a sub-module's parameters in its pre-forward (and pre-backward) hook and
+    partitions them again in its post hook once no active sub-module lists them
+    (`param.ds_active_sub_modules`). A batch-chunked call (memory/recompute.py `chunked`) runs the
+    UNet once per chunk, so each chunk would re-gather every weight, in forward, in the recompute
+    and in backward: gathered bytes grow with the number of chunks, and `stage3_max_reuse_distance`
+    does not help (measured: benchmarks/zero3_gathers.py). `acquire` gathers the parameters not
+    already whole in one coalesced collective and lists a sub-module id no module has (`HOLD_ID`)
+    in each parameter's active set: the hooks then find them available and fetch nothing, and
+    their releases skip them. `release` removes the id and partitions what `acquire` gathered.
+    Parameters already whole at `acquire` (a prefetch) are left to ZeRO-3, whose step partitions
+    every parameter in any case (`partition_all_parameters`), so a hold an exception leaves open
+    lasts at most to the end of the step. The cost: the whole partitioned UNet is gathered for the
+    call, where ZeRO-3 alone keeps at most stage3_max_live_parameters (the planner counts the
+    difference: Planner.zero3_held_bytes).
+    """
+
+    HOLD_ID = -1  # DeepSpeed numbers its sub-modules from 0
+
+    def __init__(self, params: list):
+        self.params = sorted(params, key=lambda p: p.ds_id)  # the same order on every rank
+        self.gathered: list = []
+        self.held = False
+
+    @classmethod
+    def of(cls, module) -> "Zero3Hold | None":
+        """A hold on `module`'s ZeRO-3 partitioned parameters, or None when it has none (no ZeRO-3,
+        or every parameter persistent: small parameters stay whole under ZeRO-3's
+        `stage3_param_persistence_threshold`)."""
+        if module is None:
+            return None
+        params = [p for p in module.parameters() if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
+        return cls(params) if params else None
+
+    @property
+    def nbytes(self) -> int:
+        """The held parameters' bytes when whole."""
+        return sum(p.ds_numel * p.element_size() for p in self.params)
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        missing = [p for p in self.params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        # one coalesced collective per kind, as ZeRO-3's own fetch groups them (hpZ secondary
+        # partitions or not); `all_gather(param_list=...)` would issue one per parameter
+        for group in ([p for p in missing if getattr(p, "ds_secondary_tensor", None) is not None],
+                      [p for p in missing if getattr(p, "ds_secondary_tensor", None) is None]):
+            if group:
+                group[0].all_gather_coalesced(group).wait()
+        for p in self.params:
+            p.ds_active_sub_modules.add(self.HOLD_ID)
+        self.gathered, self.held = missing, True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        for p in self.params:
+            p.ds_active_sub_modules.discard(self.HOLD_ID)
+        ours = [p for p in self.gathered if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_active_sub_modules]
+        if ours:
+            ours[0].partition(param_list=ours, has_been_updated=False)
+        self.gathered, self.held = [], False
+
+
 def trainable_state(trainer) -> dict[str, torch.Tensor]:
     """name -> a full copy of each trainable parameter, on every rank (tests, LoRA export)."""
     named = [(n, p) for n, p in trainer.unet.named_parameters() if p.requires_grad]

@@ -4,7 +4,11 @@ rank's view of the trainable weights, metrics and drawn prompts to <out>/rank<r>
 
     python tests/distributed_worker.py SPEC_JSON
 SPEC: {"config": {...make_config overrides...}, "steps": n, "out": dir, "save_at": k|null,
-       "resume": path|null, "nan_rank": r|null, "nan_step": s|null}
+       "resume": path|null, "nan_rank": r|null, "nan_step": s|null,
+       "chunk_at": {step: recompute_chunk}|null, "count_gathers": bool}
+count_gathers: each step's metrics gain "gather_bytes", the bytes this rank all-gathered in it
+(torch.distributed's all-gather collectives, which DeepSpeed's ZeRO-3 calls). chunk_at: the step
+(1-based) runs its checkpointed calls at that --recompute_chunk.
 """
 import json
 import os
@@ -26,6 +30,8 @@ def main(spec: dict) -> None:
     from pathlib import Path
 
     cfg = make_config(Path(spec["tmp"]), **spec["config"])
+    # before DeepSpeed starts: its communication layer binds torch.distributed's functions then
+    gathered = _count_gathers() if spec.get("count_gathers") else None
     trainer = ReFLTrainer(cfg).setup()
     if spec.get("resume"):
         trainer.resume(spec["resume"])
@@ -47,14 +53,38 @@ def main(spec: dict) -> None:
         return prompts
 
     trainer.sample_prompts_batch = recording
+    chunk_at, chunk = spec.get("chunk_at") or {}, trainer.policy.recompute_chunk
     while trainer.step < spec["steps"]:
+        trainer.policy.recompute_chunk = chunk_at.get(str(trainer.step + 1), chunk)
+        if gathered is not None:
+            gathered[0] = 0
         metrics.append(trainer.train_step())
+        if gathered is not None:
+            metrics[-1]["gather_bytes"] = gathered[0]
         if spec.get("save_at") == trainer.step:
             saved = str(trainer.save_checkpoint())
             at_save = dist.trainable_state(trainer)
     weights = dist.trainable_state(trainer)
     torch.save(dict(weights=weights, metrics=metrics, drawn=drawn, saved=saved, weights_at_save=at_save,
                     state_bytes=_state_bytes(trainer)), os.path.join(spec["out"], f"rank{rank}.pt"))
+
+
+def _count_gathers() -> list:
+    import torch.distributed as tdist
+
+    total = [0]
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            out = args[0] if args else next(iter(kwargs.values()))
+            total[0] += sum(t.nbytes for t in out) if isinstance(out, (list, tuple)) else out.nbytes
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("all_gather", "all_gather_into_tensor", "_all_gather_base"):
+        if hasattr(tdist, name):
+            setattr(tdist, name, counting(getattr(tdist, name)))
+    return total
 
 
 def _state_bytes(trainer) -> int:

@@ -118,6 +118,25 @@ def test_zero3_param_and_optimizer_offload_equals_plain(reference, tmp_path):
     _assert_same(weights, r["weights"])
 
 
+def test_zero3_chunked_calls_gather_the_weights_once_per_call(tiny_sd_dir, tmp_path):
+    """--recompute_chunk under ZeRO-3 with every parameter partitioned: the chunks of a call share
+    one gather of the UNet (distributed.Zero3Hold) in forward and one in backward, where ZeRO-3's
+    module hooks alone gather every weight again for each chunk, in forward, in the recompute and
+    in backward. Step 2 runs the whole batch, step 3 chunk 1 (2 chunks a call); the weights equal
+    plain torch's at the same global batch."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(dict(zero_optimization=dict(stage=3, stage3_param_persistence_threshold=0))))
+    weights, _ = _plain_run(tmp_path / "plain", steps=3, train_batch_size=4, recompute="full")
+    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=2, zero=3, recompute="full", recompute_chunk=1,
+                                        deepspeed=str(ds)), steps=3, chunk_at={"2": 0}, count_gathers=True)
+    for r in ranks:
+        _assert_same(weights, r["weights"])
+    whole, chunked = (ranks[0]["metrics"][i]["gather_bytes"] for i in (1, 2))
+    # without the hold ZeRO-3 gathered 2x the whole batch's bytes at 2 chunks, 4x at 4 (benchmarks/zero3_gathers.py)
+    print("GATHER", whole, chunked)
+    assert 0 < chunked <= whole, (chunked, whole)
+
+
 def test_gradient_accumulation_under_deepspeed_equals_plain(tiny_sd_dir, tmp_path):
     # DeepSpeed counts micro-batches itself (engine.step() after each, the update at the last one)
     config = dict(train_batch_size=1, gradient_accumulation_steps=2)

@@ -33,7 +33,7 @@ model is a frozen copy of the UNet in the training dtype, resident for the whole
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .meta import REWARD_BACKBONES, dtype_of, model_spec, param_counts, reward_terms
 from .recompute import AFTER_RECOMPUTE_COST, CHUNKABLE, chunked_profile
@@ -320,10 +320,21 @@ class Planner:
         c = self.param_counts()
         return (c["lora"] if self.spec.rank > 0 else c["unet"]) * dtype_of(self.spec.mixed_precision).itemsize
 
+    def zero3_held_bytes(self, state: dict[str, int]) -> int:
+        """What a chunked call's ZeRO-3 hold (distributed.Zero3Hold) keeps whole beyond the live
+        parameters `state` already counts: the hold gathers the whole partitioned UNet for the
+        call's chunks, where ZeRO-3 alone keeps at most stage3_max_live_parameters (1e9) gathered.
+        Under LoRA the frozen UNet is counted resident already."""
+        if "zero3_live_params" not in state or self.spec.rank > 0:
+            return 0
+        return max(0, self.param_counts()["unet"] * dtype_of(self.spec.mixed_precision).itemsize
+                   - state["zero3_live_params"])
+
     def chunked_profiles(self, profiles: dict[str, CallProfile], batch: int, chunk: int,
-                         x_grad: bool) -> dict[str, CallProfile]:
+                         x_grad: bool, held: int = 0) -> dict[str, CallProfile]:
         """`profiles` with the checkpointed kinds run as the trainer runs them at `--recompute_chunk
-        chunk` (recompute.chunked): one chunk's call, plus what grows with the batch around it."""
+        chunk` (recompute.chunked): one chunk's call, plus what grows with the batch around it, plus
+        `held` bytes of ZeRO-3 parameters kept whole through the call's forward and backward."""
         if chunk <= 0 or chunk >= batch:
             return profiles
         one = self.unet_profiles(chunk, x_grad=x_grad)
@@ -331,8 +342,8 @@ class Planner:
         out = dict(profiles)
         for k in CHUNKABLE:
             if k in one:
-                out[k] = chunked_profile(one[k], batch, chunk, sample, sample if x_grad else 0,
-                                         self.param_grad_bytes())
+                p = chunked_profile(one[k], batch, chunk, sample, sample if x_grad else 0, self.param_grad_bytes())
+                out[k] = replace(p, fwd_peak=p.fwd_peak + held, bwd_peak=p.bwd_peak + held)
         return out
 
     def kl_profiles(self, profiles: dict[str, CallProfile], batch: int) -> dict[str, CallProfile]:
@@ -348,10 +359,12 @@ class Planner:
                 for k, p in profiles.items()}
 
     # -- composition ----------------------------------------------------------------------------------
-    def activation_plan(self, batch: int, recompute: str, window: int, available: int | None = None):
+    def activation_plan(self, batch: int, recompute: str, window: int, available: int | None = None,
+                        held: int = 0):
         """(WindowPlan, after-window peak, profiles) for `recompute` at `batch`. The plan's
         `recompute_chunk` is the chunk its checkpointed calls run at (0 = the whole batch): the
-        spec's, or under `auto` with none given the largest that fits (bigger chunks run faster)."""
+        spec's, or under `auto` with none given the largest that fits (bigger chunks run faster).
+        `held`: Planner.zero3_held_bytes, on top of a chunked call's peaks."""
         s = self.spec
         # The first window step's latent comes from no-grad steps and carries no gradient; later
         # ones do. With one step (ReFL, K = 1) that first step is the whole window; DRaFT-LV's and
@@ -363,7 +376,7 @@ class Planner:
         # decode output (the fp32 image) stays for the reward; reward backward, then decode backward
         after = self.after_window_bytes(batch)
         chunk = s.recompute_chunk if s.recompute_chunk < batch else 0
-        profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad), batch)
+        profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad, held), batch)
         ckpt = (s.checkpoint_decode, s.checkpoint_reward)
         if recompute == "auto":
             budget = available if available is not None else 0
@@ -386,14 +399,14 @@ class Planner:
                 lo, hi, best = 1, batch - 1, None
                 while lo <= hi:
                     mid = (lo + hi) // 2
-                    p = plan_window(window, self.kl_profiles(self.chunked_profiles(whole, batch, mid, x_grad), batch),
+                    p = plan_window(window, self.kl_profiles(self.chunked_profiles(whole, batch, mid, x_grad, held), batch),
                                     budget, after, latent)
                     if p.fits:
                         best, lo = (mid, p), mid + 1
                     else:
                         hi = mid - 1
                 chunk = best[0] if best else 1
-                profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad), batch)
+                profiles = self.kl_profiles(self.chunked_profiles(whole, batch, chunk, x_grad, held), batch)
                 plan = best[1] if best else plan_window(window, profiles, budget, after, latent)
         else:  # a fixed policy: every window position of that kind
             peak, kept, phase = _window_peak([(recompute, window)], profiles, latent, after)
@@ -412,7 +425,8 @@ class Planner:
         static = sum(state.values())
         window = self.spec.window_size()
         available = self.usable_bytes() - static
-        plan, after, profiles, vae, rew = self.activation_plan(batch, recompute, window, available)
+        plan, after, profiles, vae, rew = self.activation_plan(batch, recompute, window, available,
+                                                               self.zero3_held_bytes(state))
         return static + plan.peak, plan, dict(profiles=profiles, vae=vae, reward=rew, after=after)
 
     def budget_bytes(self) -> tuple[int, str]:

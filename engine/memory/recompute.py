@@ -145,17 +145,59 @@ def chunked(kind: str, chunk: int) -> Callable:
         rows = getattr(fn, "rows", None)
         if rows is None or batch <= chunk or not torch.is_grad_enabled():
             return run(fn, x, *rest)
-        # per-sample tensor arguments (a per-sample timestep) are split with x; others are shared
-        splits = [a.split(chunk) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None
-                  for a in rest]
-        outs = []
-        for i, x_part in enumerate(x.split(chunk)):
-            lo = i * chunk
-            part = [s[i] if s is not None else a for s, a in zip(splits, rest)]
-            outs.append(run(rows(lo, lo + x_part.shape[0]), x_part, *part))
-        return torch.cat(outs)
+        from ..distributed import Zero3Hold
+
+        hold = Zero3Hold.of(getattr(fn, "unet", None))
+        if hold is not None:  # ZeRO-3: one gather for all chunks, in forward and again in backward
+            hold.acquire()
+            x = _ReleaseInBackward.apply(x, torch.zeros((), requires_grad=True), hold)
+        try:
+            # per-sample tensor arguments (a per-sample timestep) are split with x; others are shared
+            splits = [a.split(chunk) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None
+                      for a in rest]
+            outs = []
+            for i, x_part in enumerate(x.split(chunk)):
+                lo = i * chunk
+                part = [s[i] if s is not None else a for s, a in zip(splits, rest)]
+                outs.append(run(rows(lo, lo + x_part.shape[0]), x_part, *part))
+            out = torch.cat(outs)
+        finally:
+            if hold is not None:
+                hold.release()
+        return _AcquireInBackward.apply(out, hold) if hold is not None else out
 
     return call
+
+
+class _AcquireInBackward(torch.autograd.Function):
+    """Identity on a chunked call's output whose backward, which runs before any chunk's
+    recompute and backward (they all feed it), gathers the held parameters once for all of them."""
+
+    @staticmethod
+    def forward(ctx, out, hold):
+        ctx.hold = hold
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hold.acquire()
+        return grad, None
+
+
+class _ReleaseInBackward(torch.autograd.Function):
+    """Identity on a chunked call's input whose backward, which runs after every chunk's backward
+    (they all feed it), partitions the held parameters again. The `anchor` (a fresh leaf that
+    requires grad) makes autograd run it even when the input needs no gradient of its own."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, hold):
+        ctx.hold = hold
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hold.release()
+        return grad, None, None
 
 
 def chunked_profile(chunk_profile: CallProfile, batch: int, chunk: int, out_bytes: int, x_grad_bytes: int,
@@ -580,10 +622,17 @@ class AutoRecompute(MemoryPolicy):
             x_grad = self.window_size > 1  # later window steps' latents carry gradient
             unet = getattr(fn, "unet", None)
             grads = sum(p.numel() for p in unet.parameters() if p.requires_grad) * x.element_size() if unet else 0
+            from ..distributed import Zero3Hold
+
+            hold = Zero3Hold.of(unet)
+            held = hold.nbytes if hold is not None else 0  # ZeRO-3: the UNet kept whole through a chunked call
 
             def at(c):
-                return with_grads({k: chunked_profile(v.scaled(c / batch), batch, c, sample, sample if x_grad else 0,
-                                                      grads) if k in CHUNKABLE else v for k, v in profiles.items()})
+                def one(v):
+                    v = chunked_profile(v.scaled(c / batch), batch, c, sample, sample if x_grad else 0, grads)
+                    return dataclasses.replace(v, fwd_peak=v.fwd_peak + held, bwd_peak=v.bwd_peak + held)
+
+                return with_grads({k: one(v) if k in CHUNKABLE else v for k, v in profiles.items()})
 
             lo, hi, found = 1, batch - 1, None
             while lo <= hi:

@@ -303,3 +303,28 @@ def test_planner_auto_picks_the_largest_chunk_that_fits():
     bigger = Planner(PlanSpec(recompute="auto", budget_gb=budget / GiB, recompute_chunk=plan.recompute_chunk + 1,
                               **common))
     assert not bigger.peak(batch, "auto")[1].fits
+
+
+def test_planner_counts_the_zero3_hold_of_a_chunked_call():
+    """Under ZeRO-3 a chunked call keeps the whole partitioned UNet gathered through its forward and
+    its backward (distributed.Zero3Hold): the planner adds what that holds beyond the live
+    parameters it already counts, to chunked calls only, and nothing under LoRA (whose frozen UNet
+    it counts resident)."""
+    from refl_engine.memory.meta import dtype_of
+    from refl_engine.memory.planner import Planner, PlanSpec
+
+    common = dict(model="tiny-sd", method="draft", K="full", num_inference_steps=4, guidance_scale=3.0, rank=0,
+                  mixed_precision="no", batch_size=4, reserve_gb=0.0, recompute="full")
+    planner = Planner(PlanSpec(recompute_chunk=1, zero=3, offload="param", **common))
+    state = planner.state_bytes()
+    whole = planner.param_counts()["unet"] * dtype_of("no").itemsize
+    assert planner.zero3_held_bytes(state) == whole - state["zero3_live_params"]
+    assert planner.zero3_held_bytes({"zero3_live_params": 0}) == whole
+    assert planner.zero3_held_bytes({"params": 1}) == 0  # no ZeRO-3 partitioning, no hold
+    assert Planner(PlanSpec(**dict(common, rank=4), zero=3, offload="param")).zero3_held_bytes(
+        {"zero3_live_params": 0}) == 0
+    for chunk, added in ((1, whole), (0, 0)):  # whole batch: nothing held
+        p = Planner(PlanSpec(**dict(common, recompute_chunk=chunk)))
+        window = p.spec.window_size()
+        base = p.activation_plan(4, "full", window)[0].peak
+        assert p.activation_plan(4, "full", window, held=whole)[0].peak == base + added
