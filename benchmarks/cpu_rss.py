@@ -1,16 +1,19 @@
 """Resident memory (RSS) of one training step on a CPU against the tensor bytes `--recompute auto`
-planned, with auto's CPU budget taken as RSS (the default) and as tensor bytes (as before).
+planned, with auto's CPU budget taken as RSS (the default: the heap trimmed at call boundaries),
+as RSS with glibc's mmap threshold fixed, and as tensor bytes (as at first).
 
     python benchmarks/cpu_rss.py [--budget_mib 1000] [--resolution 64] [--json FILE]
 
 Rows, each a fresh process (the C allocator's state is per process): `none` (what keeping
-everything costs), `auto` with `--memory_budget` counted in tensor bytes (AutoRecompute's
-host_rss off: glibc's default allocator), and `auto` as the trainer runs it on a CPU (host_rss:
-the fast plan under the default allocator when it fits at HEAP_RSS_FACTOR its tensors, any other
-plan with glibc's mmap threshold fixed, planned at MMAP_RSS_FACTOR). Each row: tiny-sd, DRaFT
-K=full, N = 20, batch 2, CFG 5, LoRA r=4, one thread; one warm-up step (auto profiles in it), then
-one step measured: the RSS growth over the RSS before it (VmHWM after the peak counter is reset),
-the planned peak and the step's CPU time.
+everything costs); `auto` with `--memory_budget` counted in tensor bytes (AutoRecompute's
+host_rss off: glibc's default allocator untouched); `auto` with MALLOC_MMAP_THRESHOLD_=131072 in
+the environment (every block of 128 KiB or more mapped on allocation and unmapped when freed;
+planned at MMAP_RSS_FACTOR); and `auto` as the trainer runs it on a CPU (host_rss: the fast plan
+under the default allocator when it fits at HEAP_RSS_FACTOR its tensors, any other plan with the
+heap trimmed at every call boundary, planned at TRIM_RSS_FACTOR). Each row: tiny-sd, DRaFT K=full,
+N = 20, batch 2, CFG 5, LoRA r=4, one thread; one warm-up step (auto profiles in it), then one step
+measured: the RSS growth over the RSS before it (VmHWM after the peak counter is reset), the
+planned peak and the step's CPU time.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = [("none", "none", ""), ("auto, budget in tensor bytes", "auto", "tensor"), ("auto (CPU default: RSS)", "auto", "rss")]
+ROWS = [("none", "none", ""), ("auto, budget in tensor bytes", "auto", "tensor"),
+        ("auto, RSS, mmap threshold fixed", "auto", "mmap"), ("auto (CPU default: RSS, trim)", "auto", "rss")]
 
 WORKER = r"""
 import ctypes, gc, json, sys, tempfile, time
@@ -77,17 +81,18 @@ def main(argv=None) -> int:
     env["OMP_NUM_THREADS"] = "1"
     rows = []
     print(f"budget {a.budget_mib} MiB, tiny-sd at {a.resolution} px, DRaFT K=full, N=20, batch 2")
-    print(f"{'row':30s} {'RSS growth MiB':>15s} {'planned MiB':>12s} {'/ budget':>9s} {'CPU s':>7s}  plan")
+    print(f"{'row':33s} {'RSS growth MiB':>15s} {'planned MiB':>12s} {'/ budget':>9s} {'CPU s':>7s}  plan")
     for name, policy, mode in ROWS:
+        row_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(128 << 10)) if mode == "mmap" else env
         out = subprocess.run([sys.executable, "-c", WORKER, policy, str(a.budget_mib * 2**20), mode,
-                              str(a.resolution)], capture_output=True, text=True, env=env)
+                              str(a.resolution)], capture_output=True, text=True, env=row_env)
         if out.returncode != 0:
             raise SystemExit(f"{name}: the step failed:\n{out.stderr[-3000:]}")
         r = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
         r["row"] = name
         rows.append(r)
         planned = f"{r['planned_mib']:.0f}" if r["planned_mib"] is not None else "-"
-        print(f"{name:30s} {r['rss_growth_mib']:15.0f} {planned:>12s} {r['rss_growth_mib'] / a.budget_mib:9.2f} "
+        print(f"{name:33s} {r['rss_growth_mib']:15.0f} {planned:>12s} {r['rss_growth_mib'] / a.budget_mib:9.2f} "
               f"{r['cpu_s']:7.2f}  {r['plan'] or ''} {r['allocator'] or ''}", flush=True)
     record = dict(device=f"cpu ({platform.machine()}), 1 thread", budget_mib=a.budget_mib, resolution=a.resolution,
                   load_average=os.getloadavg(), rows=rows)

@@ -444,10 +444,8 @@ def reset_peak_rss() -> bool:
 # at 128 KiB (which also stops it rising) every tensor of 128 KiB or more is mapped on allocation
 # and returned to the system when freed, and the resident set follows the live tensors (measured
 # 1.03-1.06x the plan), at 8-27% (128 px) to 40-60% (64 px) more CPU time for the page faults of
-# fresh mappings.
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-RSS_MMAP_THRESHOLD = 128 << 10
-_mmap_threshold: int | None = None  # what set_malloc_mmap_threshold set in this process
+# fresh mappings. Trimming the heap (malloc_trim) at the boundaries of the step's calls instead
+# keeps the default allocator and bounds the RSS as well, for less CPU time (benchmarks/cpu_rss.py).
 
 
 @functools.lru_cache(maxsize=None)
@@ -459,38 +457,35 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
+        return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
 
 
-def can_set_malloc_mmap_threshold() -> bool:
-    """Whether this process's C allocator is glibc's, whose mmap threshold can be set."""
+def has_glibc_malloc() -> bool:
+    """Whether this process's C allocator is glibc's (whose heap `trim_heap` can trim)."""
     return _glibc() is not None
 
 
-def set_malloc_mmap_threshold(nbytes: int = RSS_MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at `nbytes` for the rest of the process (allocations from now
-    on); False where the allocator is not glibc's or refuses the value."""
-    global _mmap_threshold
-    import ctypes
-
+def trim_heap() -> bool:
+    """Give the pages of glibc's free heap blocks back to the system (malloc_trim(0)); False where
+    the allocator is not glibc's. Between two calls the resident set grows by at most what was
+    freed and not reused in between, so a policy that trims at its call boundaries
+    (MemoryPolicy.trim_heap) keeps the RSS near its live tensors under glibc's default allocator,
+    without the page faults a fixed mmap threshold pays on every large allocation."""
     libc = _glibc()
-    if libc is None or not libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(int(nbytes))):
+    if libc is None:
         return False
-    _mmap_threshold = int(nbytes)
+    libc.malloc_trim(0)
     return True
 
 
 def malloc_mmap_threshold() -> int | None:
-    """The fixed glibc mmap threshold in effect: set by `set_malloc_mmap_threshold`, or by the
-    environment at start (MALLOC_MMAP_THRESHOLD_, or glibc.malloc.mmap_threshold in
-    GLIBC_TUNABLES); None when glibc's dynamic default is in effect."""
+    """The fixed glibc mmap threshold the environment set at start (MALLOC_MMAP_THRESHOLD_, or
+    glibc.malloc.mmap_threshold in GLIBC_TUNABLES); None when glibc's dynamic default is in effect."""
     import os
     import re
 
-    if _mmap_threshold is not None:
-        return _mmap_threshold
     if _glibc() is None:
         return None
     value = os.environ.get("MALLOC_MMAP_THRESHOLD_")

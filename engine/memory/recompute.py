@@ -223,6 +223,10 @@ def chunked_profile(chunk_profile: CallProfile, batch: int, chunk: int, out_byte
                        chunk_profile.saved)
 
 
+def _trim_before_backward(grad):
+    measure.trim_heap()
+
+
 class MemoryPolicy:
     name = "base"
 
@@ -241,6 +245,10 @@ class MemoryPolicy:
         # Samples per checkpoint of a `full` / `selective` UNet call (0 = the whole batch): the
         # backward of a checkpointed call then rematerialises one chunk at a time (`chunked`).
         self.recompute_chunk = int(recompute_chunk)
+        # Trim glibc's heap (measure.trim_heap) at every call boundary, forward and backward: on a
+        # CPU the resident set then stays near the live tensors (AutoRecompute sets it when a
+        # budget of resident memory needs it).
+        self.trim_heap = False
 
     # [declared size, calls made] while a gradient window is open
     _open: list[int] | None = None
@@ -295,37 +303,54 @@ class MemoryPolicy:
         kind = self.call_kind(window_pos)
         run = chunked(kind, self.call_chunk()) if kind in CHUNKABLE else CALL_KINDS[kind]
         with component("unet"):
-            return run(fn, *args)
+            return self._trimmed(run, fn, *args)
+
+    def _trimmed(self, run, *args):
+        """run(*args), with the heap trimmed before it and, when its output carries gradient, again
+        just before its backward begins (a hook on the output), if `trim_heap`."""
+        if not self.trim_heap:
+            return run(*args)
+        measure.trim_heap()
+        out = run(*args)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(_trim_before_backward)
+        return out
 
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
         with component("vae"):
-            if self.lean_decode:
-                fn = in_lean_mode(fn)
-            if not self.checkpoint_decode:
-                return fn(*args)
-            batch = args[0].shape[0]
-            if self.decode_chunk <= 0 or batch <= self.decode_chunk or not torch.is_grad_enabled():
-                return _checkpointed(fn, *args)
-            chunks = []
-            for lo in range(0, batch, self.decode_chunk):
-                part = [a[lo:lo + self.decode_chunk] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch
-                        else a for a in args]
-                chunks.append(_checkpointed(fn, *part))
-            return torch.cat(chunks)
+            return self._trimmed(self._decode, fn, *args)
+
+    def _decode(self, fn: Callable, *args):
+        if self.lean_decode:
+            fn = in_lean_mode(fn)
+        if not self.checkpoint_decode:
+            return fn(*args)
+        batch = args[0].shape[0]
+        if self.decode_chunk <= 0 or batch <= self.decode_chunk or not torch.is_grad_enabled():
+            return _checkpointed(fn, *args)
+        chunks = []
+        for lo in range(0, batch, self.decode_chunk):
+            part = [a[lo:lo + self.decode_chunk] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch
+                    else a for a in args]
+            chunks.append(_checkpointed(fn, *part))
+        return torch.cat(chunks)
 
     def reward_call(self, reward, images: torch.Tensor, prompts) -> torch.Tensor:
         """reward(images, prompts). With `checkpoint_reward` the reward's `recompute_layers` keep
         only their inputs and are recomputed one at a time in backward (a reward exposing no
         layers is checkpointed as one call); nothing else checkpoints inside a reward."""
         with component("reward"):
-            if not (self.checkpoint_reward and torch.is_grad_enabled()):
-                return reward(images, prompts)
-            layers = getattr(reward, "recompute_layers", ())
-            if not layers:
-                return _checkpointed(reward, images, prompts)
-            with checkpointed_layers(layers):
-                return reward(images, prompts)
+            return self._trimmed(self._reward, reward, images, prompts)
+
+    def _reward(self, reward, images: torch.Tensor, prompts) -> torch.Tensor:
+        if not (self.checkpoint_reward and torch.is_grad_enabled()):
+            return reward(images, prompts)
+        layers = getattr(reward, "recompute_layers", ())
+        if not layers:
+            return _checkpointed(reward, images, prompts)
+        with checkpointed_layers(layers):
+            return reward(images, prompts)
 
 
 class NoRecompute(MemoryPolicy):
@@ -379,9 +404,13 @@ AFTER_RECOMPUTE_COST = 1.0
 # batch 2, RSS growth of a step over its planned tensor peak: under glibc's dynamic mmap threshold
 # 1.4-2.0x at 128 px and 1.68x / 2.27x / 2.68x at 64 px (plans of 973 / 492 / 376 MB); with the
 # threshold fixed at 128 KiB 1.00-1.03x (128 px) and 1.055x (64 px), at 1.08-1.27x (128 px) and
-# 1.4-1.6x (64 px) the CPU time. So `auto` on a CPU (host_rss) runs the fast plan under the default allocator when it fits
-# at HEAP_RSS_FACTOR, and any other plan with the threshold fixed, at MMAP_RSS_FACTOR.
+# 1.4-1.6x (64 px) the CPU time; with the heap trimmed at every call boundary (MemoryPolicy.trim_heap)
+# 1.05x (128 px) and 1.07x (64 px), at less CPU time than the fixed threshold (benchmarks/cpu_rss.py).
+# So `auto` on a CPU (host_rss) runs the fast plan under the default allocator as it is when it
+# fits at HEAP_RSS_FACTOR, and any other plan trimmed, at TRIM_RSS_FACTOR (at MMAP_RSS_FACTOR when
+# the environment fixed the threshold).
 HEAP_RSS_FACTOR = 2.5
+TRIM_RSS_FACTOR = 1.10
 MMAP_RSS_FACTOR = 1.10
 
 
@@ -488,7 +517,7 @@ class AutoRecompute(MemoryPolicy):
         self.profile_into_grad = True
         # On a CPU the budget is RSS (the trainer sets this there): see HEAP_RSS_FACTOR.
         self.host_rss = bool(host_rss)
-        self.allocator: str | None = None  # host_rss: "heap" (glibc's default) or "mmap" (threshold fixed)
+        self.allocator: str | None = None  # host_rss: "heap" (as it is), "trim" (trim_heap) or "mmap" (threshold fixed)
 
     def begin_window(self, window_size: int) -> None:
         self.window_size = int(window_size)
@@ -525,6 +554,8 @@ class AutoRecompute(MemoryPolicy):
             host = ""
             if self.allocator == "heap":
                 host = f"; glibc's default allocator, budget / {HEAP_RSS_FACTOR:g} in tensors"
+            elif self.allocator == "trim":
+                host = f"; glibc's heap trimmed at every call, budget / {TRIM_RSS_FACTOR:g} in tensors"
             elif self.allocator == "mmap":
                 host = (f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold()} bytes, "
                         f"budget / {MMAP_RSS_FACTOR:g} in tensors")
@@ -539,32 +570,36 @@ class AutoRecompute(MemoryPolicy):
     def _choose_host(self, fn, args, key, available):
         """`_choose` for a budget of resident memory on a CPU, planning `available` over the
         allocator's RSS factor in tensor bytes. The fast plan (nothing recomputed, decode and
-        reward kept) runs under glibc's default allocator when it fits at HEAP_RSS_FACTOR. Any
-        other plan fixes the mmap threshold first (`measure.set_malloc_mmap_threshold`) and plans
-        at MMAP_RSS_FACTOR: under the default allocator the RSS of a recomputing plan is no fixed
-        multiple of its tensors (1.68x at 973 MB, 2.68x at 376 MB, same model and budget), so it
-        cannot be planned to fit; with the threshold fixed it follows them."""
+        reward kept) runs under glibc's default allocator as it is when it fits at
+        HEAP_RSS_FACTOR. Any other plan turns on `trim_heap` and plans at TRIM_RSS_FACTOR: under
+        the untrimmed allocator the RSS of a recomputing plan is no fixed multiple of its tensors
+        (1.68x at 973 MB, 2.68x at 376 MB, same model and budget), so it cannot be planned to fit;
+        trimmed at every call boundary it follows them. With glibc's mmap threshold fixed in the
+        environment (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES) it plans at MMAP_RSS_FACTOR; without
+        glibc, at HEAP_RSS_FACTOR."""
         def run(factor):
             try:
                 return self._choose(fn, args, key, int(available / factor)), None
             except ConfigError as e:
                 return None, e
 
-        if measure.malloc_mmap_threshold() is None:
-            heap, err = run(HEAP_RSS_FACTOR)
-            fast = heap is not None and heap[0].recompute_cost == 0 and not any(heap[2])
-            if fast:
-                self.allocator = "heap"
-                return heap
-            if not measure.set_malloc_mmap_threshold():  # not glibc: the default allocator's factor
-                if heap is None:
-                    raise self._rss_error(err, HEAP_RSS_FACTOR)
-                self.allocator = "heap"
-                return heap
-        self.allocator = "mmap"
-        choice, err = run(MMAP_RSS_FACTOR)
+        if measure.malloc_mmap_threshold() is not None:
+            self.allocator = "mmap"
+            choice, err = run(MMAP_RSS_FACTOR)
+            if err is not None:
+                raise self._rss_error(err, MMAP_RSS_FACTOR)
+            return choice
+        heap, err = run(HEAP_RSS_FACTOR)
+        fast = heap is not None and heap[0].recompute_cost == 0 and not any(heap[2])
+        if fast or not measure.has_glibc_malloc():  # fits as it is, or no glibc to trim
+            if heap is None:
+                raise self._rss_error(err, HEAP_RSS_FACTOR)
+            self.allocator = "heap"
+            return heap
+        self.allocator, self.trim_heap = "trim", True
+        choice, err = run(TRIM_RSS_FACTOR)
         if err is not None:
-            raise self._rss_error(err, MMAP_RSS_FACTOR)
+            raise self._rss_error(err, TRIM_RSS_FACTOR)
         return choice
 
     @staticmethod

@@ -242,19 +242,19 @@ with tempfile.TemporaryDirectory() as out:
     peak = measure.status_kib("VmHWM")
     p = trainer.policy
     print(json.dumps(dict(delta=(peak - before) * 1024, planned=p.last_plan.peak, counts=p.last_plan.counts,
-                          allocator=p.allocator, threshold=measure.malloc_mmap_threshold())))
+                          allocator=p.allocator, trim_heap=p.trim_heap, threshold=measure.malloc_mmap_threshold())))
 """
 
 
-@pytest.mark.skipif(not measure.can_set_malloc_mmap_threshold() or measure.status_kib("VmHWM") is None
+@pytest.mark.skipif(not measure.has_glibc_malloc() or measure.status_kib("VmHWM") is None
                     or not measure.reset_peak_rss(), reason="needs glibc's malloc and /proc's peak-RSS counter")
 def test_cpu_budget_bounds_the_resident_memory_of_a_step(tmp_path):
     """On a CPU `--memory_budget` is the step's resident memory, not the tensor bytes the plan
     counts. tiny-sd at 64 px, draft K=full, batch 2, in a fresh process, budget 1000 MiB (keeping
-    everything would grow the RSS by ~2 GB): under glibc's default allocator the plan of 973 MB of
+    everything would grow the RSS by ~2 GB): under glibc's untouched allocator the plan of 973 MB of
     tensors the budget used to buy grew the RSS by 1644 MB, and a plan of 376 MB (budget / 2.5) still
-    by ~1009 MB. auto now fixes the mmap threshold, after which the RSS follows the tensors, and
-    plans at budget / 1.1: 901 MB planned, 949 MB measured."""
+    by ~1009 MB. auto now trims the heap at every call boundary, after which the RSS follows the
+    tensors, and plans at budget / 1.1: 901 MB planned, 959 MB measured."""
     import json
     import os
     import subprocess
@@ -266,18 +266,42 @@ def test_cpu_budget_bounds_the_resident_memory_of_a_step(tmp_path):
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["allocator"] == "mmap" and r["threshold"] == measure.RSS_MMAP_THRESHOLD, r
-    assert r["planned"] <= budget / recompute.MMAP_RSS_FACTOR and set(r["counts"]) != {"none"}, r
+    assert r["allocator"] == "trim" and r["trim_heap"] and r["threshold"] is None, r
+    assert r["planned"] <= budget / recompute.TRIM_RSS_FACTOR and set(r["counts"]) != {"none"}, r
     assert r["delta"] <= budget, r
 
 
 def test_cpu_budget_with_room_keeps_the_default_allocator(monkeypatch):
-    """With memory to spare the fast plan runs under glibc's default allocator: the mmap threshold,
-    which costs CPU time, is left alone."""
-    set_calls = []
-    monkeypatch.setattr(measure, "set_malloc_mmap_threshold", lambda *a: set_calls.append(a) or True)
+    """With memory to spare the fast plan runs under glibc's default allocator as it is: the heap,
+    whose trimming costs CPU time, is left alone."""
+    trims = []
+    monkeypatch.setattr(measure, "trim_heap", lambda: trims.append(1) or True)
     monkeypatch.setattr(measure, "malloc_mmap_threshold", lambda: None)
     unet, vae, params, scheduler = _tiny()
     policy = build_policy("auto", budget_bytes=64 * GiB, reserve_bytes=_reserves(), host_rss=True)
     _step(policy, (unet, vae, params, scheduler))
-    assert policy.allocator == "heap" and set(policy.last_plan.kinds) == {"none"} and not set_calls
+    assert policy.allocator == "heap" and set(policy.last_plan.kinds) == {"none"} and not policy.trim_heap
+    assert not trims
+
+
+def test_trimmed_policy_trims_at_every_call_boundary(monkeypatch):
+    """`trim_heap`: the heap is trimmed before each window call, the decode and the reward, and
+    again before each of their backwards (a hook on the output); the gradients are untouched."""
+    trims = []
+    monkeypatch.setattr(measure, "trim_heap", lambda: trims.append(1) or True)
+    models = _tiny()
+    grads = {}
+    for trim in (False, True):
+        policy = build_policy("full")
+        policy.trim_heap = trim
+        trims.clear()
+        _step(policy, models)
+        grads[trim] = [p.grad.clone() for p in models[2]]
+        for p in models[2]:
+            p.grad = None
+        calls = len(trims)
+    window = N_STEPS  # _step: every step in the window, then one decode and one reward
+    assert calls == 2 * (window + 2), calls
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
