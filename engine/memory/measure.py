@@ -422,17 +422,6 @@ def status_kib(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def rss_bytes() -> int | None:
-    """This process's resident set in bytes (/proc/self/statm), None where unreadable."""
-    import os
-
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def reset_peak_rss() -> bool:
     """Reset this process's peak-RSS counter (VmHWM, which ru_maxrss reads) to the current RSS;
     False where that is not possible."""

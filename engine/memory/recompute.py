@@ -223,6 +223,10 @@ def chunked_profile(chunk_profile: CallProfile, batch: int, chunk: int, out_byte
                        chunk_profile.saved)
 
 
+def _trim_before_backward(grad):
+    measure.trim_heap()
+
+
 class MemoryPolicy:
     name = "base"
 
@@ -243,12 +247,8 @@ class MemoryPolicy:
         self.recompute_chunk = int(recompute_chunk)
         # Trim glibc's heap (measure.trim_heap) at every call boundary, forward and backward: on a
         # CPU the resident set then stays near the live tensors (AutoRecompute sets it when a
-        # budget of resident memory needs it). With `trim_headroom` bytes, only where the RSS has
-        # grown by more than that since the window opened (each trim makes the pages it returns
-        # fault again when reused: a heap that holds little unused memory is left alone).
+        # budget of resident memory needs it).
         self.trim_heap = False
-        self.trim_headroom: int | None = None
-        self._rss_base: int | None = None
 
     # [declared size, calls made] while a gradient window is open
     _open: list[int] | None = None
@@ -260,9 +260,6 @@ class MemoryPolicy:
         if self._open is not None:
             raise RuntimeError("a gradient window is already open on this policy")
         self._open = [int(size), 0]
-        if self.trim_heap:  # the window's growth is measured from a trimmed heap
-            measure.trim_heap()
-            self._rss_base = measure.rss_bytes()
         self.begin_window(int(size))
         try:
             yield self
@@ -313,18 +310,11 @@ class MemoryPolicy:
         just before its backward begins (a hook on the output), if `trim_heap`."""
         if not self.trim_heap:
             return run(*args)
-        self._trim()
+        measure.trim_heap()
         out = run(*args)
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad: self._trim())
+            out.register_hook(_trim_before_backward)
         return out
-
-    def _trim(self) -> None:
-        if self.trim_headroom is not None and self._rss_base is not None:
-            rss = measure.rss_bytes()
-            if rss is not None and rss - self._rss_base <= self.trim_headroom:
-                return
-        measure.trim_heap()
 
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
@@ -415,13 +405,14 @@ AFTER_RECOMPUTE_COST = 1.0
 # 1.4-2.0x at 128 px and 1.68x / 2.27x / 2.68x at 64 px (plans of 973 / 492 / 376 MB); with the
 # threshold fixed at 128 KiB 1.00-1.03x (128 px) and 1.055x (64 px), at 1.08-1.27x (128 px) and
 # 1.4-1.6x (64 px) the CPU time; with the heap trimmed at every call boundary (MemoryPolicy.trim_heap)
-# 1.07x (64 px, benchmarks/cpu_rss.py) and 0.99x (128 px, benchmarks/trl_compare.py's auto@trl), at
-# less CPU time than the fixed threshold (1.28x `none`'s at 64 px against 1.59x).
+# 1.07x in a later step and 1.10x in the first (which also profiles the calls; 64 px,
+# benchmarks/cpu_rss.py and tests/memory/test_auto.py), at less CPU time than the fixed threshold
+# (1.15x `none`'s there against 1.40x): planned at 1.15 for a margin.
 # So `auto` on a CPU (host_rss) runs the fast plan under the default allocator as it is when it
 # fits at HEAP_RSS_FACTOR, and any other plan trimmed, at TRIM_RSS_FACTOR (at MMAP_RSS_FACTOR when
 # the environment fixed the threshold).
 HEAP_RSS_FACTOR = 2.5
-TRIM_RSS_FACTOR = 1.10
+TRIM_RSS_FACTOR = 1.15
 MMAP_RSS_FACTOR = 1.10
 
 
@@ -566,7 +557,7 @@ class AutoRecompute(MemoryPolicy):
             if self.allocator == "heap":
                 host = f"; glibc's default allocator, budget / {HEAP_RSS_FACTOR:g} in tensors"
             elif self.allocator == "trim":
-                host = f"; glibc's heap trimmed at every call, budget / {TRIM_RSS_FACTOR:g} in tensors"
+                host = f"; glibc's heap trimmed at call boundaries, budget / {TRIM_RSS_FACTOR:g} in tensors"
             elif self.allocator == "mmap":
                 host = (f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold()} bytes, "
                         f"budget / {MMAP_RSS_FACTOR:g} in tensors")
@@ -575,8 +566,6 @@ class AutoRecompute(MemoryPolicy):
                       "checkpointed" if dec else "kept", "checkpointed" if rew else "kept", _size(plan.peak),
                       _size(available), self.budget_source, host)
         plan, self.chunk, (self.checkpoint_decode, self.checkpoint_reward), self.reserve_bytes = self._plans[memo]
-        if self.allocator == "trim":  # trim where the RSS has outgrown the planned peak
-            self.trim_headroom = plan.peak
         self.last_plan = plan
         self.plan = plan.kinds
 

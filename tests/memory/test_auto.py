@@ -234,7 +234,6 @@ with tempfile.TemporaryDirectory() as out:
         set_field(cfg, name, v)
     validate(cfg)
     trainer = ReFLTrainer(cfg).setup()
-    trainer.train_step()  # auto plans in the first step; the second runs as every later one
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = measure.status_kib("VmRSS")
@@ -255,8 +254,8 @@ def test_cpu_budget_bounds_the_resident_memory_of_a_step(tmp_path):
     everything would grow the RSS by ~2 GB): under glibc's untouched allocator the plan of 973 MB of
     tensors the budget used to buy grew the RSS by 1644 MB, and a plan of 376 MB (budget / 2.5) still
     by ~1009 MB. auto now trims the heap at every call boundary, after which the RSS follows the
-    tensors, and plans at budget / 1.1: 901 MiB planned, 967 MiB measured (benchmarks/cpu_rss.py). The step measured is the
-    second, whose trims are conditional (only where the RSS outgrew the plan)."""
+    tensors, and plans at budget / 1.15: 897 MB planned, 996 MB measured (at budget / 1.1: 944 MB
+    planned, 1040 MB measured, 1% under the budget)."""
     import json
     import os
     import subprocess
@@ -287,9 +286,8 @@ def test_cpu_budget_with_room_keeps_the_default_allocator(monkeypatch):
 
 
 def test_trimmed_policy_trims_at_every_call_boundary(monkeypatch):
-    """`trim_heap`: the heap is trimmed as the window opens, before each window call, the decode and
-    the reward, and again before each of their backwards (a hook on the output); the gradients are
-    untouched. With `trim_headroom`, only where the RSS grew by more since the window opened."""
+    """`trim_heap`: the heap is trimmed before each window call, the decode and the reward, and
+    again before each of their backwards (a hook on the output); the gradients are untouched."""
     trims = []
     monkeypatch.setattr(measure, "trim_heap", lambda: trims.append(1) or True)
     models = _tiny()
@@ -304,13 +302,7 @@ def test_trimmed_policy_trims_at_every_call_boundary(monkeypatch):
             p.grad = None
         calls = len(trims)
     window = N_STEPS  # _step: every step in the window, then one decode and one reward
-    assert calls == 1 + 2 * (window + 2), calls  # and one as the window opens
+    assert calls == 2 * (window + 2), calls
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    # with headroom the RSS never outgrows, only the window's opening trim
-    policy = build_policy("full")
-    policy.trim_heap, policy.trim_headroom = True, 1 << 50
-    trims.clear()
-    _step(policy, models)
-    assert len(trims) == 1
 
