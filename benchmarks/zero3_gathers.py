@@ -43,7 +43,6 @@ ROWS = [  # name, recompute_chunk, hold, stage3_max_reuse_distance (None: DeepSp
 
 def worker(spec: dict) -> None:
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -54,21 +53,7 @@ def worker(spec: dict) -> None:
 
     if not spec["hold"]:  # ZeRO-3's module hooks alone
         distributed.Zero3Hold.of = classmethod(lambda cls, module: None)
-    counts = dict(calls=0, bytes=0, on=False)
-
-    def counting(fn):
-        def wrapped(*args, **kwargs):
-            if counts["on"]:
-                out = args[0] if args else next(iter(kwargs.values()))
-                counts["calls"] += 1
-                counts["bytes"] += (sum(t.numel() * t.element_size() for t in out) if isinstance(out, (list, tuple))
-                                    else out.numel() * out.element_size())
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for name in ("all_gather", "all_gather_into_tensor", "_all_gather_base"):
-        if hasattr(dist, name):
-            setattr(dist, name, counting(getattr(dist, name)))
+    counts = distributed.count_all_gathers()  # before DeepSpeed starts
     tmp = Path(spec["tmp"])
     ds = dict(zero_optimization=dict(stage=3, stage3_param_persistence_threshold=0))
     if spec["reuse"] is not None:
@@ -77,15 +62,15 @@ def worker(spec: dict) -> None:
     cfg = make_config(tmp, deepspeed=str(tmp / "ds.json"), recompute_chunk=spec["chunk"], **RUN)
     trainer = ReFLTrainer(cfg).setup()
     trainer.train_step()  # ZeRO-3 records its parameter trace in the first step
-    counts["on"] = True
+    counts.update(calls=0, bytes=0)
     t0 = time.process_time()
     metrics = trainer.train_step()
     cpu = time.process_time() - t0
-    counts["on"] = False
+    gathers, gather_bytes = counts["calls"], counts["bytes"]
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.unet.parameters())
     n_modules = sum(1 for m in trainer.unet.modules() if any(True for _ in m.parameters(recurse=False)))
     if int(os.environ["RANK"]) == 0:
-        print("RESULT " + json.dumps(dict(gathers=counts["calls"], gather_bytes=counts["bytes"], cpu_s=cpu,
+        print("RESULT " + json.dumps(dict(gathers=gathers, gather_bytes=gather_bytes, cpu_s=cpu,
                                           unet_params=n_params, modules_with_params=n_modules,
                                           loss=float(metrics.get("loss", float("nan"))))), flush=True)
 

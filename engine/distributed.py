@@ -342,6 +342,28 @@ class Zero3Hold:
         self.gathered, self.held = [], False
 
 
+def count_all_gathers() -> dict[str, int]:
+    """From now on, count this process's all-gather collectives (torch.distributed's all_gather,
+    all_gather_into_tensor and _all_gather_base, which DeepSpeed's communication layer calls) and
+    the bytes they gather, into the returned {"calls", "bytes"} (reset them to count a span). Call
+    it before DeepSpeed starts: its communication layer binds these functions when it does.
+    For benchmarks/zero3_gathers.py and the tests."""
+    counts = dict(calls=0, bytes=0)
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            out = args[0] if args else next(iter(kwargs.values()))
+            counts["calls"] += 1
+            counts["bytes"] += sum(t.nbytes for t in out) if isinstance(out, (list, tuple)) else out.nbytes
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("all_gather", "all_gather_into_tensor", "_all_gather_base"):
+        if hasattr(dist, name):
+            setattr(dist, name, counting(getattr(dist, name)))
+    return counts
+
+
 def trainable_state(trainer) -> dict[str, torch.Tensor]:
     """name -> a full copy of each trainable parameter, on every rank (tests, LoRA export)."""
     named = [(n, p) for n, p in trainer.unet.named_parameters() if p.requires_grad]

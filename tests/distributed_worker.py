@@ -31,7 +31,7 @@ def main(spec: dict) -> None:
 
     cfg = make_config(Path(spec["tmp"]), **spec["config"])
     # before DeepSpeed starts: its communication layer binds torch.distributed's functions then
-    gathered = _count_gathers() if spec.get("count_gathers") else None
+    gathered = dist.count_all_gathers() if spec.get("count_gathers") else None
     trainer = ReFLTrainer(cfg).setup()
     if spec.get("resume"):
         trainer.resume(spec["resume"])
@@ -57,34 +57,16 @@ def main(spec: dict) -> None:
     while trainer.step < spec["steps"]:
         trainer.policy.recompute_chunk = chunk_at.get(str(trainer.step + 1), chunk)
         if gathered is not None:
-            gathered[0] = 0
+            gathered.update(calls=0, bytes=0)
         metrics.append(trainer.train_step())
         if gathered is not None:
-            metrics[-1]["gather_bytes"] = gathered[0]
+            metrics[-1]["gather_bytes"] = gathered["bytes"]
         if spec.get("save_at") == trainer.step:
             saved = str(trainer.save_checkpoint())
             at_save = dist.trainable_state(trainer)
     weights = dist.trainable_state(trainer)
     torch.save(dict(weights=weights, metrics=metrics, drawn=drawn, saved=saved, weights_at_save=at_save,
                     state_bytes=_state_bytes(trainer)), os.path.join(spec["out"], f"rank{rank}.pt"))
-
-
-def _count_gathers() -> list:
-    import torch.distributed as tdist
-
-    total = [0]
-
-    def counting(fn):
-        def wrapped(*args, **kwargs):
-            out = args[0] if args else next(iter(kwargs.values()))
-            total[0] += sum(t.nbytes for t in out) if isinstance(out, (list, tuple)) else out.nbytes
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for name in ("all_gather", "all_gather_into_tensor", "_all_gather_base"):
-        if hasattr(tdist, name):
-            setattr(tdist, name, counting(getattr(tdist, name)))
-    return total
 
 
 def _state_bytes(trainer) -> int:
