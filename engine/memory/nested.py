@@ -187,18 +187,38 @@ def nested_call(fn: Callable, *args, mode: Callable = _no_mode):
     """fn(*args), a guided UNet call carrying its UNet as `fn.unet`, with block-nested recompute.
     Without grad it is the plain call; a function without a UNet is refused (its blocks and its
     trainable parameters are unknown)."""
+    if torch.is_grad_enabled() and getattr(fn, "unet", None) is None:
+        raise TypeError("nested recompute needs the UNet call's `fn.unet` (make_eps_fn sets it)")
+    return _recomputed(fn, args, mode, nest=True)
+
+
+def recomputed_call(fn: Callable, *args, mode: Callable = _no_mode):
+    """fn(*args) checkpointed as a whole: `_NestedCall` without inner checkpoints, so its backward
+    recomputes the call once (under `mode`) and backpropagates through it, as a non-reentrant
+    checkpoint would, for the same gradients. What it saves is what such a checkpoint saves (the
+    tensor arguments), but its forward runs with no graph at all and its backward through the
+    recompute's own graph, where torch's checkpoint runs a Python pack hook on every tensor the
+    forward and the recompute save and an unpack hook on every one the backward reads: on the tiny
+    UNet at 32 px (LoRA) that was 0.3x of an uncheckpointed call's forward+backward time, per call
+    (`recompute.CALL_KINDS`' `full` and `selective`). A function without `fn.unet` (its trainable
+    parameters unknown) and ZeRO-3's partitioned parameters take torch's checkpoint instead."""
+    if getattr(fn, "unet", None) is None and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (mode(), mode()))
+    return _recomputed(fn, args, mode, nest=False)
+
+
+def _recomputed(fn, args, mode, nest: bool):
     global _warned_partitioned
     if not torch.is_grad_enabled():
         return fn(*args)
-    unet = getattr(fn, "unet", None)
-    if unet is None:
-        raise TypeError("nested recompute needs the UNet call's `fn.unet` (make_eps_fn sets it)")
+    unet = fn.unet
     params = [p for p in unet.parameters() if p.requires_grad]
     if _partitioned(params):
-        if not _warned_partitioned:
+        if nest and not _warned_partitioned:
             _warned_partitioned = True
             logging.getLogger("refl_engine").warning(
                 "nested recompute: ZeRO-3 partitions the UNet's parameters; its calls run as one checkpoint "
                 "recomputed in lean mode (selective) instead")
         return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (mode(), mode()))
-    return _NestedCall.apply(fn, unet_blocks(unet), mode, len(args), *args, *params)
+    blocks = unet_blocks(unet) if nest else []
+    return _NestedCall.apply(fn, blocks, mode, len(args), *args, *params)

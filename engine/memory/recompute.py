@@ -61,7 +61,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError
 from . import measure
 from .measure import component
-from .nested import checkpointed_modules, nested_call
+from .nested import checkpointed_modules, nested_call, recomputed_call
 from .lean import in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
@@ -87,17 +87,17 @@ def _lean(fn, *args):
     return in_lean_mode(fn)(*args)
 
 
-def _both_lean():
-    return lean_mode(), lean_mode()
+def _full(fn, *args):
+    """A checkpoint of the whole call (nested.recomputed_call): keeps its tensor arguments,
+    recomputes the call in backward."""
+    return recomputed_call(fn, *args)
 
 
 def _selective(fn, *args):
-    """A checkpoint whose forward and recompute run the UNet in lean mode: the recomputed
-    call saves what `lean` saves, so its backward peaks lower than a plain checkpoint's."""
+    """A checkpoint whose recompute runs the UNet in lean mode: the recomputed call saves what
+    `lean` saves, so its backward peaks lower than a plain checkpoint's."""
     _ensure_patched(fn)
-    if not torch.is_grad_enabled():  # nothing to checkpoint; context_fn is checkpoint's, not fn's
-        return fn(*args)
-    return _checkpointed(fn, *args, context_fn=_both_lean)
+    return recomputed_call(fn, *args, mode=lean_mode)
 
 
 def _nested(fn, *args):
@@ -116,7 +116,7 @@ def checkpointed_layers(layers):
 CALL_KINDS: dict[str, Callable] = {
     "none": lambda fn, *args: fn(*args),
     "lean": _lean,
-    "full": _checkpointed,
+    "full": _full,
     "selective": _selective,
     "nested": _nested,
 }
