@@ -156,8 +156,14 @@ class _NormActProject(torch.autograd.Function):
         x, norm_w, norm_b, proj_w, proj_b, *stats = ctx.saved_tensors
         spec, needs, backend = ctx.spec, ctx.needs_input_grad, ctx.backend
         silu = spec.act == "silu"
+        direct = not stats and _aten_norm_ok(x, norm_w, norm_b, ctx.autocast)
         if stats:  # a kernel backend: the activation again from the saved statistics
             a = refl_kernels.group_norm_from_stats(x, norm_w, norm_b, *stats, spec.eps, silu, backend)
+        elif direct:  # torch's GroupNorm again, keeping its statistics for its own backward below
+            n, c = x.shape[:2]
+            y, mean, rstd = torch.ops.aten.native_group_norm(x, norm_w, norm_b, n, c, x.numel() // (n * c),
+                                                             spec.groups, spec.eps)
+            a = F.silu(y) if silu else y
         else:
             with torch.enable_grad(), _autocast(ctx.autocast):
                 xd = x.detach().requires_grad_(needs[0])
@@ -186,12 +192,30 @@ class _NormActProject(torch.autograd.Function):
         if stats:
             grads = refl_kernels.group_norm_backward(grad_a.to(x.dtype), x, norm_w, norm_b, *stats, silu, backend)
             out = [gr if need else None for gr, need in zip(grads, needs[:3])]
+        elif direct:  # the aten backward ops autograd would run for F.group_norm and F.silu, called directly
+            grad_a = grad_a.to(y.dtype)
+            grad_y = torch.ops.aten.silu_backward(grad_a, y) if silu else grad_a
+            n, c = x.shape[:2]
+            mask = [needs[0], norm_w is not None and needs[1], norm_b is not None and needs[2]]
+            out = list(torch.ops.aten.native_group_norm_backward(
+                grad_y.contiguous(), x, mean, rstd, norm_w, n, c,
+                x.numel() // (n * c), spec.groups, mask))
+            out = [gr if m else None for gr, m in zip(out, mask)]
         else:
             leaves = [t for t in (xd, nw, nb) if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(a, leaves, grad_a.to(a.dtype)) if leaves else ())
             out = [next(grads) if t is not None and t.requires_grad else None for t in (xd, nw, nb)]
         cast = lambda gr, p: None if gr is None else gr.to(p.dtype)  # noqa: E731
         return out[0], out[1], out[2], cast(grad_pw, proj_w), cast(grad_pb, proj_b), None
+
+
+def _aten_norm_ok(x, weight, bias, autocast) -> bool:
+    """The Function's torch path may call GroupNorm's aten forward and backward directly (no
+    autograd graph, no torch.autograd.grad inside a backward): autocast off (under autocast
+    F.group_norm casts, which only the graph path reproduces), one dtype throughout, and x
+    contiguous (other layouts F.group_norm lays out by rules of its own; they take the graph path)."""
+    return (not autocast[1] and x.dim() >= 2 and x.is_floating_point() and x.is_contiguous()
+            and all(t is None or t.dtype == x.dtype for t in (weight, bias)))
 
 
 def norm_act_project(x: torch.Tensor, norm: nn.GroupNorm, act: str | None, proj: nn.Module,
@@ -221,6 +245,9 @@ class _GegluGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (h,) = ctx.saved_tensors
+        if not ctx.autocast[1] and grad_out.dtype == h.dtype:  # the aten backward ops, called directly
+            a, g = h.chunk(2, dim=-1)
+            return torch.cat([grad_out * F.gelu(g), torch.ops.aten.gelu_backward(grad_out * a, g)], dim=-1)
         with torch.enable_grad(), _autocast(ctx.autocast):
             hd = h.detach().requires_grad_(True)
             a, g = hd.chunk(2, dim=-1)

@@ -245,9 +245,9 @@ def test_chunk_1_peak_grows_only_by_latents_and_outputs_and_planner_agrees():
 
 
 def test_auto_picks_a_chunk_and_stays_within_budget():
-    """A budget between the measured peaks of `full` at chunk 1 and unchunked: no plan of whole-
-    batch calls fits, so auto chunks its checkpointed calls (the largest chunk that fits) and the
-    measured step stays within the budget."""
+    """A budget between the measured peaks of `full` at chunk 1 and the lowest unchunked kind's
+    (`nested` here): no plan of whole-batch calls fits, so auto chunks its checkpointed calls (the
+    largest chunk that fits) and the measured step stays within the budget."""
     from refl_engine.memory.planner import Planner, PlanSpec
 
     batch = 4
@@ -260,8 +260,8 @@ def test_auto_picks_a_chunk_and_stays_within_budget():
         return tracker.peak
 
     chunk1 = measured_peak(build_policy("full", recompute_chunk=1))
-    whole = measured_peak(build_policy("full"))
-    assert whole > 2 * chunk1
+    whole = min(measured_peak(build_policy(kind)) for kind in ("full", "selective", "nested"))
+    assert whole > 1.4 * chunk1, (whole, chunk1)
     reserve = Planner(PlanSpec(model="tiny-sd", mixed_precision="no")).after_window_bytes(batch)
     budget = int(chunk1 + 0.3 * (whole - chunk1))
     policy = build_policy("auto", budget_bytes=budget, reserve_bytes=reserve)

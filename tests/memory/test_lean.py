@@ -37,7 +37,9 @@ def _saved_bytes(fn, exclude):
 @pytest.mark.parametrize("proj_kind,act", [("conv3s2", "silu"), ("conv1", None), ("conv3", "silu"), ("linear", None),
                                            ("linear", "silu")])
 @pytest.mark.parametrize("trainable", [True, False], ids=["train_proj", "frozen_proj"])
-def test_norm_act_project_matches_autograd(proj_kind, act, trainable, seed):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_norm_act_project_matches_autograd(proj_kind, act, trainable, layout, seed):
+    # contiguous x takes torch's GroupNorm aten ops directly in backward, channels-last x the graph path
     g = torch.Generator().manual_seed(seed)
     C, O = 6, 10
     norm = nn.GroupNorm(3, C, eps=1e-5).double()
@@ -50,7 +52,10 @@ def test_norm_act_project_matches_autograd(proj_kind, act, trainable, seed):
         for p in list(norm.parameters()) + list(proj.parameters()):
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
     proj.requires_grad_(trainable)
-    x = torch.randn(2, C, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, C, 5, 7, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     leaves = [x, norm.weight, norm.bias] + ([proj.weight, proj.bias] if trainable else [])
 
     def stock():
