@@ -194,7 +194,11 @@ class _NormActProject(torch.autograd.Function):
             out = [gr if need else None for gr, need in zip(grads, needs[:3])]
         elif direct:  # the aten backward ops autograd would run for F.group_norm and F.silu, called directly
             grad_a = grad_a.to(y.dtype)
+            # drop the activation (and the linear's token copy) before the norm's backward, and the
+            # norm's output after SiLU's, as autograd frees a node's saved tensors once it has run
+            a = a_in = tokens = grad_tokens = None  # noqa: F841
             grad_y = torch.ops.aten.silu_backward(grad_a, y) if silu else grad_a
+            y = grad_a = None  # noqa: F841
             n, c = x.shape[:2]
             mask = [needs[0], norm_w is not None and needs[1], norm_b is not None and needs[2]]
             out = list(torch.ops.aten.native_group_norm_backward(

@@ -32,7 +32,7 @@ from .meta import REWARD_BACKBONES, dtype_of, meta_unet, meta_vae, meta_vision
 from .recompute import CALL_KINDS, checkpointed_layers
 from .window import WINDOW_KINDS, CallProfile
 
-CACHE_VERSION = 12  # bump when a trace changes what it counts: older cached traces are then ignored
+CACHE_VERSION = 13  # bump when a trace changes what it counts: older cached traces are then ignored
 
 
 def profile_call(fn: Callable, args: Sequence, kinds: Sequence[str] = WINDOW_KINDS, **kwargs) -> dict[str, CallProfile]:
