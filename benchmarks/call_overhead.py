@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def first_window_call(model: str, resolution: int, rank: int, guidance_scale: float, batch: int):
-    """(trainer, fn, args) of the first grad-carrying UNet call a DRaFT K=1 step makes."""
-    from refl_engine.config import TrainConfig, set_field, validate
+    """(trainer, fn, args) of the first grad-carrying UNet call a DRaFT K=1 step makes (the
+    trainer as step.py builds it)."""
     from refl_engine.memory import recompute
-    from refl_engine.trainer import ReFLTrainer
+    from step import make_trainer  # benchmarks/ is first on the path when this runs as a script
 
     seen = {}
     stock = recompute.MemoryPolicy.unet_call
@@ -50,14 +50,8 @@ def first_window_call(model: str, resolution: int, rank: int, guidance_scale: fl
     recompute.MemoryPolicy.unet_call = grab
     try:
         with tempfile.TemporaryDirectory(prefix="call_overhead-") as out:
-            cfg = TrainConfig()
-            for k, v in dict(model=model, method="draft", K="1", num_inference_steps=4,
-                             guidance_scale=guidance_scale, train_batch_size=batch, resolution=resolution, rank=rank,
-                             reward="colorfulness", recompute="none", kernels="torch", seed=0, output_dir=out,
-                             progress=False).items():
-                set_field(cfg, k, v)
-            validate(cfg)
-            trainer = ReFLTrainer(cfg).setup()
+            trainer = make_trainer(model, "draft", "1", 4, batch, "none", guidance_scale, out, rank, "torch",
+                                   resolution)
             trainer.train_step()
     finally:
         recompute.MemoryPolicy.unet_call = stock
