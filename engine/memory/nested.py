@@ -203,8 +203,13 @@ def recomputed_call(fn: Callable, *args, mode: Callable = _no_mode):
     (`recompute.CALL_KINDS`' `full` and `selective`). A function without `fn.unet` (its trainable
     parameters unknown) and ZeRO-3's partitioned parameters take torch's checkpoint instead."""
     if getattr(fn, "unet", None) is None and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (mode(), mode()))
+        return _torch_checkpoint(fn, args, mode)
     return _recomputed(fn, args, mode, nest=False)
+
+
+def _torch_checkpoint(fn, args, mode):
+    """fn(*args) as torch's non-reentrant checkpoint, forward and recompute under `mode`."""
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (mode(), mode()))
 
 
 def _recomputed(fn, args, mode, nest: bool):
@@ -219,6 +224,6 @@ def _recomputed(fn, args, mode, nest: bool):
             logging.getLogger("refl_engine").warning(
                 "nested recompute: ZeRO-3 partitions the UNet's parameters; its calls run as one checkpoint "
                 "recomputed in lean mode (selective) instead")
-        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (mode(), mode()))
+        return _torch_checkpoint(fn, args, mode)
     blocks = unet_blocks(unet) if nest else []
     return _NestedCall.apply(fn, blocks, mode, len(args), *args, *params)
