@@ -19,15 +19,20 @@ _SHAPES = "circle square triangle star ring".split()
 _SCENES = "sky sea field city mountain sunset night".split()
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def toy_prompts() -> list[str]:
     """A fixed, deterministic set of captions over the tiny tokenizer's vocabulary."""
     prompts = []
     for i, shape in enumerate(_SHAPES):
         for j, color in enumerate(_COLORS):
             bg = _COLORS[(i + 3 * j + 1) % len(_COLORS)]
-            prompts.append(f"a {color} {shape} on a {bg} background")
+            prompts.append(f"{_article(color)} {color} {shape} on {_article(bg)} {bg} background")
     for k, scene in enumerate(_SCENES):
-        prompts.append(f"a painting of a {scene} with a {_COLORS[k % len(_COLORS)]} {_SHAPES[k % len(_SHAPES)]}")
+        color = _COLORS[k % len(_COLORS)]
+        prompts.append(f"a painting of a {scene} with {_article(color)} {color} {_SHAPES[k % len(_SHAPES)]}")
     return prompts
 
 

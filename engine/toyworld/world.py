@@ -94,8 +94,13 @@ class Scene:
     def caption(self) -> str:
         where = f" {POSITIONS[self.row, self.col]}" if self.positioned else ""
         if self.scene:
-            return f"a painting of a {self.background} with a {self.color} {self.shape}{where}"
-        return f"a {self.color} {self.shape}{where} on a {self.background} background"
+            return f"a painting of a {self.background} with {article(self.color)} {self.color} {self.shape}{where}"
+        return f"{article(self.color)} {self.color} {self.shape}{where} on {article(self.background)} {self.background} background"
+
+
+def article(word: str) -> str:
+    """The indefinite article before `word` ("an orange", "a red")."""
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 _PHRASE_CELL = {tuple(p.split()): cell for cell, p in POSITIONS.items()}
@@ -130,7 +135,7 @@ def _parse_unpositioned(words: list[str]) -> dict | None:
     if (len(words) == 7 and words[0] in ("a", "an") and words[3] == "on" and words[4] in ("a", "an")
             and words[6] == "background" and words[1] in COLORS and words[2] in SHAPES and words[5] in COLORS):
         return dict(color=words[1], shape=words[2], background=words[5], scene=False)
-    if (len(words) == 9 and words[:4] == ["a", "painting", "of", "a"] and words[5:7] == ["with", "a"]
+    if (len(words) == 9 and words[:4] == ["a", "painting", "of", "a"] and words[5] == "with" and words[6] in ("a", "an")
             and words[4] in SCENES and words[7] in COLORS and words[8] in SHAPES):
         return dict(color=words[7], shape=words[8], background=words[4], scene=True)
     return None
