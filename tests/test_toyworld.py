@@ -327,3 +327,51 @@ def test_shipped_samples_follow_the_caption(shipped, classifier, seed):
         bound = base[k] + deviations * (base[k] * (1 - base[k]) / len(prompts)) ** 0.5
         numerics.record(k, (1 - acc[k]) / (1 - bound))
         assert acc[k] > bound, (k, acc, base)
+
+
+def test_pretrain_targets_and_weights_against_diffusers():
+    """The UNet stage's v target is diffusers' `get_velocity` on the same schedule; the loss weight
+    is 1 at zero SNR (the x0 error as it is, where only the caption tells the layout) and
+    min-SNR-gamma in x0 above SNR 1."""
+    from diffusers import DDPMScheduler
+
+    from refl_engine.toyworld.pretrain import loss_weights, scheduler_config, v_target
+
+    sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items()
+                             if k not in ("set_alpha_to_one", "steps_offset", "timestep_spacing")})
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn((4, 4, 8, 8), generator=g), torch.randn((4, 4, 8, 8), generator=g)
+    t = torch.tensor([0, 400, 900, 999])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v_target(z0, noise, a), sched.get_velocity(z0, noise, t), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v_target(z0, noise, a)[-1], -z0[-1])  # zero terminal SNR: v = -x0
+    abar = sched.alphas_cumprod.double()
+    w, snr = loss_weights(abar, 5.0), abar / (1 - abar)
+    assert w[-1] == 1.0
+    torch.testing.assert_close(w * (snr + 1), snr.clamp(1.0, 5.0))
+
+
+def test_pretrain_unet_stage_resumes_bitwise(tmp_path):
+    """Four UNet-stage steps in one go and two + two across a checkpoint give the same EMA weights
+    (a crash loses nothing but the steps since the last checkpoint)."""
+    from refl_engine.toyworld.pretrain import build_parts, scheduler_config, tokenize, train_unet
+
+    def run(stop_after, checkpoint):
+        parts = build_parts(0)
+        g = torch.Generator().manual_seed(1)
+        mean, std = torch.randn((8, 4, 16, 16), generator=g), torch.full((8, 4, 16, 16), 0.05)
+        caps = world.generate(8, seed=3)[1] + [""]
+        ema, _ = train_unet(parts["unet"], parts["text_encoder"], mean, std, torch.arange(8),
+                            tokenize(parts["tokenizer"], caps), 8, scheduler_config(), 1.0, steps=4, batch=2,
+                            lr=1e-3, ema_decay=0.9, cfg_dropout=0.5, snr_gamma=5.0, high_noise_fraction=0.5,
+                            cross_attn_lr_mult=3.0, text_lr_mult=0.5, seed=0, progress=False,
+                            checkpoint=checkpoint, checkpoint_every=2, stop_after=stop_after)
+        return ema
+
+    straight = run(None, None)
+    ckpt = tmp_path / "unet.pt"
+    run(2, ckpt)
+    resumed = run(None, ckpt)
+    for m in straight:
+        for k, v in straight[m].items():
+            assert torch.equal(v, resumed[m][k]), (m, k)

@@ -81,6 +81,11 @@ def loss_weights(alphas_cumprod: torch.Tensor, snr_gamma: float) -> torch.Tensor
     return torch.clamp(snr, min=1.0, max=snr_gamma) / (snr + 1)
 
 
+def v_target(z0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(a) eps - sqrt(1 - a) x0, what a v-prediction UNet outputs for x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * z0
+
+
 # ---------------------------------------------------------------- helpers
 
 @torch.no_grad()
@@ -235,8 +240,7 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
         unique, inverse = torch.unique(text, return_inverse=True)
         states = text_encoder(token_table[unique])[0][inverse]
         pred = unet(zt, t, encoder_hidden_states=states).sample
-        v = a.sqrt() * noise - (1 - a).sqrt() * z0
-        per = (pred - v).pow(2).mean(dim=(1, 2, 3))
+        per = (pred - v_target(z0, noise, a)).pow(2).mean(dim=(1, 2, 3))
         loss = (weight[t] * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
