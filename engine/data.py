@@ -19,7 +19,8 @@ _SHAPES = "circle square triangle star ring".split()
 _SCENES = "sky sea field city mountain sunset night".split()
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """The indefinite article before `word` ("an orange", "a red")."""
     return "an" if word[:1] in "aeiou" else "a"
 
 
@@ -29,10 +30,10 @@ def toy_prompts() -> list[str]:
     for i, shape in enumerate(_SHAPES):
         for j, color in enumerate(_COLORS):
             bg = _COLORS[(i + 3 * j + 1) % len(_COLORS)]
-            prompts.append(f"{_article(color)} {color} {shape} on {_article(bg)} {bg} background")
+            prompts.append(f"{article(color)} {color} {shape} on {article(bg)} {bg} background")
     for k, scene in enumerate(_SCENES):
         color = _COLORS[k % len(_COLORS)]
-        prompts.append(f"a painting of a {scene} with {_article(color)} {color} {_SHAPES[k % len(_SHAPES)]}")
+        prompts.append(f"a painting of a {scene} with {article(color)} {color} {_SHAPES[k % len(_SHAPES)]}")
     return prompts
 
 

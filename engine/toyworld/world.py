@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data import article
+
 RESOLUTION = 32
 
 # Named colors (sRGB in [0, 1]); the names are the caption words.
@@ -96,11 +98,6 @@ class Scene:
         if self.scene:
             return f"a painting of a {self.background} with {article(self.color)} {self.color} {self.shape}{where}"
         return f"{article(self.color)} {self.color} {self.shape}{where} on {article(self.background)} {self.background} background"
-
-
-def article(word: str) -> str:
-    """The indefinite article before `word` ("an orange", "a red")."""
-    return "an" if word[:1] in "aeiou" else "a"
 
 
 _PHRASE_CELL = {tuple(p.split()): cell for cell, p in POSITIONS.items()}
