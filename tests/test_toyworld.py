@@ -375,3 +375,36 @@ def test_pretrain_unet_stage_resumes_bitwise(tmp_path):
     for m in straight:
         for k, v in straight[m].items():
             assert torch.equal(v, resumed[m][k]), (m, k)
+
+
+def test_pretrain_unet_stage_data_parallel_matches_one_process():
+    """`--procs 2`: two gloo ranks each computing half of every batch take the one-process steps.
+    The losses (the global batch's, all-reduced) agree to float32 summation order. The weights
+    agree to it except where Adam's first steps divide a near-zero gradient by its own magnitude:
+    there a sum in another order can flip the sign of a step of lr * mult, so those few elements
+    are bounded by that and counted."""
+    from refl_engine.toyworld.pretrain import build_parts, scheduler_config, tokenize, train_unet, train_unet_parallel
+
+    def stage():
+        g = torch.Generator().manual_seed(1)
+        mean, std = torch.randn((8, 4, 16, 16), generator=g), torch.full((8, 4, 16, 16), 0.05)
+        caps = world.generate(8, seed=3)[1] + [""]
+        return dict(pool_mean=mean, pool_std=std, pool_text_idx=torch.arange(8),
+                    token_table=tokenize(build_parts(0)["tokenizer"], caps), empty_idx=8,
+                    scheduler_cfg=scheduler_config(), scaling=1.0, steps=3, batch=4, lr=1e-3, ema_decay=0.9,
+                    cfg_dropout=0.5, snr_gamma=5.0, high_noise_fraction=0.5, cross_attn_lr_mult=3.0,
+                    text_lr_mult=0.5, progress=False)
+
+    parts = build_parts(0)
+    one, one_info = train_unet(parts["unet"], parts["text_encoder"], seed=0, **stage())
+    two, two_info = train_unet_parallel(2, 0, **stage())
+    losses = [[r["loss"] for r in info["log"]] for info in (one_info, two_info)]
+    assert len(losses[1]) == 3
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
+    for m in one:
+        floats = [k for k, v in one[m].items() if v.dtype.is_floating_point]
+        diff = torch.cat([(one[m][k].double() - two[m][k].double()).abs().flatten() for k in floats])
+        assert diff.max() <= 3 * 2 * 1e-3 * 3.0, m  # steps x a flipped step of the largest lr
+        assert (diff > 1e-5).float().mean() < 1e-3, (m, (diff > 1e-5).float().mean())
+    with pytest.raises(ValueError, match="split evenly"):
+        train_unet(parts["unet"], parts["text_encoder"], seed=0, rank=0, world_size=3, **stage())

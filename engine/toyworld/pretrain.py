@@ -30,6 +30,9 @@ Then writes the pipeline with `save_pipeline_dir` (fp32 safetensors), a `pretrai
 with the settings, losses, wall and CPU times, and optionally a PNG grid of DDIM samples.
 With --checkpoint-dir the VAE and the full UNet-stage state are kept there and a restarted run
 resumes from them; --stop-after ends the UNet stage early as the first steps of the full run.
+--procs N runs the UNet stage data parallel over N one-thread processes (torch DDP over gloo):
+every rank draws the same global batch and computes its slice, so the steps are the one-process
+steps on the same samples; it is how both cores of a 2-core machine serve one run.
 
 Everything is seeded. Bitwise reproducibility holds for a fixed thread count on the same
 machine (oneDNN kernels may sum in another order with other thread counts). The default is one
@@ -178,15 +181,26 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
                cfg_dropout: float, snr_gamma: float, high_noise_fraction: float,
                cross_attn_lr_mult: float, text_lr_mult: float, seed: int, progress: bool,
                checkpoint: Path | None = None, checkpoint_every: int = 200, log_file: Path | None = None,
-               stop_after: int | None = None):
+               stop_after: int | None = None, rank: int = 0, world_size: int = 1):
     """Epsilon-prediction training of the UNet and, jointly, the text encoder (the caption reaches
     the UNet only through it, so its gradient is what teaches the states to name color, shape and
     position). Returns the EMA weights of both and the loss log. With `checkpoint`, the full state
     (weights, EMA, optimizer, generator, log) is written every `checkpoint_every` steps and a run
     restarts from it bitwise where it stopped. `stop_after` ends the run early at that step (the
-    learning-rate schedule still spans `steps`), as the first `stop_after` steps of the full run."""
+    learning-rate schedule still spans `steps`), as the first `stop_after` steps of the full run.
+
+    Data parallel with `world_size` > 1 (called on every rank of an initialized process group):
+    every rank draws the same global batch of `batch` from the same generator and computes its
+    own `batch // world_size` slice of it, and torch's DistributedDataParallel averages the
+    gradients, so each step is the one-process step on the same samples (the sum in another order).
+    Only rank 0 writes the checkpoint and the log."""
     from diffusers import DDPMScheduler
     from tqdm import tqdm
+
+    if batch % world_size:
+        raise ValueError(f"the UNet batch ({batch}) must split evenly over {world_size} processes")
+    lo, hi = rank * batch // world_size, (rank + 1) * batch // world_size
+    lead = rank == 0
 
     sched = DDPMScheduler(**{k: v for k, v in scheduler_cfg.items()
                              if k not in ("set_alpha_to_one", "steps_offset", "timestep_spacing")})
@@ -220,7 +234,13 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
         print(f"resumed from {checkpoint} at step {first}", flush=True)
     t_run = time.time() - seconds
     last = steps if stop_after is None else min(steps, stop_after)
-    bar = tqdm(range(first, last), desc="unet", disable=not progress, dynamic_ncols=True, initial=first, total=last)
+    unet_step, text_step = unet, text_encoder
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        unet_step, text_step = DDP(unet), DDP(text_encoder)
+    bar = tqdm(range(first, last), desc="unet", disable=not (progress and lead), dynamic_ncols=True, initial=first,
+               total=last)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = g["mult"] * lr_at(step, steps, lr, warmup=max(1, steps // 20))
@@ -234,16 +254,18 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
         high = torch.randint(int(T * 0.4), T, (batch,), generator=gen)
         t = torch.where(torch.rand(batch, generator=gen) < high_noise_fraction, high, t)
         noise = torch.randn(z0.shape, generator=gen)
+        if world_size > 1:  # this rank's slice of the global batch
+            z0, text, t, noise = z0[lo:hi], text[lo:hi], t[lo:hi], noise[lo:hi]
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         # each distinct caption of the batch through the text encoder once
         unique, inverse = torch.unique(text, return_inverse=True)
-        states = text_encoder(token_table[unique])[0][inverse]
-        pred = unet(zt, t, encoder_hidden_states=states).sample
+        states = text_step(token_table[unique])[0][inverse]
+        pred = unet_step(zt, t, encoder_hidden_states=states).sample
         per = (pred - v_target(z0, noise, a)).pow(2).mean(dim=(1, 2, 3))
         loss = (weight[t] * per).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP: the gradients averaged over the ranks
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         d = min(ema_decay, (1 + step) / (10 + step))
@@ -255,10 +277,16 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
                 for e, v in pairs:
                     if not v.dtype.is_floating_point:
                         e.copy_(v)
-        loss, mse = loss.item(), per.mean().item()
+        stats = torch.stack([loss.detach(), per.detach().mean()])
+        if world_size > 1:  # the global batch's loss, as one process would log it
+            torch.distributed.all_reduce(stats)
+            stats /= world_size
+        loss, mse = stats.tolist()
         log.append(dict(step=step, loss=loss, mse=mse))
         bar.set_postfix(loss=f"{loss:.4f}", mse=f"{mse:.4f}")
         done = step + 1
+        if not lead:
+            continue
         if log_file is not None and (done % 50 == 0 or done == steps):
             tail = log[-50:]
             with open(log_file, "a") as f:
@@ -271,6 +299,46 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
     unet.eval()
     text_encoder.eval()
     return ema, dict(log=log)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's waited-for child processes (the data-parallel workers)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _unet_worker(rank: int, world_size: int, init_file: str, seed: int, kwargs: dict, result: str) -> None:
+    """One rank of `train_unet_parallel`: a fresh seeded UNet and text encoder (`build_parts(seed)`
+    builds them identically on every rank and in the parent), its slice of every batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        parts = build_parts(seed)
+        ema, info = train_unet(parts["unet"], parts["text_encoder"], seed=seed, rank=rank, world_size=world_size,
+                               **kwargs)
+        if rank == 0:
+            _save_atomic(dict(ema=ema, info=info), Path(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def train_unet_parallel(procs: int, seed: int, **kwargs):
+    """`train_unet` data parallel over `procs` CPU processes (gloo), one thread each: the same
+    steps on the same samples as one process, each step's batch split over the processes. Returns
+    what `train_unet` returns (rank 0's, the same on every rank)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.pt")
+        mp.spawn(_unet_worker, args=(procs, os.path.join(tmp, "pg"), seed, kwargs, result), nprocs=procs, join=True)
+        out = torch.load(result, weights_only=False)
+    return out["ema"], out["info"]
 
 
 # ---------------------------------------------------------------- sampling (for the check grid)
@@ -341,13 +409,14 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
              kl_weight: float = 1e-4, pool: int = 8192, unet_steps: int = 4000, unet_batch: int = 16,
              unet_lr: float = 1e-3, ema_decay: float = 0.995, cfg_dropout: float = 0.1, snr_gamma: float = 5.0,
              high_noise_fraction: float = 0.5, cross_attn_lr_mult: float = 3.0,
-             text_lr_mult: float = 0.5, threads: int = 1, samples: Path | None = None,
+             text_lr_mult: float = 0.5, threads: int = 1, procs: int = 1, samples: Path | None = None,
              checkpoint_dir: Path | None = None, checkpoint_every: int = 200, log_file: Path | None = None,
              stop_after: int | None = None, progress: bool = True) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     t_start, cpu_start = time.time(), time.process_time()
+    children_start = _children_cpu()
     parts = build_parts(seed)
     unet, vae, text_encoder, tokenizer = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
     sched_cfg = scheduler_config()
@@ -397,11 +466,17 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
 
     # (b) UNet and text encoder
     t0 = time.time()
-    ema, unet_info = train_unet(unet, text_encoder, mean, std, text_idx, token_table, index[""], sched_cfg, scaling,
-                                unet_steps, unet_batch, unet_lr, ema_decay, cfg_dropout, snr_gamma,
-                                high_noise_fraction, cross_attn_lr_mult, text_lr_mult, seed, progress,
-                                checkpoint=None if checkpoint_dir is None else checkpoint_dir / "unet.pt",
-                                checkpoint_every=checkpoint_every, log_file=log_file, stop_after=stop_after)
+    stage = dict(pool_mean=mean, pool_std=std, pool_text_idx=text_idx, token_table=token_table, empty_idx=index[""],
+                 scheduler_cfg=sched_cfg, scaling=scaling, steps=unet_steps, batch=unet_batch, lr=unet_lr,
+                 ema_decay=ema_decay, cfg_dropout=cfg_dropout, snr_gamma=snr_gamma,
+                 high_noise_fraction=high_noise_fraction, cross_attn_lr_mult=cross_attn_lr_mult,
+                 text_lr_mult=text_lr_mult, progress=progress,
+                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / "unet.pt",
+                 checkpoint_every=checkpoint_every, log_file=log_file, stop_after=stop_after)
+    if procs > 1:
+        ema, unet_info = train_unet_parallel(procs, seed, **stage)
+    else:
+        ema, unet_info = train_unet(unet, text_encoder, seed=seed, **stage)
     unet.load_state_dict(ema["unet"])
     text_encoder.load_state_dict(ema["text_encoder"])
     t_unet = time.time() - t0
@@ -410,12 +485,13 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
     out.parent.mkdir(parents=True, exist_ok=True)
     save_pipeline_dir(parts, out)
     wall, cpu = time.time() - t_start, time.process_time() - cpu_start
+    cpu += _children_cpu() - children_start  # the UNet stage's worker processes, if any
 
     def tail(log, key, n=50):
         return float(np.mean([r[key] for r in log[-n:]]))
 
     report = dict(
-        seed=seed, threads=threads, wall_seconds=round(wall, 1),
+        seed=seed, threads=threads, procs=procs, wall_seconds=round(wall, 1),
         # this process's CPU time (a resumed run's CPU time since it resumed): on a shared machine
         # the wall time is longer
         cpu_seconds=round(cpu, 1), vae_seconds=round(t_vae, 1),
@@ -459,6 +535,9 @@ def main(argv=None) -> int:
     p.add_argument("--cross-attn-lr-mult", type=float, default=3.0)
     p.add_argument("--text-lr-mult", type=float, default=0.5, help="text encoder learning rate / UNet's")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--procs", type=int, default=1,
+                   help="run the UNet stage data parallel over this many processes of one thread each (gloo); "
+                        "the same steps on the same samples, each batch split over them")
     p.add_argument("--samples", type=Path, default=None, help="also write a PNG grid of 20-step DDIM samples")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="keep the training state here and resume from it (a crash loses at most --checkpoint-every steps)")
@@ -472,7 +551,7 @@ def main(argv=None) -> int:
                       pool=a.pool, unet_steps=a.unet_steps, unet_batch=a.unet_batch, unet_lr=a.unet_lr,
                       ema_decay=a.ema_decay, high_noise_fraction=a.high_noise_fraction,
                       cross_attn_lr_mult=a.cross_attn_lr_mult,
-                      text_lr_mult=a.text_lr_mult, threads=a.threads, samples=a.samples,
+                      text_lr_mult=a.text_lr_mult, threads=a.threads, procs=a.procs, samples=a.samples,
                       checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, log_file=a.log_file,
                       stop_after=a.stop_after, progress=not a.no_progress)
     print(json.dumps(report, indent=2))
