@@ -309,21 +309,21 @@ def test_shipped_samples_are_shapes_on_flat_backgrounds(shipped, random_init, se
 
 
 def test_shipped_samples_follow_the_caption(shipped, classifier, seed):
-    """Samples of the shipped pipeline show the caption's color, background, vertical position and
-    shape: the classifier reads them from the 90 prompts of the fixed prompt set (every color x
-    cell and shape x color pair) above the rate a prompt-blind model could reach (the prompt set's
-    most frequent class) by k binomial standard deviations of that rate. Measured over seeds 0-5
-    (10 DDIM steps, guidance 7.5): color 0.61-0.67 (chance 0.10), background 0.91-0.94 (chance
-    0.18), row 0.56-0.62 (chance 0.33), all asserted at four deviations; shape 0.29-0.38 (chance
-    0.22), asserted at one (0.27). The column (0.28-0.44, chance 0.33) is not followed and not
-    asserted, nor the cell (0.13-0.24, chance 0.11), which needs it."""
+    """Samples of the shipped pipeline show the caption's color, background, position and shape:
+    the classifier reads them from the 90 prompts of the fixed prompt set (every color x cell and
+    shape x color pair) above the rate a prompt-blind model could reach (the prompt set's most
+    frequent class) by k binomial standard deviations of that rate. Measured over seeds 0-5 (10
+    DDIM steps, guidance 7.5): color 0.69-0.77 (chance 0.10), background 0.94-0.98 (chance 0.18),
+    cell 0.64-0.73 (chance 0.11), row 0.93-0.98 and column 0.69-0.77 (chance 0.33), all asserted
+    at four deviations (cell 0.24, row and column 0.53); shape 0.34-0.42 (chance 0.22), asserted
+    at one (0.27)."""
     from refl_engine.toyworld.classifier import accuracy, caption_labels, chance, prompt_set, sample
 
     prompts = [s.caption for s in prompt_set(90)]
     target = caption_labels(prompts)
     images = sample(shipped, prompts, seed=seed, steps=10, guidance=7.5)
     acc, base = accuracy(classifier, images, target), chance(target)
-    for k, deviations in (("color", 4), ("background", 4), ("row", 4), ("shape", 1)):
+    for k, deviations in (("color", 4), ("background", 4), ("cell", 4), ("row", 4), ("col", 4), ("shape", 1)):
         bound = base[k] + deviations * (base[k] * (1 - base[k]) / len(prompts)) ** 0.5
         numerics.record(k, (1 - acc[k]) / (1 - bound))
         assert acc[k] > bound, (k, acc, base)
@@ -397,7 +397,7 @@ def test_pretrain_unet_stage_data_parallel_matches_one_process():
 
     parts = build_parts(0)
     one, one_info = train_unet(parts["unet"], parts["text_encoder"], seed=0, **stage())
-    two, two_info = train_unet_parallel(2, 0, **stage())
+    two, two_info = train_unet_parallel(2, build_parts(0)["unet"], build_parts(0)["text_encoder"], 0, **stage())
     losses = [[r["loss"] for r in info["log"]] for info in (one_info, two_info)]
     assert len(losses[1]) == 3
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
@@ -408,3 +408,4 @@ def test_pretrain_unet_stage_data_parallel_matches_one_process():
         assert (diff > 1e-5).float().mean() < 1e-3, (m, (diff > 1e-5).float().mean())
     with pytest.raises(ValueError, match="split evenly"):
         train_unet(parts["unet"], parts["text_encoder"], seed=0, rank=0, world_size=3, **stage())
+

@@ -30,14 +30,18 @@ Then writes the pipeline with `save_pipeline_dir` (fp32 safetensors), a `pretrai
 with the settings, losses, wall and CPU times, and optionally a PNG grid of DDIM samples.
 With --checkpoint-dir the VAE and the full UNet-stage state are kept there and a restarted run
 resumes from them; --stop-after ends the UNet stage early as the first steps of the full run.
---procs N runs the UNet stage data parallel over N one-thread processes (torch DDP over gloo):
-every rank draws the same global batch and computes its slice, so the steps are the one-process
-steps on the same samples; it is how both cores of a 2-core machine serve one run.
+--procs N (default 2) runs the UNet stage data parallel over N one-thread processes (torch DDP
+over gloo): every rank draws the same global batch and computes its slice, so the steps are the
+one-process steps on the same samples. The shipped model's batch of 32 on both cores is what made
+it follow the caption's column (at batch 16 on one core, after the same 4000 steps, it did not).
 
-Everything is seeded. Bitwise reproducibility holds for a fixed thread count on the same
-machine (oneDNN kernels may sum in another order with other thread counts). The default is one
-thread: on the shared 2-core machine the shipped model was trained on, two OpenMP threads ran
-each step 2-4x slower than one, because each barrier waits for a descheduled sibling thread.
+Everything is seeded. Bitwise reproducibility holds for a fixed thread and process count on the
+same machine (oneDNN kernels and the gradient all-reduce may sum in another order with other
+counts). The default is one thread per process and two processes: on the shared 2-core machine
+the shipped model was trained on, two OpenMP threads in one process ran each step 2-4x slower
+than one thread, because each barrier waits for a descheduled sibling thread, while two
+processes of one thread each keep both cores busy (batch 32 split 16 + 16 took about 1.2x the
+time of one process's batch-16 step).
 """
 from __future__ import annotations
 
@@ -309,15 +313,18 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _unet_worker(rank: int, world_size: int, init_file: str, seed: int, kwargs: dict, result: str) -> None:
-    """One rank of `train_unet_parallel`: a fresh seeded UNet and text encoder (`build_parts(seed)`
-    builds them identically on every rank and in the parent), its slice of every batch."""
+def _unet_worker(rank: int, world_size: int, init_file: str, seed: int, start: dict, kwargs: dict,
+                 result: str) -> None:
+    """One rank of `train_unet_parallel`: the UNet and text encoder of `build_parts(seed)` with
+    the parent's weights `start` loaded, and its slice of every batch."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         parts = build_parts(seed)
+        for m, state in start.items():
+            parts[m].load_state_dict(state)
         ema, info = train_unet(parts["unet"], parts["text_encoder"], seed=seed, rank=rank, world_size=world_size,
                                **kwargs)
         if rank == 0:
@@ -326,17 +333,20 @@ def _unet_worker(rank: int, world_size: int, init_file: str, seed: int, kwargs: 
         dist.destroy_process_group()
 
 
-def train_unet_parallel(procs: int, seed: int, **kwargs):
-    """`train_unet` data parallel over `procs` CPU processes (gloo), one thread each: the same
-    steps on the same samples as one process, each step's batch split over the processes. Returns
-    what `train_unet` returns (rank 0's, the same on every rank)."""
+def train_unet_parallel(procs: int, unet, text_encoder, seed: int, **kwargs):
+    """`train_unet(unet, text_encoder, seed=seed, **kwargs)` data parallel over `procs` CPU
+    processes (gloo), one thread each, starting from these models' weights: the same steps on the
+    same samples as one process, each step's batch split over the processes. Returns what
+    `train_unet` returns (rank 0's; the same on every rank). The models passed are not trained."""
     import tempfile
 
     import torch.multiprocessing as mp
 
+    start = dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict())
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.pt")
-        mp.spawn(_unet_worker, args=(procs, os.path.join(tmp, "pg"), seed, kwargs, result), nprocs=procs, join=True)
+        mp.spawn(_unet_worker, args=(procs, os.path.join(tmp, "pg"), seed, start, kwargs, result), nprocs=procs,
+                 join=True)
         out = torch.load(result, weights_only=False)
     return out["ema"], out["info"]
 
@@ -406,10 +416,10 @@ def build_parts(seed: int) -> dict:
 
 
 def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16, vae_lr: float = 3e-3,
-             kl_weight: float = 1e-4, pool: int = 8192, unet_steps: int = 4000, unet_batch: int = 16,
+             kl_weight: float = 1e-4, pool: int = 8192, unet_steps: int = 4000, unet_batch: int = 32,
              unet_lr: float = 1e-3, ema_decay: float = 0.995, cfg_dropout: float = 0.1, snr_gamma: float = 5.0,
              high_noise_fraction: float = 0.5, cross_attn_lr_mult: float = 3.0,
-             text_lr_mult: float = 0.5, threads: int = 1, procs: int = 1, samples: Path | None = None,
+             text_lr_mult: float = 0.5, threads: int = 1, procs: int = 2, samples: Path | None = None,
              checkpoint_dir: Path | None = None, checkpoint_every: int = 200, log_file: Path | None = None,
              stop_after: int | None = None, progress: bool = True) -> dict:
     torch.set_num_threads(threads)
@@ -474,7 +484,7 @@ def pretrain(out: Path, seed: int = 0, vae_steps: int = 350, vae_batch: int = 16
                  checkpoint=None if checkpoint_dir is None else checkpoint_dir / "unet.pt",
                  checkpoint_every=checkpoint_every, log_file=log_file, stop_after=stop_after)
     if procs > 1:
-        ema, unet_info = train_unet_parallel(procs, seed, **stage)
+        ema, unet_info = train_unet_parallel(procs, unet, text_encoder, seed, **stage)
     else:
         ema, unet_info = train_unet(unet, text_encoder, seed=seed, **stage)
     unet.load_state_dict(ema["unet"])
@@ -527,15 +537,16 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--pool", type=int, default=8192, help="images rendered and encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=4000, help="the shipped model: 4000 (about 31 min of one core here, the VAE stage included)")
-    p.add_argument("--unet-batch", type=int, default=16)
+    p.add_argument("--unet-steps", type=int, default=4000, help="the shipped model: 4000 at batch 32 over 2 processes (about 36 min of both cores here, "
+                        "the VAE stage included)")
+    p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--high-noise-fraction", type=float, default=0.5)
     p.add_argument("--cross-attn-lr-mult", type=float, default=3.0)
     p.add_argument("--text-lr-mult", type=float, default=0.5, help="text encoder learning rate / UNet's")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--procs", type=int, default=1,
+    p.add_argument("--procs", type=int, default=2,
                    help="run the UNet stage data parallel over this many processes of one thread each (gloo); "
                         "the same steps on the same samples, each batch split over them")
     p.add_argument("--samples", type=Path, default=None, help="also write a PNG grid of 20-step DDIM samples")
