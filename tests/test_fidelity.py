@@ -82,3 +82,37 @@ def test_demo_report_draws_proxy_and_gold_per_checkpoint(tmp_path):
                                                    abs=1e-5)
         assert points[0]["gold"] == pytest.approx(float(build_reward("toyworld_gold")(images, batch).mean()),
                                                   abs=1e-5)
+
+
+def test_findings_hold_only_when_every_seed_agrees():
+    """A diversity ordering holds only if it holds for each training seed: ReFL's mean diversity
+    below the base's with one seed above it is not a collapse."""
+    bench = load_benchmark()
+
+    def run(method, seed, divs, proxy=8.0):
+        return dict(method=method, seed=seed, curve=[dict(step=0, proxy=0.0, gold=0.5), dict(step=60, proxy=8.0, gold=0.2)],
+                    evals=[dict(handover=h, dino_diversity=d, proxy=proxy - h) for h, d in zip((0, 4), divs)])
+
+    def rows(runs):
+        out = []
+        for m in bench.METHODS:
+            for i, h in enumerate((0, 4)):
+                vals = [r["evals"][i] for r in runs if r["method"] == m]
+                out.append(dict(method=m, handover=h, proxy=sum(v["proxy"] for v in vals) / len(vals),
+                                dino_diversity=sum(v["dino_diversity"] for v in vals) / len(vals)))
+        return out
+
+    base, gradvar = dict(dino_diversity=0.20, proxy=0.0), dict(ratio_at_equal_cost=1.5)
+    # ReFL: seed 0 at 0.25 (above the base), seed 1 at 0.05: mean 0.15 < 0.20
+    split = [run("ReFL", 0, (0.25, 0.24)), run("ReFL", 1, (0.05, 0.10))]
+    split += [run(m, s, (0.02, 0.03)) for m in bench.METHODS if m != "ReFL" for s in (0, 1)]
+    f = bench.findings(base, rows(split), split, gradvar)
+    assert not f["refl_collapses_diversity"]["held"] and f["refl_collapses_diversity"]["per_seed"] == [0.25, 0.05]
+    assert not f["combined_generation_keeps_diversity"]["held"]  # seed 0: 0.24 < 0.25
+    assert not f["draft_lv_lowers_gradient_variance"]["held"] and f["proxy_over_optimization"]["held"]
+    both = [run("ReFL", 0, (0.10, 0.12)), run("ReFL", 1, (0.05, 0.10))]
+    both += [run("ImageReFL", s, (0.15, 0.16)) for s in (0, 1)]
+    both += [run(m, s, (0.02, 0.03)) for m in bench.METHODS if m not in ("ReFL", "ImageReFL") for s in (0, 1)]
+    f = bench.findings(base, rows(both), both, gradvar)
+    assert f["refl_collapses_diversity"]["held"] and f["combined_generation_keeps_diversity"]["held"]
+    assert f["imagerefl_vs_refl"]["held"]  # more diversity than ReFL at the same proxy, in each seed
