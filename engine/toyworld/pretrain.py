@@ -537,7 +537,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--pool", type=int, default=8192, help="images rendered and encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=4000, help="the shipped model: 4000 at batch 32 over 2 processes (about 36 min of both cores here, "
+    p.add_argument("--unet-steps", type=int, default=4000, help="the shipped model: 4000 at batch 32 over 2 processes (about 37 min of both cores here, "
                         "the VAE stage included)")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
