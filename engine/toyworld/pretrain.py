@@ -186,7 +186,7 @@ def train_unet(unet, text_encoder, pool_mean, pool_std, pool_text_idx, token_tab
                cross_attn_lr_mult: float, text_lr_mult: float, seed: int, progress: bool,
                checkpoint: Path | None = None, checkpoint_every: int = 200, log_file: Path | None = None,
                stop_after: int | None = None, rank: int = 0, world_size: int = 1):
-    """Epsilon-prediction training of the UNet and, jointly, the text encoder (the caption reaches
+    """v-prediction training of the UNet and, jointly, the text encoder (the caption reaches
     the UNet only through it, so its gradient is what teaches the states to name color, shape and
     position). Returns the EMA weights of both and the loss log. With `checkpoint`, the full state
     (weights, EMA, optimizer, generator, log) is written every `checkpoint_every` steps and a run
@@ -537,7 +537,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--pool", type=int, default=8192, help="images rendered and encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=4000, help="the shipped model: 4000 at batch 32 over 2 processes (about 37 min of both cores here, "
+    p.add_argument("--unet-steps", type=int, default=4000,
+                   help="the shipped model: 4000 at batch 32 over 2 processes (about 37 min of both cores here, "
                         "the VAE stage included)")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
