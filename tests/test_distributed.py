@@ -32,29 +32,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path: Path, n: int, config: dict, steps: int, timeout: float = 240, **spec) -> list[dict]:
-    """Train `steps` steps on n ranks; each rank's weights, metrics and drawn prompts. Fails (and
-    kills every rank) if the ranks do not finish in `timeout` seconds: a hang is a failure."""
-    out = tmp_path / f"ranks-{len(list(tmp_path.glob('ranks-*')))}"
-    out.mkdir(parents=True)
-    spec = dict(spec, config=config, steps=steps, out=str(out), tmp=str(tmp_path))
+def launch(tmp_path: Path, n: int, runs: list[dict], timeout: float = 240) -> list[list[dict]]:
+    """Start n ranks that train `runs` one after another (each {"config", "steps", ...spec}, see
+    tests/distributed_worker.py); per run, each rank's weights, metrics and drawn prompts. Fails (and
+    kills every rank) if the ranks do not finish in `timeout` seconds a run: a hang is a failure."""
+    outs = []
+    for run in runs:
+        out = tmp_path / f"ranks-{len(list(tmp_path.glob('ranks-*')))}"
+        out.mkdir(parents=True)
+        run.update(out=str(out), tmp=str(run.get("tmp", tmp_path)))
+        outs.append(out)
     port = _free_port()
     procs = []
     for r in range(n):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(dict(runs=runs))], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    limit = hang_timeout(timeout)
+    limit = hang_timeout(timeout * len(runs))
     try:
         logs = [p.communicate(timeout=limit)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"{n} ranks did not finish in {limit:.0f} s (hang)")
+        pytest.fail(f"{n} ranks did not finish {len(runs)} run(s) in {limit:.0f} s (hang)")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+    return [[torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)] for out in outs]
+
+
+def run_ranks(tmp_path: Path, n: int, config: dict, steps: int, timeout: float = 240, **spec) -> list[dict]:
+    """Train `steps` steps on n ranks; each rank's weights, metrics and drawn prompts."""
+    return launch(tmp_path, n, [dict(spec, config=config, steps=steps)], timeout)[0]
 
 
 def _plain_run(tmp_path, steps, **overrides):
@@ -81,41 +90,60 @@ def reference(tiny_sd_dir, tmp_path_factory):
     return _plain_run(tmp_path_factory.mktemp("plain"), steps=2, train_batch_size=2)
 
 
-def _assert_same(a: dict, b: dict, atol=ATOL):
+def _assert_same(a: dict, b: dict, atol=ATOL, msg: str = ""):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=f"{msg} {name}".strip())
 
 
-@pytest.mark.parametrize("zero", [0, 2, 3])
-def test_two_ranks_batch1_equal_one_process_batch2(reference, tmp_path, zero):
+def test_two_ranks_batch1_equal_one_process_batch2(reference, tmp_path):
+    """ZeRO 0, 2 and 3 with the default recompute policy, and --recompute nested at ZeRO 0 and 2,
+    in one launch (a rank trains the five runs one after another): each equals the one-process run
+    at batch 2.
+
+    Nested over the 4 window steps: at stage 0 each nested call hands its parameters' gradients to
+    .grad inside its own backward (nested.param_grads_into_grad), four accumulations per parameter
+    that DeepSpeed then averages; ZeRO-2's hooks reduce each gradient as it accumulates and refuse
+    a second accumulation in one backward, so there the calls return them (once entered there,
+    this failed with "Gradient computed twice for this partition")."""
     weights, drawn = reference
-    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero), steps=2)
-    for r in ranks:
-        _assert_same(weights, r["weights"])
-    # the global batch is the reference's batch, split by rank
-    assert [a + b for a, b in zip(ranks[0]["drawn"], ranks[1]["drawn"])] == drawn
+    runs = [(recompute, zero) for zero in (0, 2, 3) for recompute in ("default", "nested")
+            if (recompute, zero) != ("nested", 3)]
+    launched = launch(tmp_path, 2, [dict(config=dict(RUN, train_batch_size=1, zero=zero,
+                                                     **({} if recompute == "default" else dict(recompute=recompute))),
+                                         steps=2, tmp=str(tmp_path / f"{recompute}-{zero}")) for recompute, zero in runs])
+    for (recompute, zero), ranks in zip(runs, launched):
+        for r in ranks:
+            _assert_same(weights, r["weights"], msg=f"zero {zero}, recompute {recompute}")
+        # the global batch is the reference's batch, split by rank
+        assert [a + b for a, b in zip(ranks[0]["drawn"], ranks[1]["drawn"])] == drawn, (zero, recompute)
     # and the weights did move (lora_B starts at zero): equal frozen models would prove nothing
     assert max(w.abs().max() for n, w in weights.items() if "lora_B" in n) > 1e-4
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_nested_recompute_under_deepspeed_equals_plain(reference, tmp_path, zero):
-    """--recompute nested over the 4 window steps: at stage 0 each nested call hands its parameters'
-    gradients to .grad inside its own backward (nested.param_grads_into_grad), four accumulations
-    per parameter that DeepSpeed then averages; ZeRO-2's hooks reduce each gradient as it
-    accumulates and refuse a second accumulation in one backward, so there the calls return them
-    (once entered there, this failed with "Gradient computed twice for this partition")."""
-    weights, _ = reference
-    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero, recompute="nested"), steps=2)
-    for r in ranks:
-        _assert_same(weights, r["weights"])
+def test_one_rank_zero3_offload_accumulation_and_full_export(reference, tmp_path):
+    """One launch of one rank, three runs: ZeRO-3 with parameter and optimizer offload equals plain
+    torch; gradient accumulation under ZeRO-2 equals plain torch's (DeepSpeed counts micro-batches
+    itself: engine.step() after each, the update at the last one); a full fine-tune under ZeRO-3
+    exports a UNet that diffusers loads with the gathered weights."""
+    from diffusers import UNet2DConditionModel
 
+    offload, accumulation, full = (r for (r,) in launch(tmp_path, 1, [
+        dict(config=dict(RUN, train_batch_size=2, zero=3, offload="param"), steps=2, tmp=str(tmp_path / "offload")),
+        dict(config=dict(RUN, zero=2, train_batch_size=1, gradient_accumulation_steps=2), steps=2,
+             tmp=str(tmp_path / "accumulation")),
+        dict(config=dict(RUN, rank=0, learning_rate=1e-3, train_batch_size=1, zero=3), steps=1, save_at=1,
+             tmp=str(tmp_path / "full"))]))
+    _assert_same(reference[0], offload["weights"], msg="zero 3, offload param")
 
-def test_zero3_param_and_optimizer_offload_equals_plain(reference, tmp_path):
-    weights, _ = reference
-    (r,) = run_ranks(tmp_path, 1, dict(RUN, train_batch_size=2, zero=3, offload="param"), steps=2)
-    _assert_same(weights, r["weights"])
+    weights, drawn = _plain_run(tmp_path / "plain", steps=2, train_batch_size=1, gradient_accumulation_steps=2)
+    _assert_same(weights, accumulation["weights"], msg="gradient accumulation")
+    assert accumulation["drawn"] == drawn
+
+    unet = UNet2DConditionModel.from_pretrained(full["saved"], subfolder="unet")
+    state = dict(unet.named_parameters())
+    assert state.keys() == full["weights"].keys()
+    _assert_same(full["weights"], {n: p.detach() for n, p in state.items()}, atol=0)
 
 
 def test_zero3_chunked_calls_gather_the_weights_once_per_call(tiny_sd_dir, tmp_path):
@@ -137,32 +165,25 @@ def test_zero3_chunked_calls_gather_the_weights_once_per_call(tiny_sd_dir, tmp_p
     assert 0 < chunked <= whole, (chunked, whole)
 
 
-def test_gradient_accumulation_under_deepspeed_equals_plain(tiny_sd_dir, tmp_path):
-    # DeepSpeed counts micro-batches itself (engine.step() after each, the update at the last one)
-    config = dict(train_batch_size=1, gradient_accumulation_steps=2)
-    weights, drawn = _plain_run(tmp_path / "plain", steps=2, **config)
-    (r,) = run_ranks(tmp_path, 1, dict(RUN, zero=2, **config), steps=2)
-    _assert_same(weights, r["weights"])
-    assert r["drawn"] == drawn
-
-
-@pytest.mark.parametrize("zero", [0, 2])
-def test_nan_on_one_rank_is_skipped_by_both(tiny_sd_dir, tmp_path, zero):
-    ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=1, zero=zero), steps=3, timeout=180,
-                      nan_rank=1, nan_step=2)
-    for r in ranks:
-        assert [m["skipped"] for m in r["metrics"]] == [False, True, False]
-        assert all(torch.isfinite(w).all() for w in r["weights"].values())
-    _assert_same(ranks[0]["weights"], ranks[1]["weights"], atol=0)
+def test_nan_on_one_rank_is_skipped_by_both(tiny_sd_dir, tmp_path):
+    """A reward that turns NaN at step 2 on rank 1 only, at ZeRO 0 and 2 (one launch): both ranks
+    skip that step and stay equal."""
+    launched = launch(tmp_path, 2, [dict(config=dict(RUN, train_batch_size=1, zero=zero), steps=3, nan_rank=1,
+                                         nan_step=2, tmp=str(tmp_path / f"zero{zero}")) for zero in (0, 2)])
+    for zero, ranks in zip((0, 2), launched):
+        for r in ranks:
+            assert [m["skipped"] for m in r["metrics"]] == [False, True, False], zero
+            assert all(torch.isfinite(w).all() for w in r["weights"].values()), zero
+        _assert_same(ranks[0]["weights"], ranks[1]["weights"], atol=0, msg=f"zero {zero}")
 
 
 def test_resume_with_two_ranks_is_exact(tiny_sd_dir, tmp_path):
     config = dict(RUN, train_batch_size=1, zero=3)
-    straight = run_ranks(tmp_path, 2, config, steps=4, save_at=2)
+    straight = run_ranks(tmp_path, 2, config, steps=3, save_at=2)
     checkpoint = straight[0]["saved"]
     assert checkpoint and (Path(checkpoint) / "state.json").exists()
     assert (Path(checkpoint) / "rng-rank0.pt").exists() and (Path(checkpoint) / "rng-rank1.pt").exists()
-    resumed = run_ranks(tmp_path, 2, config, steps=4, resume=checkpoint)
+    resumed = run_ranks(tmp_path, 2, config, steps=3, resume=checkpoint)
     for a, b in zip(straight, resumed):
         _assert_same(a["weights"], b["weights"], atol=0)
         assert b["drawn"] == a["drawn"][2:]  # the same prompts as the uninterrupted run...
@@ -187,17 +208,6 @@ def test_resume_with_two_ranks_is_exact(tiny_sd_dir, tmp_path):
         ours = trainer.unet(x, t, encoder_hidden_states=emb).sample
         theirs = pipe.unet(x, t, encoder_hidden_states=emb).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-
-
-def test_full_finetune_zero3_export_loads_as_a_unet(tiny_sd_dir, tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    (r,) = run_ranks(tmp_path, 1, dict(RUN, rank=0, learning_rate=1e-3, train_batch_size=1, zero=3), steps=1,
-                     save_at=1)
-    unet = UNet2DConditionModel.from_pretrained(r["saved"], subfolder="unet")
-    state = dict(unet.named_parameters())
-    assert state.keys() == r["weights"].keys()
-    _assert_same(r["weights"], {n: p.detach() for n, p in state.items()}, atol=0)
 
 
 def test_adamw8bit_trains_with_a_quarter_of_the_state(tiny_sd_dir, tmp_path):

@@ -165,11 +165,14 @@ def assert_cheapest_plan_that_fits(W, profiles, latent, after, available):
         assert _simulate(plan.kinds, profiles, latent, after) == plan.peak <= available
 
 
-@pytest.mark.parametrize("model,unet_params,te_params", [
-    ("sd15", 859_520_964, 123_060_480),
-    ("sdxl", 2_567_463_684, 123_060_480 + 694_659_840),
-])
-def test_cli_runs_without_weights(model, unet_params, te_params):
+PARAMS = {"sd15": (859_520_964, 123_060_480), "sdxl": (2_567_463_684, 123_060_480 + 694_659_840)}
+
+
+@pytest.mark.parametrize("model", ["sd15", "tiny-sdxl"])
+def test_cli_runs_without_weights(model):
+    """The whole plan, from the command line, of SD 1.5 (its public config) and of the tiny SDXL
+    preset (SDXL's second text encoder and added conditioning through the same trace; the real
+    SDXL's trace takes 80 s more on 2 cores, and its counts are checked below)."""
     out = subprocess.run([sys.executable, "-m", "refl_engine.plan", "--model", model, "--json"],
                          capture_output=True, text=True, timeout=hang_timeout(600), env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
@@ -179,9 +182,16 @@ def test_cli_runs_without_weights(model, unet_params, te_params):
     for key in ("params", "grads", "optimizer", "unet_step_activations", "vae_decode_activations",
                 "reward_activations"):
         assert plan["components"][key] > 0
-    assert plan["param_counts"]["unet"] == unet_params
-    assert plan["param_counts"]["text_encoders"] == te_params
     assert plan["fits"] and plan["max_batch"] >= 1
+    if model in PARAMS:
+        assert (plan["param_counts"]["unet"], plan["param_counts"]["text_encoders"]) == PARAMS[model]
+
+
+@pytest.mark.parametrize("model", PARAMS)
+def test_parameter_counts_of_the_public_configs(model):
+    """The meta-device models built from the public configs have the released checkpoints' sizes."""
+    counts = Planner(PlanSpec(model=model, use_cache=False)).param_counts()
+    assert (counts["unet"], counts["text_encoders"]) == PARAMS[model]
 
 
 def test_cfg_doubles_the_unet_batch():
