@@ -109,9 +109,10 @@ def test_two_ranks_batch1_equal_one_process_batch2(reference, tmp_path):
     weights, drawn = reference
     runs = [(recompute, zero) for zero in (0, 2, 3) for recompute in ("default", "nested")
             if (recompute, zero) != ("nested", 3)]
-    launched = launch(tmp_path, 2, [dict(config=dict(RUN, train_batch_size=1, zero=zero,
-                                                     **({} if recompute == "default" else dict(recompute=recompute))),
-                                         steps=2, tmp=str(tmp_path / f"{recompute}-{zero}")) for recompute, zero in runs])
+    configs = [dict(RUN, train_batch_size=1, zero=zero, **({} if recompute == "default" else dict(recompute=recompute)))
+               for recompute, zero in runs]
+    launched = launch(tmp_path, 2, [dict(config=c, steps=2, tmp=str(tmp_path / f"{recompute}-{zero}"))
+                                    for c, (recompute, zero) in zip(configs, runs)])
     for (recompute, zero), ranks in zip(runs, launched):
         for r in ranks:
             _assert_same(weights, r["weights"], msg=f"zero {zero}, recompute {recompute}")
@@ -151,12 +152,14 @@ def test_zero3_chunked_calls_gather_the_weights_once_per_call(tiny_sd_dir, tmp_p
     one gather of the UNet (distributed.Zero3Hold) in forward and one in backward, where ZeRO-3's
     module hooks alone gather every weight again for each chunk, in forward, in the recompute and
     in backward. Step 2 runs the whole batch, step 3 chunk 1 (2 chunks a call); the weights equal
-    plain torch's at the same global batch."""
+    plain torch's at the same global batch. Two denoising steps: the count does not depend on N."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(dict(zero_optimization=dict(stage=3, stage3_param_persistence_threshold=0))))
-    weights, _ = _plain_run(tmp_path / "plain", steps=3, train_batch_size=4, recompute="full")
+    weights, _ = _plain_run(tmp_path / "plain", steps=3, train_batch_size=4, recompute="full",
+                            num_inference_steps=2)
     ranks = run_ranks(tmp_path, 2, dict(RUN, train_batch_size=2, zero=3, recompute="full", recompute_chunk=1,
-                                        deepspeed=str(ds)), steps=3, chunk_at={"2": 0}, count_gathers=True)
+                                        num_inference_steps=2, deepspeed=str(ds)),
+                      steps=3, chunk_at={"2": 0}, count_gathers=True)
     for r in ranks:
         _assert_same(weights, r["weights"])
     whole, chunked = (ranks[0]["metrics"][i]["gather_bytes"] for i in (1, 2))
@@ -167,9 +170,10 @@ def test_zero3_chunked_calls_gather_the_weights_once_per_call(tiny_sd_dir, tmp_p
 
 def test_nan_on_one_rank_is_skipped_by_both(tiny_sd_dir, tmp_path):
     """A reward that turns NaN at step 2 on rank 1 only, at ZeRO 0 and 2 (one launch): both ranks
-    skip that step and stay equal."""
-    launched = launch(tmp_path, 2, [dict(config=dict(RUN, train_batch_size=1, zero=zero), steps=3, nan_rank=1,
-                                         nan_step=2, tmp=str(tmp_path / f"zero{zero}")) for zero in (0, 2)])
+    skip that step and stay equal (two denoising steps)."""
+    launched = launch(tmp_path, 2, [dict(config=dict(RUN, train_batch_size=1, zero=zero, num_inference_steps=2),
+                                         steps=3, nan_rank=1, nan_step=2, tmp=str(tmp_path / f"zero{zero}"))
+                                    for zero in (0, 2)])
     for zero, ranks in zip((0, 2), launched):
         for r in ranks:
             assert [m["skipped"] for m in r["metrics"]] == [False, True, False], zero
@@ -178,7 +182,9 @@ def test_nan_on_one_rank_is_skipped_by_both(tiny_sd_dir, tmp_path):
 
 
 def test_resume_with_two_ranks_is_exact(tiny_sd_dir, tmp_path):
-    config = dict(RUN, train_batch_size=1, zero=3)
+    """ZeRO-3 over two ranks (two denoising steps): 3 steps straight equal 2 steps, a checkpoint and,
+    in new processes, the third step resumed from it, bitwise, on the same prompts."""
+    config = dict(RUN, train_batch_size=1, zero=3, num_inference_steps=2)
     straight = run_ranks(tmp_path, 2, config, steps=3, save_at=2)
     checkpoint = straight[0]["saved"]
     assert checkpoint and (Path(checkpoint) / "state.json").exists()
