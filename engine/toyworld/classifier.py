@@ -205,11 +205,23 @@ def sample(components, prompts: list[str], seed: int = 0, steps: int = 20, guida
     return torch.cat(out)
 
 
+@torch.no_grad()
+def reconstruct(vae, images01: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Images in [0, 1] through the autoencoder: encoded to the posterior mean, decoded."""
+    out = []
+    for i in range(0, len(images01), batch):
+        z = vae.encode(images01[i:i + batch] * 2 - 1).latent_dist.mean
+        out.append((vae.decode(z).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
+
+
 def caption_following(components, model: WorldClassifier | None = None, n_prompts: int = 90, seeds=(0, 1),
                       guidances=(1.0, 7.5), steps: int = 20) -> dict:
     """The classifier's accuracy at reading each prompt's shape, color, background and cell: on
-    the rendered scenes of `prompt_set` (real) and on the pipeline's samples for their captions
-    (generated, per guidance scale, over `seeds`), with the chance level of the prompt set."""
+    the rendered scenes of `prompt_set` (real), on the same scenes through the pipeline's
+    autoencoder (reconstructed: encoded to the posterior mean and decoded, the most the UNet's
+    samples can show) and on the pipeline's samples for their captions (generated, per guidance
+    scale, over `seeds`), with the chance level of the prompt set."""
     model = model or load_classifier()
     scenes = prompt_set(n_prompts)
     prompts = [s.caption for s in scenes]
@@ -218,7 +230,10 @@ def caption_following(components, model: WorldClassifier | None = None, n_prompt
     out = dict(n_prompts=n_prompts, seeds=list(seeds), steps=steps, chance=chance(target),
                uniform_chance={k: 1 / n for k, n in dict(shape=5, color=10, background=17, cell=9, row=3,
                                                           col=3).items()},
-               real=accuracy(model, torch.from_numpy(real).permute(0, 3, 1, 2), target), generated={})
+               real=accuracy(model, torch.from_numpy(real).permute(0, 3, 1, 2), target),
+               reconstructed=accuracy(model, reconstruct(components.vae, torch.from_numpy(real).permute(0, 3, 1, 2)),
+                                      target),
+               generated={})
     for g in guidances:
         per_seed = [accuracy(model, sample(components, prompts, seed=s, steps=steps, guidance=g), target)
                     for s in seeds]
