@@ -27,8 +27,8 @@ times the seconds per estimate (the variance of an average of estimates at an eq
     .venv/bin/python benchmarks/fidelity.py [--quick] [--json FILE] [--plot FILE]
 
 --quick runs one step of each method with tiny sizes (the test's smoke run). The default budget
-(60 steps, N = 8, 12 prompts x 6 images, 3 seeds) takes about 24 minutes of one core on the
-3-level embedded model (1450 s; 2 seeds took 963 s, and the 2-level model's 2 seeds 568 s);
+(60 steps, N = 8, 12 prompts x 6 images, 3 seeds) takes about 23 minutes of one core on the
+3-level embedded model (1381 s with the current weights; 1450 s with the previous ones);
 at 20 steps an earlier caption-following embedded model had barely moved from its base (proxy
 -0.6 -> 2.5-3.7, diversity unchanged).
 """

@@ -37,11 +37,10 @@ def launch(tmp_path: Path, n: int, runs: list[dict], timeout: float = 240) -> li
     tests/distributed_worker.py); per run, each rank's weights, metrics and drawn prompts. Fails (and
     kills every rank) if the ranks do not finish in `timeout` seconds a run: a hang is a failure."""
     outs = []
-    for run in runs:
-        out = tmp_path / f"ranks-{len(list(tmp_path.glob('ranks-*')))}"
-        out.mkdir(parents=True)
-        run.update(out=str(out), tmp=str(run.get("tmp", tmp_path)))
-        outs.append(out)
+    for _ in runs:
+        outs.append(tmp_path / f"ranks-{len(list(tmp_path.glob('ranks-*')))}")
+        outs[-1].mkdir(parents=True)
+    runs = [dict(run, out=str(out), tmp=str(run.get("tmp", tmp_path))) for run, out in zip(runs, outs)]
     port = _free_port()
     procs = []
     for r in range(n):
@@ -107,13 +106,12 @@ def test_two_ranks_batch1_equal_one_process_batch2(reference, tmp_path):
     a second accumulation in one backward, so there the calls return them (once entered there,
     this failed with "Gradient computed twice for this partition")."""
     weights, drawn = reference
-    runs = [(recompute, zero) for zero in (0, 2, 3) for recompute in ("default", "nested")
-            if (recompute, zero) != ("nested", 3)]
-    configs = [dict(RUN, train_batch_size=1, zero=zero, **({} if recompute == "default" else dict(recompute=recompute)))
-               for recompute, zero in runs]
-    launched = launch(tmp_path, 2, [dict(config=c, steps=2, tmp=str(tmp_path / f"{recompute}-{zero}"))
-                                    for c, (recompute, zero) in zip(configs, runs)])
-    for (recompute, zero), ranks in zip(runs, launched):
+    runs = [(0, None), (2, None), (3, None), (0, "nested"), (2, "nested")]  # (zero, recompute; None: default)
+    launched = launch(tmp_path, 2, [dict(config=dict(RUN, train_batch_size=1, zero=zero,
+                                                     **({"recompute": recompute} if recompute else {})),
+                                         steps=2, tmp=str(tmp_path / f"{zero}-{recompute}"))
+                                    for zero, recompute in runs])
+    for (zero, recompute), ranks in zip(runs, launched):
         for r in ranks:
             _assert_same(weights, r["weights"], msg=f"zero {zero}, recompute {recompute}")
         # the global batch is the reference's batch, split by rank

@@ -226,13 +226,12 @@ def caption_following(components, model: WorldClassifier | None = None, n_prompt
     scenes = prompt_set(n_prompts)
     prompts = [s.caption for s in scenes]
     target = caption_labels(prompts)
-    real = np.stack([world.render(s) for s in scenes])
+    real = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2)
     out = dict(n_prompts=n_prompts, seeds=list(seeds), steps=steps, chance=chance(target),
                uniform_chance={k: 1 / n for k, n in dict(shape=5, color=10, background=17, cell=9, row=3,
                                                           col=3).items()},
-               real=accuracy(model, torch.from_numpy(real).permute(0, 3, 1, 2), target),
-               reconstructed=accuracy(model, reconstruct(components.vae, torch.from_numpy(real).permute(0, 3, 1, 2)),
-                                      target),
+               real=accuracy(model, real, target),
+               reconstructed=accuracy(model, reconstruct(components.vae, real), target),
                generated={})
     for g in guidances:
         per_seed = [accuracy(model, sample(components, prompts, seed=s, steps=steps, guidance=g), target)

@@ -187,11 +187,11 @@ def test_cli_runs_without_weights(model):
         assert (plan["param_counts"]["unet"], plan["param_counts"]["text_encoders"]) == PARAMS[model]
 
 
-@pytest.mark.parametrize("model", PARAMS)
-def test_parameter_counts_of_the_public_configs(model):
-    """The meta-device models built from the public configs have the released checkpoints' sizes."""
-    counts = Planner(PlanSpec(model=model, use_cache=False)).param_counts()
-    assert (counts["unet"], counts["text_encoders"]) == PARAMS[model]
+def test_sdxl_parameter_counts_are_the_released_checkpoints():
+    """The meta-device SDXL built from its public configs has the released checkpoint's sizes
+    (SD 1.5's are checked through the CLI above)."""
+    counts = Planner(PlanSpec(model="sdxl", use_cache=False)).param_counts()
+    assert (counts["unet"], counts["text_encoders"]) == PARAMS["sdxl"]
 
 
 def test_cfg_doubles_the_unet_batch():
