@@ -206,6 +206,37 @@ def sample(components, prompts: list[str], seed: int = 0, steps: int = 20, guida
 
 
 @torch.no_grad()
+def denoise_from(components, images01: torch.Tensor, prompts: list[str], start: float, seed: int = 0,
+                 steps: int = 20, guidance: float = 3.0, batch: int = 45) -> torch.Tensor:
+    """SDEdit from real images: each image encoded to its latent mean, noised to the sampling
+    step `start` of the way up the schedule (1.0: pure noise, the ordinary sample; 0.4: step
+    t_{0.4 N}), then denoised with its caption by the engine's DDIM steps from there. What a
+    label's accuracy loses between two starts is decided by the model between their noise levels."""
+    from ..models.conditioning import TextEncoderCache, make_eps_fn
+    from ..sampling import DDIMSchedule
+
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be in (0, 1] (the fraction of the schedule to denoise), got {start}")
+    c = components
+    schedule = DDIMSchedule.from_scheduler(c.scheduler, steps)
+    first = steps - max(1, round(start * steps))  # index of the first step run (0 = t_N, pure noise)
+    a = schedule.alpha(first)
+    text = TextEncoderCache(c, torch.device("cpu"), torch.float32)
+    out = []
+    for lo in range(0, len(prompts), batch):
+        chunk = prompts[lo:lo + batch]
+        z0 = c.vae.encode(images01[lo:lo + len(chunk)] * 2 - 1).latent_dist.mean * c.vae.config.scaling_factor
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + lo + i)) for i in range(len(chunk))])
+        x = a ** 0.5 * z0 + (1 - a) ** 0.5 * noise
+        eps_fn = make_eps_fn(c.unet, text.conditioning(chunk, cfg=guidance > 1.0), guidance)
+        for i in range(first, steps):
+            x = schedule.step(i, x, eps_fn(x, schedule.timesteps[i]))
+        out.append((c.vae.decode(x / c.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def reconstruct(vae, images01: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Images in [0, 1] through the autoencoder: encoded to the posterior mean, decoded."""
     out = []
@@ -216,12 +247,15 @@ def reconstruct(vae, images01: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 def caption_following(components, model: WorldClassifier | None = None, n_prompts: int = 90, seeds=(0, 1),
-                      guidances=(1.0, 7.5), steps: int = 20) -> dict:
+                      guidances=(1.0, 7.5), steps: int = 20, starts=(), start_guidance: float = 3.0) -> dict:
     """The classifier's accuracy at reading each prompt's shape, color, background and cell: on
     the rendered scenes of `prompt_set` (real), on the same scenes through the pipeline's
     autoencoder (reconstructed: encoded to the posterior mean and decoded, the most the UNet's
     samples can show) and on the pipeline's samples for their captions (generated, per guidance
-    scale, over `seeds`), with the chance level of the prompt set."""
+    scale, over `seeds`), with the chance level of the prompt set. With `starts`, also on the
+    scenes noised part of the way up the schedule and denoised with their captions at
+    `start_guidance` (`denoise_from`, over `seeds`): where between noise and image each label is
+    decided."""
     model = model or load_classifier()
     scenes = prompt_set(n_prompts)
     prompts = [s.caption for s in scenes]
@@ -238,6 +272,12 @@ def caption_following(components, model: WorldClassifier | None = None, n_prompt
                     for s in seeds]
         out["generated"][str(g)] = {k: float(np.mean([a[k] for a in per_seed])) for k in per_seed[0]}
         out["generated"][str(g)]["per_seed"] = per_seed
+    if starts:
+        out["from_noise"] = dict(guidance=start_guidance, by_start={})
+    for start in starts:
+        per_seed = [accuracy(model, denoise_from(components, real, prompts, start, seed=s, steps=steps,
+                                                 guidance=start_guidance), target) for s in seeds]
+        out["from_noise"]["by_start"][str(start)] = {k: float(np.mean([a[k] for a in per_seed])) for k in per_seed[0]}
     return out
 
 
@@ -327,13 +367,19 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=Path, default=WEIGHTS, help="classifier weights for --measure")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales for --measure")
     p.add_argument("--seeds", type=int, default=2, help="sample seeds per prompt for --measure")
+    p.add_argument("--from-noise", type=float, nargs="*", default=[], metavar="START",
+                   help="--measure also denoises the prompt set's rendered scenes from these fractions of the "
+                        "schedule (1 = pure noise, 0.4 = 40%% of the steps left) at --from-noise-guidance: the "
+                        "noise levels where each label is decided")
+    p.add_argument("--from-noise-guidance", type=float, default=3.0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.measure is not None:
         from ..models.load import load_pipeline_components
 
         result = caption_following(load_pipeline_components(a.measure or None), load_classifier(a.weights),
-                                   seeds=tuple(range(a.seeds)), guidances=tuple(a.guidance))
+                                   seeds=tuple(range(a.seeds)), guidances=tuple(a.guidance),
+                                   starts=tuple(a.from_noise), start_guidance=a.from_noise_guidance)
         print(json.dumps(result, indent=2))
         return 0
     model, info = train(n_train=a.n_train, steps=a.steps, seed=a.seed, threads=a.threads)
