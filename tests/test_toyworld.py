@@ -310,21 +310,23 @@ def test_shipped_samples_are_shapes_on_flat_backgrounds(shipped, random_init, se
 
 def test_shipped_samples_follow_the_caption(shipped, classifier, seed):
     """Samples of the shipped pipeline show the caption's color, background, position and shape:
-    the classifier reads them from the 90 prompts of the fixed prompt set (every color x cell and
-    shape x color pair) above the rate a prompt-blind model could reach (the prompt set's most
-    frequent class) by k binomial standard deviations of that rate. Measured over seeds 0-5 (10
-    DDIM steps, guidance 7.5): color 0.93-0.98 (chance 0.10), background 0.92-0.94 (chance 0.18),
-    cell 0.81-0.89 (chance 0.11), row 0.93-0.99 and column 0.83-0.91 (chance 0.33), all asserted
-    at four deviations (color 0.23, cell 0.24, row and column 0.53); shape 0.30-0.39 (chance
-    0.22), asserted at one (0.27)."""
+    the classifier reads them from two seeds' samples of the 90 prompts of the fixed prompt set
+    (every color x cell and shape x color pair; 10 DDIM steps, guidance 3) above the rate a
+    prompt-blind model could reach (the prompt set's most frequent class) by k binomial standard
+    deviations of that rate over the 180 samples. Measured per seed over seeds 0-5: color
+    0.98-0.99 (chance 0.10), background 0.99-1.0 (0.18), cell 0.77-0.84 (0.11), row 0.92-0.97 and
+    column 0.78-0.88 (0.33), asserted at four deviations (color 0.19, background 0.29, cell 0.20,
+    row and column 0.47); shape, the weakest label, 0.34-0.41 (0.22), 0.36-0.41 over the seed
+    pairs (0, 1) .. (4, 5), asserted at three deviations (0.32)."""
     from refl_engine.toyworld.classifier import accuracy, caption_labels, chance, prompt_set, sample
 
     prompts = [s.caption for s in prompt_set(90)]
     target = caption_labels(prompts)
-    images = sample(shipped, prompts, seed=seed, steps=10, guidance=7.5)
-    acc, base = accuracy(classifier, images, target), chance(target)
-    for k, deviations in (("color", 4), ("background", 4), ("cell", 4), ("row", 4), ("col", 4), ("shape", 1)):
-        bound = base[k] + deviations * (base[k] * (1 - base[k]) / len(prompts)) ** 0.5
+    per_seed = [accuracy(classifier, sample(shipped, prompts, seed=s, steps=10, guidance=3.0), target)
+                for s in (seed, seed + 1)]
+    acc, base = {k: float(np.mean([a[k] for a in per_seed])) for k in per_seed[0]}, chance(target)
+    for k, deviations in (("color", 4), ("background", 4), ("cell", 4), ("row", 4), ("col", 4), ("shape", 3)):
+        bound = base[k] + deviations * (base[k] * (1 - base[k]) / (2 * len(prompts))) ** 0.5
         numerics.record(k, (1 - acc[k]) / (1 - bound))
         assert acc[k] > bound, (k, acc, base)
 

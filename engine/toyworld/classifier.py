@@ -254,8 +254,8 @@ def caption_following(components, model: WorldClassifier | None = None, n_prompt
     samples can show) and on the pipeline's samples for their captions (generated, per guidance
     scale, over `seeds`), with the chance level of the prompt set. With `starts`, also on the
     scenes noised part of the way up the schedule and denoised with their captions at
-    `start_guidance` (`denoise_from`, over `seeds`): where between noise and image each label is
-    decided."""
+    `start_guidance` and with the empty caption (`denoise_from`, over `seeds`): where between
+    noise and image each label is decided, and how much of it the caption decides."""
     model = model or load_classifier()
     scenes = prompt_set(n_prompts)
     prompts = [s.caption for s in scenes]
@@ -273,11 +273,12 @@ def caption_following(components, model: WorldClassifier | None = None, n_prompt
         out["generated"][str(g)] = {k: float(np.mean([a[k] for a in per_seed])) for k in per_seed[0]}
         out["generated"][str(g)]["per_seed"] = per_seed
     if starts:
-        out["from_noise"] = dict(guidance=start_guidance, by_start={})
+        out["from_noise"] = dict(guidance=start_guidance, caption={}, empty_caption={})
     for start in starts:
-        per_seed = [accuracy(model, denoise_from(components, real, prompts, start, seed=s, steps=steps,
-                                                 guidance=start_guidance), target) for s in seeds]
-        out["from_noise"]["by_start"][str(start)] = {k: float(np.mean([a[k] for a in per_seed])) for k in per_seed[0]}
+        for key, texts, g in (("caption", prompts, start_guidance), ("empty_caption", [""] * len(prompts), 1.0)):
+            per_seed = [accuracy(model, denoise_from(components, real, texts, start, seed=s, steps=steps, guidance=g),
+                                 target) for s in seeds]
+            out["from_noise"][key][str(start)] = {k: float(np.mean([a[k] for a in per_seed])) for k in per_seed[0]}
     return out
 
 
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
     p.add_argument("--from-noise", type=float, nargs="*", default=[], metavar="START",
                    help="--measure also denoises the prompt set's rendered scenes from these fractions of the "
                         "schedule (1 = pure noise, 0.4 = 40%% of the steps left) at --from-noise-guidance: the "
-                        "noise levels where each label is decided")
+                        "noise levels where each label is decided (with the captions and with the empty one)")
     p.add_argument("--from-noise-guidance", type=float, default=3.0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
