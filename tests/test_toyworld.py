@@ -383,6 +383,14 @@ def test_denoise_from_against_diffusers_and_the_sampler(shipped):
         denoise_from(shipped, real, prompts, 0.0)
 
 
+def test_measure_refuses_a_start_outside_the_schedule(capsys):
+    from refl_engine.toyworld.classifier import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--measure", "--from-noise", "0.4", "0"])
+    assert e.value.code == 2 and "--from-noise takes fractions of the schedule in (0, 1]" in capsys.readouterr().err
+
+
 def test_pretrain_targets_and_weights_against_diffusers():
     """The UNet stage's v target is diffusers' `get_velocity` on the same schedule; the loss weight
     is 1 at zero SNR (the x0 error as it is, where only the caption tells the layout) and

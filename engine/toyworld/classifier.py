@@ -209,9 +209,10 @@ def sample(components, prompts: list[str], seed: int = 0, steps: int = 20, guida
 def denoise_from(components, images01: torch.Tensor, prompts: list[str], start: float, seed: int = 0,
                  steps: int = 20, guidance: float = 3.0, batch: int = 45) -> torch.Tensor:
     """SDEdit from real images: each image encoded to its latent mean, noised to the sampling
-    step `start` of the way up the schedule (1.0: pure noise, the ordinary sample; 0.4: step
-    t_{0.4 N}), then denoised with its caption by the engine's DDIM steps from there. What a
-    label's accuracy loses between two starts is decided by the model between their noise levels."""
+    step `start` of the way up the schedule (0.4: step t_{0.4 N}; 1.0: t_N, which on a schedule
+    with zero terminal SNR, as the embedded model's, is pure noise and gives the ordinary
+    sample), then denoised with its caption by the engine's DDIM steps from there. What a label's
+    accuracy loses between two starts is decided by the model between their noise levels."""
     from ..models.conditioning import TextEncoderCache, make_eps_fn
     from ..sampling import DDIMSchedule
 
@@ -374,6 +375,9 @@ def main(argv=None) -> int:
                         "noise levels where each label is decided (with the captions and with the empty one)")
     p.add_argument("--from-noise-guidance", type=float, default=3.0)
     a = p.parse_args(argv)
+    bad = [x for x in a.from_noise if not 0.0 < x <= 1.0]
+    if bad:
+        p.error(f"--from-noise takes fractions of the schedule in (0, 1], got {bad}")
     torch.set_num_threads(a.threads)
     if a.measure is not None:
         from ..models.load import load_pipeline_components
