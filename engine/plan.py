@@ -129,8 +129,9 @@ def render(plan) -> str:
 def main(argv=None) -> int:
     import logging
 
-    # peft imports bitsandbytes, which warns that Hugging Face's optional `kernels` package is
-    # missing (4-bit CPU GEMMs, never used here): noise in a planner's output (as in train.py)
+    # peft imports bitsandbytes, which warns when it cannot load its 4-bit CPU GEMMs from Hugging
+    # Face's `kernels` package (absent, or the hub repository not trusted; never used here): noise
+    # in a planner's output (as in train.py)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         cfg, opts = parse_args(argv, prog="refl-plan", extra=(PlanOptions,), description=__doc__.split("\n\n")[0])

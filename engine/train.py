@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from refl_engine.config import ConfigError, parse_args
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes probes Hugging Face's optional `kernels` hub package for 4-bit CPU GEMMs at
-    # import and warns when it is absent; the engine never uses 4-bit, so the warning is noise.
+    # bitsandbytes probes Hugging Face's `kernels` hub package for 4-bit CPU GEMMs at import and
+    # warns when it cannot load them; the engine never uses 4-bit, so the warning is noise.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         cfg = parse_args(argv)
