@@ -339,7 +339,7 @@ def test_shipped_autoencoder_keeps_what_the_caption_names(shipped, classifier):
     from refl_engine.toyworld.classifier import accuracy, caption_labels, prompt_set, reconstruct
 
     scenes = prompt_set(90)
-    real = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2)
+    real = world.images(scenes)
     acc = accuracy(classifier, reconstruct(shipped.vae, real), caption_labels([s.caption for s in scenes]))
     assert min(acc.values()) >= 0.95, acc
 
@@ -354,7 +354,7 @@ def test_denoise_from_against_diffusers_and_the_sampler(shipped):
 
     scenes = prompt_set(4)
     prompts = [s.caption for s in scenes]
-    real = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2)
+    real = world.images(scenes)
     steps, guidance = 10, 3.0
     got = denoise_from(shipped, real, prompts, 0.3, seed=1, steps=steps, guidance=guidance)
     c = shipped

@@ -261,7 +261,7 @@ def caption_following(components, model: WorldClassifier | None = None, n_prompt
     scenes = prompt_set(n_prompts)
     prompts = [s.caption for s in scenes]
     target = caption_labels(prompts)
-    real = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2)
+    real = world.images(scenes)
     out = dict(n_prompts=n_prompts, seeds=list(seeds), steps=steps, chance=chance(target),
                uniform_chance={k: 1 / n for k, n in dict(shape=5, color=10, background=17, cell=9, row=3,
                                                           col=3).items()},

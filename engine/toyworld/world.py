@@ -233,15 +233,20 @@ def render(scene: Scene, size: int = RESOLUTION, supersample: int = 4) -> np.nda
     return (1 - alpha) * background_image(scene, size) + alpha * fg
 
 
+def images(scenes: list[Scene], size: int = RESOLUTION, supersample: int = 4) -> torch.Tensor:
+    """The scenes rendered as one (n, 3, size, size) float32 batch in [0, 1], contiguous."""
+    arr = np.stack([render(s, size, supersample) for s in scenes]) if scenes else np.zeros((0, size, size, 3),
+                                                                                            np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
 def generate(n: int, seed: int, size: int = RESOLUTION, supersample: int = 4
              ) -> tuple[torch.Tensor, list[str], list[Scene]]:
     """n images (n, 3, size, size) float32 in [0, 1], their captions and scenes; a pure function
     of (n, seed, size, supersample)."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, size) for _ in range(n)]
-    images = np.stack([render(s, size, supersample) for s in scenes]) if n else np.zeros((0, size, size, 3),
-                                                                                          np.float32)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes], scenes
+    return images(scenes, size, supersample), [s.caption for s in scenes], scenes
 
 
 def all_captions(positioned: bool = True) -> list[str]:
