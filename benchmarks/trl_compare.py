@@ -86,7 +86,7 @@ recorded in the JSON as `trl_import`. Checked with diffusers 0.42.1, transformer
 
     .venv/bin/pip install --no-deps --target /tmp/trl-pkgs trl==0.23.1 pandas
     PYTHONPATH=/tmp/trl-pkgs OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trl_compare.py \\
-        [--resolution 256] [--num_inference_steps 20] [--steps 3] [--K full,1] [--policies ...]
+        [--resolution 256] [--num_inference_steps 20] [--steps 3] [--rounds 1] [--K full,1] [--policies ...]
         [--malloc_mmap_threshold 131072] [--max_memory 20GB] [--json FILE] [--quick]
 
 (or `pip install trl==0.23.1` into a separate venv that also has this project installed).
@@ -95,6 +95,12 @@ N = 20, one thread): one guided UNet call costs ~10.4 s forward and ~36 s forwar
 K = full step is ~15 min (TRL, engine full/selective) and a K = 1 step ~4 min; with --steps 3
 (4 steps per configuration) the whole run is ~6 h, --steps 1 about half, --K full and --K 1 in two
 processes about 4 h of wall time. Benchmarks never assert.
+
+Rounds. This machine's speed drifts by up to ~10% over minutes, as much as the differences measured
+here (at K = 1 the engine saves TRL's one re-run forward, ~1 call in 22). `--rounds R` runs every
+configuration R times, TRL first in odd rounds and last in even ones (auto@trl keeps the first
+round's TRL peak as its budget), and prints, per engine configuration, its time and peak RSS over
+the same round's TRL: the median, the range, and in how many rounds it was faster.
 """
 from __future__ import annotations
 
@@ -469,6 +475,26 @@ def fmt(x, spec=".3f", width=8):
     return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
 
 
+def paired_ratios(rows: list[dict]) -> list[dict]:
+    """Per (engine config, K): its step time and peak RSS delta over TRL's of the same round, for
+    every round both measured; the median, and in how many rounds the engine was faster."""
+    out = {}
+    for r in rows:
+        if r["side"] != "engine" or "error" in r:
+            continue
+        ref = next((t for t in rows if t["side"] == "trl" and t["K"] == r["K"] and t["round"] == r["round"]
+                    and "error" not in t), None)
+        if ref is None:
+            continue
+        p = out.setdefault((r["config"], r["K"]), dict(config=r["config"], K=r["K"], time=[], rss=[]))
+        p["time"].append(r["cpu_s"] / ref["cpu_s"])
+        p["rss"].append(r["peak_delta_mb"] / ref["peak_delta_mb"])
+    for p in out.values():
+        p.update(time_median=statistics.median(p["time"]), rss_median=statistics.median(p["rss"]),
+                 faster=sum(t < 1 for t in p["time"]))
+    return list(out.values())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-sd", help="a preset or diffusers SD1.5-type directory (both sides load it)")
@@ -478,6 +504,9 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in rounds (TRL "
+                   "first in odd rounds, last in even ones), and report each engine row's per-round time ratio to "
+                   "that round's TRL: pairs taken minutes apart cancel the machine's slow drift")
     p.add_argument("--K", default="full,1", help="comma-separated windows: full and/or integers")
     p.add_argument("--policies", default=",".join(POLICIES) + ",auto@trl",
                    help="engine --recompute values; auto@trl = auto with --memory_budget = TRL's peak delta")
@@ -550,51 +579,74 @@ def main(argv=None):
                   f"{check['grad_rel_diff_Kfull_vs_K1']:.2f})", flush=True)
 
     rows = []
+
+    def run_engine(K: str, q: str, budget_mb: float | None, rnd: int) -> None:
+        spec = dict(base, role="engine", K=K, recompute=q.split("@")[0])
+        if q == "auto@trl":
+            if budget_mb is None:
+                rows.append(dict(side="engine", config=f"engine {q}", K=K, round=rnd, error="no TRL measurement"))
+                return
+            spec["budget"] = str(int(budget_mb * MiB))
+        row = dict(side="engine", config=f"engine {q}", K=K, round=rnd, recompute=spec["recompute"],
+                   memory_budget=spec.get("budget", ""))
+        try:
+            budget = int(spec["budget"]) if spec.get("budget") else auto_budget
+            row["planned_mb"] = planned_mb(base, K, spec["recompute"], budget)
+        except Exception as e:  # noqa: BLE001 - a prediction only guards; run anyway
+            print(f"  planner failed for engine {q} K={K} ({type(e).__name__}: {e}); not guarded",
+                  file=sys.stderr)
+        if max_mb and row.get("planned_mb") and row["planned_mb"] * rss_factor > max_mb:
+            row["error"] = (f"skipped: planned {size(row['planned_mb'])} of tensors x {rss_factor:g} "
+                            f"> --max_memory {size(max_mb)} (raise --max_memory to run it)")
+            rows.append(row)
+            print(f"  engine {q} K={K}: {row['error']}", file=sys.stderr, flush=True)
+            return
+        rec = run_worker(spec, args.timeout, mmap)
+        rows.append(dict(row, **rec))
+        print(f"  done engine {q} K={K}, round {rnd} ({done(rec)})", file=sys.stderr, flush=True)
+
     for K in Ks:
-        trl = run_worker(dict(base, role="trl", K=K), args.timeout, mmap)
-        rows.append(dict(side="trl", config="trl alignprop", K=K, **trl))
-        print(f"  done trl K={K} ({done(trl)})", file=sys.stderr, flush=True)
-        for q in policies:
-            spec = dict(base, role="engine", K=K, recompute=q.split("@")[0])
-            if q == "auto@trl":
-                if "error" in trl:
-                    rows.append(dict(side="engine", config=f"engine {q}", K=K, error="no TRL measurement"))
-                    continue
-                spec["budget"] = str(int(trl["peak_delta_mb"] * MiB))
-            row = dict(side="engine", config=f"engine {q}", K=K, recompute=spec["recompute"],
-                       memory_budget=spec.get("budget", ""))
-            try:
-                budget = int(spec["budget"]) if spec.get("budget") else auto_budget
-                row["planned_mb"] = planned_mb(base, K, spec["recompute"], budget)
-            except Exception as e:  # noqa: BLE001 - a prediction only guards; run anyway
-                print(f"  planner failed for engine {q} K={K} ({type(e).__name__}: {e}); not guarded",
-                      file=sys.stderr)
-            if max_mb and row.get("planned_mb") and row["planned_mb"] * rss_factor > max_mb:
-                row["error"] = (f"skipped: planned {size(row['planned_mb'])} of tensors x {rss_factor:g} "
-                                f"> --max_memory {size(max_mb)} (raise --max_memory to run it)")
-                rows.append(row)
-                print(f"  engine {q} K={K}: {row['error']}", file=sys.stderr, flush=True)
-                continue
-            rec = run_worker(spec, args.timeout, mmap)
-            rows.append(dict(row, **rec))
-            print(f"  done engine {q} K={K} ({done(rec)})", file=sys.stderr, flush=True)
+        trl_budget = None  # auto@trl's budget: the first round's TRL peak delta, the same in every round
+        for rnd in range(1, args.rounds + 1):
+            trl_last = rnd % 2 == 0 and trl_budget is not None
+            if trl_last:
+                for q in policies:
+                    run_engine(K, q, trl_budget, rnd)
+            trl = run_worker(dict(base, role="trl", K=K), args.timeout, mmap)
+            rows.append(dict(side="trl", config="trl alignprop", K=K, round=rnd, **trl))
+            print(f"  done trl K={K}, round {rnd} ({done(trl)})", file=sys.stderr, flush=True)
+            if trl_budget is None and "error" not in trl:
+                trl_budget = trl["peak_delta_mb"]
+            if not trl_last:
+                for q in policies:
+                    run_engine(K, q, trl_budget, rnd)
     load_after = os.getloadavg()
 
-    print(f"\n{'config':20} {'K':>4} {'step cpu s':>10} {'x TRL':>6} {'peak dMB':>9} {'x TRL':>6} "
+    print(f"\n{'config':20} {'K':>4} {'rnd':>3} {'step cpu s':>10} {'x TRL':>6} {'peak dMB':>9} {'x TRL':>6} "
           f"{'timed dMB':>9} {'peak MB':>8} {'plan MB':>8}  auto plan")
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:20} {r['K']:>4}  error: {r['error']}")
+            print(f"{r['config']:20} {r['K']:>4} {r['round']:>3}  error: {r['error']}")
             continue
-        ref = next((t for t in rows if t["side"] == "trl" and t["K"] == r["K"] and "error" not in t), None)
+        ref = next((t for t in rows if t["side"] == "trl" and t["K"] == r["K"] and t["round"] == r["round"]
+                    and "error" not in t), None)
         rt = r["cpu_s"] / ref["cpu_s"] if ref else None
         rm = r["peak_delta_mb"] / ref["peak_delta_mb"] if ref and ref["peak_delta_mb"] > 0 else None
         plan = r.get("auto_plan")
         plan_s = (f"{plan['counts']} chunk {plan['chunk']} ckpt decode/reward {int(plan['checkpoint_decode'])}/"
                   f"{int(plan['checkpoint_reward'])}, budget {plan['budget_mb']:.0f} MB") if plan else ""
-        print(f"{r['config']:20} {r['K']:>4} {r['cpu_s']:>10.3f} {fmt(rt, '.2f', 6)} {r['peak_delta_mb']:>9.1f} "
+        print(f"{r['config']:20} {r['K']:>4} {r['round']:>3} {r['cpu_s']:>10.3f} {fmt(rt, '.2f', 6)} {r['peak_delta_mb']:>9.1f} "
               f"{fmt(rm, '.2f', 6)} {fmt(r['timed_peak_delta_mb'], '.1f', 9)} {r['peak_mb']:>8.1f} "
               f"{fmt(r.get('planned_mb'), '.1f', 8)}  {plan_s}")
+    paired = paired_ratios(rows) if args.rounds > 1 else []
+    if paired:
+        print(f"\nPaired by round ({args.rounds} rounds): each engine row's step time and peak dMB over the same "
+              "round's TRL")
+        print(f"{'config':20} {'K':>4} {'time x TRL: median':>19} {'min':>5} {'max':>5} {'faster in':>9}  "
+              f"{'RSS x TRL: median':>17} {'max':>5}")
+        for p in paired:
+            print(f"{p['config']:20} {p['K']:>4} {p['time_median']:>19.3f} {min(p['time']):>5.2f} {max(p['time']):>5.2f} "
+                  f"{p['faster']:>4}/{len(p['time']):<4}  {p['rss_median']:>17.2f} {max(p['rss']):>5.2f}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs; "
           f"MALLOC_MMAP_THRESHOLD_ {mmap or os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
 
@@ -614,7 +666,7 @@ def main(argv=None):
                   malloc_mmap_threshold=mmap or os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                   mem_available_mb=available, max_memory_mb=max_mb, rss_factor=rss_factor,
                   auto_budget_mb=auto_budget / MiB, load_before=load_before, load_after=load_after, check=check,
-                  rows=rows)
+                  rounds=args.rounds, paired=paired, rows=rows)
     if args.json is None:
         args.json = f"benchmarks/results/trl_compare-{Path(args.model).name}-cpu{'-quick' if args.quick else ''}.json"
     if args.json:
