@@ -19,7 +19,6 @@ Benchmarks never assert.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -103,10 +102,7 @@ def main(argv=None) -> int:
                   recompute=args.recompute, load_before=load_before, load_after=os.getloadavg(),
                   timing="process CPU time per step, steps alternating trim off / on after one warm-up step",
                   summary=summary, pair_ratios=pairs, rows=rows)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2))
-        print(f"wrote {args.json}")
+    trl_compare.write_record(args.json, record)
     return 0
 
 

@@ -669,11 +669,16 @@ def main(argv=None):
                   rounds=args.rounds, paired=paired, rows=rows)
     if args.json is None:
         args.json = f"benchmarks/results/trl_compare-{Path(args.model).name}-cpu{'-quick' if args.quick else ''}.json"
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2))
-        print(f"wrote {args.json}")
+    write_record(args.json, record)
     return 0
+
+
+def write_record(path: str | None, record: dict) -> None:
+    """The run's JSON at `path` (none when empty), its directory made."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=2))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
