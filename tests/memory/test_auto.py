@@ -225,10 +225,10 @@ from refl_engine.memory import measure
 from refl_engine.trainer import ReFLTrainer
 
 torch.set_num_threads(1)
-budget = sys.argv[1]
+budget, K = sys.argv[1], sys.argv[2]
 with tempfile.TemporaryDirectory() as out:
     cfg = TrainConfig()
-    for name, v in dict(model="tiny-sd", method="draft", K="full", num_inference_steps=20, guidance_scale=5.0,
+    for name, v in dict(model="tiny-sd", method="draft", K=K, num_inference_steps=20, guidance_scale=5.0,
                         train_batch_size=2, resolution=64, rank=4, reward="colorfulness", recompute="auto",
                         memory_budget=budget, seed=0, output_dir=out, progress=False).items():
         set_field(cfg, name, v)
@@ -256,19 +256,39 @@ def test_cpu_budget_bounds_the_resident_memory_of_a_step(tmp_path):
     by ~1009 MB. auto now trims the heap at every call boundary, after which the RSS follows the
     tensors, and plans at budget / 1.15: 897 MB planned, 996 MB measured (at budget / 1.1: 944 MB
     planned, 1040 MB measured, 1% under the budget)."""
+    budget = 1000 * 2**20
+    r = _rss_step(budget, "full")
+    assert r["allocator"] == "trim" and r["trim_heap"] and r["threshold"] is None, r
+    assert r["planned"] <= budget / recompute.TRIM_RSS_FACTOR and set(r["counts"]) != {"none"}, r
+    assert r["delta"] <= budget, r
+
+
+def _rss_step(budget: int, K: str) -> dict:
     import json
     import os
     import subprocess
     import sys
 
-    budget = 1000 * 2**20
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", _RSS_STEP, str(budget)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _RSS_STEP, str(budget), K], capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["allocator"] == "trim" and r["trim_heap"] and r["threshold"] is None, r
-    assert r["planned"] <= budget / recompute.TRIM_RSS_FACTOR and set(r["counts"]) != {"none"}, r
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: auto's CPU budget under-counts a one-call window (README, "
+                   "'K=1 again, paired by round')")
+@pytest.mark.skipif(not measure.has_glibc_malloc() or measure.status_kib("VmHWM") is None
+                    or not measure.reset_peak_rss(), reason="needs glibc's malloc and /proc's peak-RSS counter")
+def test_cpu_budget_bounds_the_resident_memory_of_a_one_call_window():
+    """The same at K=1 (one grad-carrying call), budget 100 MiB. Measured: auto plans `none` (81 MB of
+    tensors, under 100 MiB / 1.15) with the heap trimmed, and the first step's RSS grows by ~140 MB.
+    What the plan does not count: the profile of that first call runs on top of the heap the no-grad
+    sampling steps left (the step's peak comes before its first trim), and after the warm-up a
+    step's RSS still grew by ~1.27x its plan plus ~28 MB the sampling steps hold at the window."""
+    budget = 100 * 2**20
+    r = _rss_step(budget, "1")
+    assert r["allocator"] == "trim" and r["trim_heap"], r
     assert r["delta"] <= budget, r
 
 
