@@ -475,6 +475,12 @@ def fmt(x, spec=".3f", width=8):
     return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
 
 
+def trl_of(rows: list[dict], r: dict) -> dict | None:
+    """The TRL row of r's K and round, if it measured."""
+    return next((t for t in rows if t["side"] == "trl" and t["K"] == r["K"] and t["round"] == r["round"]
+                 and "error" not in t), None)
+
+
 def paired_ratios(rows: list[dict]) -> list[dict]:
     """Per (engine config, K): its step time and peak RSS delta over TRL's of the same round, for
     every round both measured; the median, and in how many rounds the engine was faster."""
@@ -482,9 +488,8 @@ def paired_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["side"] != "engine" or "error" in r:
             continue
-        ref = next((t for t in rows if t["side"] == "trl" and t["K"] == r["K"] and t["round"] == r["round"]
-                    and "error" not in t), None)
-        if ref is None:
+        ref = trl_of(rows, r)
+        if ref is None or ref["peak_delta_mb"] <= 0:
             continue
         p = out.setdefault((r["config"], r["K"]), dict(config=r["config"], K=r["K"], time=[], rss=[]))
         p["time"].append(r["cpu_s"] / ref["cpu_s"])
@@ -628,8 +633,7 @@ def main(argv=None):
         if "error" in r:
             print(f"{r['config']:20} {r['K']:>4} {r['round']:>3}  error: {r['error']}")
             continue
-        ref = next((t for t in rows if t["side"] == "trl" and t["K"] == r["K"] and t["round"] == r["round"]
-                    and "error" not in t), None)
+        ref = trl_of(rows, r)
         rt = r["cpu_s"] / ref["cpu_s"] if ref else None
         rm = r["peak_delta_mb"] / ref["peak_delta_mb"] if ref and ref["peak_delta_mb"] > 0 else None
         plan = r.get("auto_plan")
