@@ -463,9 +463,11 @@ def device_budget(device: torch.device | str) -> tuple[int, str]:
 class AutoRecompute(MemoryPolicy):
     """The fastest plan that fits: keep as many window steps' activations as the budget allows.
 
-    At the first call of a window it profiles one call of `fn` on the real inputs (bytes kept after
-    forward, peak during forward and during backward; one extra forward/backward per kind and input
-    shape, its parameter gradients accumulated into scratch .grad buffers and discarded, or under
+    At the first call of a window it profiles one call of `fn` on the real inputs' first sample
+    (its CFG pair together, `fn.rows`; scaled to the batch as a chunk's profile is, so the profile
+    of an unchecked call cannot itself exhaust the memory at a batch the plan must chunk) (bytes
+    kept after forward, peak during forward and during backward; one extra forward/backward per
+    kind and input shape, its parameter gradients accumulated into scratch .grad buffers and discarded, or under
     DeepSpeed taken with autograd.grad: `profile_into_grad`): `none` first, and the other `kinds`
     only when keeping everything does not fit. The gradients the backward will allocate (trainable
     UNet parameters without a .grad now: all of them under full fine-tuning) are added to every
@@ -620,9 +622,16 @@ class AutoRecompute(MemoryPolicy):
             todo = [k for k in kinds if k not in profiles]
             if todo:
                 into = self.profile_into_grad
+                # One sample's call (its CFG pair kept together, `fn.rows`), scaled to the batch as a
+                # chunk's is: the profile of an unchecked call at the whole batch could itself run out
+                # of the memory the plan is for.
+                x = args[0]
+                batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
+                one = batch > 1 and hasattr(fn, "rows")
+                f, a = (fn.rows(0, 1), (x[:1], *args[1:])) if one else (fn, args)
                 with _scratch_grads(fn) if into else contextlib.nullcontext():
-                    profiles.update(measure.profile_call(fn, args, {k: CALL_KINDS[k] for k in todo},
-                                                         grad_into_params=into))
+                    got = measure.profile_call(f, a, {k: CALL_KINDS[k] for k in todo}, grad_into_params=into)
+                profiles.update({k: v.scaled(batch) if one else v for k, v in got.items()})
             return {k: profiles[k] for k in kinds}
 
         def with_grads(profs):
