@@ -628,7 +628,9 @@ class AutoRecompute(MemoryPolicy):
                 x = args[0]
                 batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
                 one = batch > 1 and hasattr(fn, "rows")
-                f, a = (fn.rows(0, 1), (x[:1], *args[1:])) if one else (fn, args)
+                # per-sample tensor arguments (a per-sample timestep) are cut with x, as `chunked` does
+                first = [a[:1] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a for a in args]
+                f, a = (fn.rows(0, 1), first) if one else (fn, args)
                 with _scratch_grads(fn) if into else contextlib.nullcontext():
                     got = measure.profile_call(f, a, {k: CALL_KINDS[k] for k in todo}, grad_into_params=into)
                 profiles.update({k: v.scaled(batch) if one else v for k, v in got.items()})

@@ -339,8 +339,8 @@ def test_auto_profiles_one_sample_and_scales_it_to_the_batch(monkeypatch):
     unet, vae, params, scheduler = _tiny()
     seen = []
     profile_call = measure.profile_call
-    monkeypatch.setattr(measure, "profile_call", lambda fn, args, *a, **k: seen.append(args[0].shape[0])
-                        or profile_call(fn, args, *a, **k))
+    monkeypatch.setattr(measure, "profile_call", lambda fn, args, *a, **k: seen.extend(
+        v.shape[0] for v in args if isinstance(v, torch.Tensor) and v.dim()) or profile_call(fn, args, *a, **k))
     policy = build_policy("auto", budget_bytes=64 * GiB, reserve_bytes=_reserves())
     _step(policy, (unet, vae, params, scheduler), batch=4)
     assert seen and set(seen) == {1}, seen  # every kind profiled (and any window shape) at one sample
@@ -350,6 +350,11 @@ def test_auto_profiles_one_sample_and_scales_it_to_the_batch(monkeypatch):
     x = torch.randn(batch, 4, 16, 16, generator=g)
     cond = Conditioning(torch.randn(batch, 77, 32, generator=g), torch.randn(batch, 77, 32, generator=g))
     fn, t = make_eps_fn(unet, cond, 3.0), torch.tensor(500)
+    seen.clear()  # a per-sample timestep (an unguided call) is cut with the latents, as `chunked` cuts it
+    policy = build_policy("auto", budget_bytes=64 * GiB, reserve_bytes=_reserves())
+    with policy.window(1):
+        out = policy.unet_call(make_eps_fn(unet, cond, 1.0), x, torch.tensor([100, 200, 300, 400]))
+    assert out.shape == x.shape and seen and set(seen) == {1}, seen
     kinds = {k: recompute.CALL_KINDS[k] for k in ("none", "full", "lean")}
     whole = profile_call(fn, (x, t), kinds)
     one = profile_call(fn.rows(0, 1), (x[:1], t), kinds)
