@@ -464,11 +464,12 @@ class AutoRecompute(MemoryPolicy):
     """The fastest plan that fits: keep as many window steps' activations as the budget allows.
 
     At the first call of a window it profiles one call of `fn` on the real inputs' first sample
-    (its CFG pair together, `fn.rows`; scaled to the batch as a chunk's profile is, so the profile
-    of an unchecked call cannot itself exhaust the memory at a batch the plan must chunk) (bytes
-    kept after forward, peak during forward and during backward; one extra forward/backward per
-    kind and input shape, its parameter gradients accumulated into scratch .grad buffers and discarded, or under
-    DeepSpeed taken with autograd.grad: `profile_into_grad`): `none` first, and the other `kinds`
+    (its CFG pair together, `fn.rows`), scaled to the batch as a chunk's profile is, so that the
+    profile of an unchecked call cannot itself exhaust the memory at a batch the plan must chunk
+    (bytes kept after forward, peak during forward and during backward; one extra
+    forward/backward per kind and input shape, its parameter gradients accumulated into scratch
+    .grad buffers and discarded, or under DeepSpeed taken with autograd.grad:
+    `profile_into_grad`): `none` first, and the other `kinds`
     only when keeping everything does not fit. The gradients the backward will allocate (trainable
     UNet parameters without a .grad now: all of them under full fine-tuning) are added to every
     backward peak. `window.plan_window` then picks per
