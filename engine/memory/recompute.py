@@ -123,6 +123,12 @@ CALL_KINDS: dict[str, Callable] = {
 CHUNKABLE = ("full", "selective", "nested")  # the checkpointed kinds, whose backward recomputes the call
 
 
+def _per_sample(a, batch: int) -> bool:
+    """Whether a call argument is per sample (a tensor of `batch` rows, e.g. a per-sample timestep)
+    and is cut with the latents when a call runs on part of the batch; others are shared."""
+    return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+
+
 def chunked(kind: str, chunk: int) -> Callable:
     """`kind` run as one checkpoint per `chunk` samples of the batch, outputs concatenated.
 
@@ -153,8 +159,7 @@ def chunked(kind: str, chunk: int) -> Callable:
             x = _ReleaseInBackward.apply(x, torch.zeros((), requires_grad=True), hold)
         try:
             # per-sample tensor arguments (a per-sample timestep) are split with x; others are shared
-            splits = [a.split(chunk) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None
-                      for a in rest]
+            splits = [a.split(chunk) if _per_sample(a, batch) else None for a in rest]
             outs = []
             for i, x_part in enumerate(x.split(chunk)):
                 lo = i * chunk
@@ -629,8 +634,7 @@ class AutoRecompute(MemoryPolicy):
                 x = args[0]
                 batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
                 one = batch > 1 and hasattr(fn, "rows")
-                # per-sample tensor arguments (a per-sample timestep) are cut with x, as `chunked` does
-                first = [a[:1] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a for a in args]
+                first = [a[:1] if _per_sample(a, batch) else a for a in args]  # as `chunked` splits them
                 f, a = (fn.rows(0, 1), first) if one else (fn, args)
                 with _scratch_grads(fn) if into else contextlib.nullcontext():
                     got = measure.profile_call(f, a, {k: CALL_KINDS[k] for k in todo}, grad_into_params=into)
