@@ -413,6 +413,11 @@ AFTER_RECOMPUTE_COST = 1.0
 # 1.07x in a later step and 1.10x in the first (which also profiles the calls; 64 px,
 # benchmarks/cpu_rss.py and tests/memory/test_auto.py), at less CPU time than the fixed threshold
 # (1.15x `none`'s there against 1.40x): planned at 1.15 for a margin.
+# Between two trims the call that runs holds the pages of what it freed: a kept call's forward grew
+# the RSS by 1.41-1.52x the tensors it kept (tiny-sd, 64 and 128 px), which a window of one call
+# shows (K=1: RSS 1.47-1.61x a plan of tensors). So a trimmed plan counts the running call's peaks,
+# and the decode's and the reward's, at the RSS factor its `none` profile measures
+# (`measure.profile_call(resident=True)`), and what earlier calls keep at their tensor bytes.
 # So `auto` on a CPU (host_rss) runs the fast plan under the default allocator as it is when it
 # fits at HEAP_RSS_FACTOR, and any other plan trimmed, at TRIM_RSS_FACTOR (at MMAP_RSS_FACTOR when
 # the environment fixed the threshold).
@@ -519,6 +524,7 @@ class AutoRecompute(MemoryPolicy):
         self.last_plan = None  # window.WindowPlan of the latest window, for logs and tests
         self.chunk = self.recompute_chunk  # the latest window's chunk (0 = the batch): given, or planned
         self._profiles: dict = {}
+        self._rss_measured: set = set()  # input keys whose `none` profile measured its RSS factor
         self._plans: dict = {}  # (inputs, window size, bytes available) -> the choice made
         # Profile backward into scratch .grad buffers (activation peaks as the trainer's backward
         # sees them). The trainer turns it off under DeepSpeed, whose gradient hooks would take the
@@ -565,7 +571,9 @@ class AutoRecompute(MemoryPolicy):
             if self.allocator == "heap":
                 host = f"; glibc's default allocator, budget / {HEAP_RSS_FACTOR:g} in tensors"
             elif self.allocator == "trim":
-                host = f"; glibc's heap trimmed at call boundaries, budget / {TRIM_RSS_FACTOR:g} in tensors"
+                f = self._profiles.get(key, {}).get("none")
+                host = (f"; glibc's heap trimmed at call boundaries, budget / {TRIM_RSS_FACTOR:g} in tensors"
+                        + (f", the running call at {f.rss_factor:.2f}x" if f is not None and f.rss_factor else ""))
             elif self.allocator == "mmap":
                 host = (f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold()} bytes, "
                         f"budget / {MMAP_RSS_FACTOR:g} in tensors")
@@ -587,9 +595,9 @@ class AutoRecompute(MemoryPolicy):
         trimmed at every call boundary it follows them. With glibc's mmap threshold fixed in the
         environment (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES) it plans at MMAP_RSS_FACTOR; without
         glibc, at HEAP_RSS_FACTOR."""
-        def run(factor):
+        def run(factor, in_flight=False):
             try:
-                return self._choose(fn, args, key, int(available / factor)), None
+                return self._choose(fn, args, key, int(available / factor), in_flight), None
             except ConfigError as e:
                 return None, e
 
@@ -607,7 +615,7 @@ class AutoRecompute(MemoryPolicy):
             self.allocator = "heap"
             return heap
         self.allocator, self.trim_heap = "trim", True
-        choice, err = run(TRIM_RSS_FACTOR)
+        choice, err = run(TRIM_RSS_FACTOR, in_flight=True)
         if err is not None:
             raise self._rss_error(err, TRIM_RSS_FACTOR)
         return choice
@@ -617,15 +625,24 @@ class AutoRecompute(MemoryPolicy):
         return ConfigError(f"{err} (on a CPU the budget is resident memory, which the allocator makes "
                            f"{factor:g}x the tensor bytes the plan counts)")
 
-    def _choose(self, fn, args, key, available):
+    def _choose(self, fn, args, key, available, in_flight: bool = False):
         """(WindowPlan, chunk, (checkpoint_decode, checkpoint_reward), reserve): the cheapest plan
-        that fits `available` bytes, counting the decode and reward recompute."""
+        that fits `available` bytes, counting the decode and reward recompute.
+
+        in_flight: a trimmed heap's resident memory (`_choose_host`). Trimming at the call
+        boundaries returns the pages of what a call freed, so what the earlier calls keep is
+        resident at about its tensor bytes, while the call running now also holds the pages of
+        what it freed since the last trim: its peaks (forward, backward, the decode and the reward
+        after the window) are counted at the RSS factor its `none` profile measured."""
         latent = sum(a.untyped_storage().nbytes() for a in args[:1] if isinstance(a, torch.Tensor))
         profiles = self._profiles.setdefault(key, {})
         pending = _pending_grad_bytes(fn)
+        resident = in_flight and measure.status_kib("VmRSS") is not None
 
         def profiled(kinds):
-            todo = [k for k in kinds if k not in profiles]
+            # (`none` again if this plan needs its RSS factor and an earlier one did not measure it)
+            again = resident and key not in self._rss_measured
+            todo = [k for k in kinds if k not in profiles or (again and k == "none")]
             if todo:
                 into = self.profile_into_grad
                 # One sample's call (its CFG pair kept together, `fn.rows`), scaled to the batch as a
@@ -637,20 +654,33 @@ class AutoRecompute(MemoryPolicy):
                 first = [a[:1] if _per_sample(a, batch) else a for a in args]  # as `chunked` splits them
                 f, a = (fn.rows(0, 1), first) if one else (fn, args)
                 with _scratch_grads(fn) if into else contextlib.nullcontext():
-                    got = measure.profile_call(f, a, {k: CALL_KINDS[k] for k in todo}, grad_into_params=into)
+                    got = measure.profile_call(f, a, {k: CALL_KINDS[k] for k in todo}, grad_into_params=into,
+                                               resident=resident)
                 profiles.update({k: v.scaled(batch) if one else v for k, v in got.items()})
+                if resident and "none" in todo:
+                    self._rss_measured.add(key)
             return {k: profiles[k] for k in kinds}
+
+        def factor():
+            # the `none` profile's RSS factor (profiled first whenever `none` may run; 1 if not measured)
+            if not resident:
+                return 1.0
+            profiled(["none"])
+            return max(1.0, profiles["none"].rss_factor)
 
         def with_grads(profs):
             # the profile's backward peak is the activations' alone (its parameter gradients went
             # into scratch .grad buffers allocated before it, or were returned by autograd.grad and
             # subtracted); the window's backward allocates the gradients on top of them
-            return {k: dataclasses.replace(v, bwd_peak=v.bwd_peak + pending) for k, v in profs.items()}
+            f = factor()
+            return {k: dataclasses.replace(v, fwd_peak=int(v.fwd_peak * f), bwd_peak=int(v.bwd_peak * f) + pending)
+                    for k, v in profs.items()}
 
         def cheapest(profs):
             best = None
             for after, reserve in self.reserve_options.items():
-                p = plan_window(self.window_size, with_grads(profs), available, after=reserve, latent_bytes=latent)
+                p = plan_window(self.window_size, with_grads(profs), available, after=int(reserve * factor()),
+                                latent_bytes=latent)
                 cost = p.recompute_cost + AFTER_RECOMPUTE_COST * sum(after)
                 if p.fits and (best is None or (cost, p.peak) < best[0]):
                     best = ((cost, p.peak), (p, self.recompute_chunk, after, reserve))
@@ -668,7 +698,8 @@ class AutoRecompute(MemoryPolicy):
         after, reserve = min(self.reserve_options.items(), key=lambda o: o[1])
         profiles = profiled(self.kinds)
         x = args[0]
-        plan = plan_window(self.window_size, with_grads(profiles), available, after=reserve, latent_bytes=latent)
+        held_after = int(reserve * factor())
+        plan = plan_window(self.window_size, with_grads(profiles), available, after=held_after, latent_bytes=latent)
         chunk = self.recompute_chunk
         if not self.recompute_chunk and x.shape[0] > 1 and hasattr(fn, "rows"):
             batch, sample = x.shape[0], x[:1].nbytes
@@ -690,14 +721,14 @@ class AutoRecompute(MemoryPolicy):
             lo, hi, found = 1, batch - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                p = plan_window(self.window_size, at(mid), available, after=reserve, latent_bytes=latent)
+                p = plan_window(self.window_size, at(mid), available, after=held_after, latent_bytes=latent)
                 if p.fits:
                     found, lo = (mid, p), mid + 1
                 else:
                     hi = mid - 1
             if found:
                 return found[1], found[0], after, reserve
-            chunk, plan = 1, plan_window(self.window_size, at(1), available, after=reserve, latent_bytes=latent)
+            chunk, plan = 1, plan_window(self.window_size, at(1), available, after=held_after, latent_bytes=latent)
         raise ConfigError(
             f"--memory_budget: one training step does not fit in {_size(available)} ({self.budget_source}"
             f"{', less the bytes live at the window' if self.memory_budget != available else ''}): its smallest "

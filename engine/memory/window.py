@@ -30,11 +30,15 @@ class CallProfile:
     fwd_peak: int
     bwd_peak: int
     saved: int = 0  # saved-for-backward bytes (autograd's own, `none` only), params excluded
+    # CPU only, `none` only, 0.0 = not measured: the resident memory (RSS) the forward added, with
+    # glibc's heap trimmed before it, over the tensor bytes it left live (`measure.profile_call`)
+    rss_factor: float = 0.0
 
     def scaled(self, factor: float) -> "CallProfile":
         """The profile at `factor` times the traced batch: activations are proportional to the
         batch (weights are excluded; batch-independent bytes are a few hundred at most)."""
-        return CallProfile(*(int(round(v * factor)) for v in (self.retained, self.fwd_peak, self.bwd_peak, self.saved)))
+        return CallProfile(*(int(round(v * factor)) for v in (self.retained, self.fwd_peak, self.bwd_peak, self.saved)),
+                           rss_factor=self.rss_factor)
 
 
 @dataclass
