@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <list>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "group_norm.h"
@@ -85,6 +86,21 @@ inline void store_full(T* p, const Vec& v) {
 }
 #endif
 
+// Two vectors to 2 * kV consecutive elements. bf16 under AVX2 (no one-instruction conversion):
+// one pack and one lane permute for both, where two single stores take one each; measured on
+// Zen 3, the SiLU forward's output pass ran 1.1 -> 0.92 ns per element.
+template <typename T>
+inline void store_pair(T* p, const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m256(a), __m256(b)));
+    return;
+  }
+#endif
+  store_full(p, a);
+  store_full(p + kV, b);
+}
+
 // The first n <= kV elements; lanes past n load as 0 and are not stored.
 template <typename T>
 inline Vec load(const T* p, int64_t n) {
@@ -111,6 +127,16 @@ inline Vec reciprocal(const Vec& d) {
   const __m512 r = _mm512_rcp14_ps(__m512(d));
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(__m512(d), r, _mm512_set1_ps(2.f)));
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline float hsum(const Vec& v) {  // in-register: 8 -> 4 -> 2 -> 1 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(__m256(v)), _mm256_extractf128_ps(__m256(v), 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// a divide: measured on Zen 3 (AMD EPYC, AVX2), rcp + one Newton step made the SiLU forward ~3%
+// slower, as the divider runs beside the FMA pipes the rest of the loop keeps busy
+inline Vec reciprocal(const Vec& d) { return Vec(1.f) / d; }
 #else
 inline float hsum(const Vec& v) {
   float tmp[kV];
@@ -194,6 +220,9 @@ template <typename T, bool SILU>
 void row_apply(const T* x, T* y, int64_t n, float mean, float scale, float shift) {
   const Vec m(mean), s(scale), b(shift);
   int64_t i = 0;
+  for (; i + 2 * kV <= n; i += 2 * kV)
+    store_pair(y + i, activation<SILU>(at::vec::fmadd(load_full(x + i) - m, s, b)),
+               activation<SILU>(at::vec::fmadd(load_full(x + i + kV) - m, s, b)));
   for (; i + kV <= n; i += kV) store_full(y + i, activation<SILU>(at::vec::fmadd(load_full(x + i) - m, s, b)));
   if (i < n) store(y + i, activation<SILU>(at::vec::fmadd(load(x + i, n - i) - m, s, b)), n - i);
 }
@@ -203,8 +232,23 @@ template <typename T, bool SILU>
 std::pair<float, float> row_grad_sums(const T* x, const T* dy, float* dz_out, int64_t n, float mean, float rstd,
                                       float weight, float bias) {
   const Vec m(mean), r(rstd), w(weight), b(bias);
-  Vec acc_a(0.f), acc_b(0.f);
+  Vec acc_a(0.f), acc_b(0.f), acc_a2(0.f), acc_b2(0.f);
   int64_t i = 0;
+  for (; i + 2 * kV <= n; i += 2 * kV) {  // two independent chains (the exponential's latency)
+    const Vec xa = (load_full(x + i) - m) * r, xb = (load_full(x + i + kV) - m) * r;
+    const Vec da = grad_pre_activation<SILU>(load_full(dy + i), at::vec::fmadd(xa, w, b));
+    const Vec db = grad_pre_activation<SILU>(load_full(dy + i + kV), at::vec::fmadd(xb, w, b));
+    if constexpr (SILU) {
+      da.store(dz_out + i);
+      db.store(dz_out + i + kV);
+    }
+    acc_a += da;
+    acc_b = at::vec::fmadd(da, xa, acc_b);
+    acc_a2 += db;
+    acc_b2 = at::vec::fmadd(db, xb, acc_b2);
+  }
+  acc_a += acc_a2;
+  acc_b += acc_b2;
   for (; i + kV <= n; i += kV) {
     const Vec xh = (load_full(x + i) - m) * r;
     const Vec dz = grad_pre_activation<SILU>(load_full(dy + i), at::vec::fmadd(xh, w, b));
@@ -229,6 +273,10 @@ template <typename T, typename DZ>
 void row_dx(const T* x, const DZ* dz, T* dx, int64_t n, float mean, float rstd, float weight, float c1, float c2) {
   const Vec m(mean), r(rstd), w(weight), c1v(c1), c2v(c2);
   int64_t i = 0;
+  for (; i + 2 * kV <= n; i += 2 * kV) {
+    const Vec xa = (load_full(x + i) - m) * r, xb = (load_full(x + i + kV) - m) * r;
+    store_pair(dx + i, r * (w * load_full(dz + i) - c1v - xa * c2v), r * (w * load_full(dz + i + kV) - c1v - xb * c2v));
+  }
   for (; i + kV <= n; i += kV) {
     const Vec xh = (load_full(x + i) - m) * r;
     store_full(dx + i, r * (w * load_full(dz + i) - c1v - xh * c2v));
@@ -320,6 +368,10 @@ void nhwc_row_sq_dev(const T* x, const float* mean_c, float* acc, int64_t C) {
 template <typename T, bool SILU>
 void nhwc_row_apply(const T* x, T* y, const float* mean_c, const float* scale_c, const float* b, int64_t C) {
   int64_t c = 0;
+  auto z_at = [&](int64_t k) {
+    return at::vec::fmadd(load_full(x + k) - Vec::loadu(mean_c + k), Vec::loadu(scale_c + k), Vec::loadu(b + k));
+  };
+  for (; c + 2 * kV <= C; c += 2 * kV) store_pair(y + c, activation<SILU>(z_at(c)), activation<SILU>(z_at(c + kV)));
   for (; c + kV <= C; c += kV) {
     const Vec z = at::vec::fmadd(load_full(x + c) - Vec::loadu(mean_c + c), Vec::loadu(scale_c + c), Vec::loadu(b + c));
     store_full(y + c, activation<SILU>(z));
@@ -355,6 +407,13 @@ template <typename T, bool SILU>
 void nhwc_row_dx(const T* x, const T* dy, T* dx, const float* mean_c, const float* rstd_c, const float* w,
                  const float* b, const float* c1_c, const float* c2_c, int64_t C) {
   int64_t c = 0;
+  auto dx_at = [&](int64_t k) {
+    const Vec r = Vec::loadu(rstd_c + k), wv = Vec::loadu(w + k);
+    const Vec xh = (load_full(x + k) - Vec::loadu(mean_c + k)) * r;
+    const Vec dz = grad_pre_activation<SILU>(load_full(dy + k), at::vec::fmadd(xh, wv, Vec::loadu(b + k)));
+    return r * (wv * dz - Vec::loadu(c1_c + k) - xh * Vec::loadu(c2_c + k));
+  };
+  for (; c + 2 * kV <= C; c += 2 * kV) store_pair(dx + c, dx_at(c), dx_at(c + kV));
   for (; c + kV <= C; c += kV) {
     const Vec r = Vec::loadu(rstd_c + c), wv = Vec::loadu(w + c);
     const Vec xh = (load_full(x + c) - Vec::loadu(mean_c + c)) * r;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ CASES = [
     (2, 3, (3, 5, 7), 3, "silu", False),   # 3-D spatial, G = C
     (1, 4, (2, 3, 5), 2, "silu", True),    # 3-D spatial channels-last (ChannelsLast3d)
 ]
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}  # bf16's unit roundoff is 8x fp16's
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}  # 4x each 16-bit type's unit roundoff
 
 
 def _channels_last(t):
@@ -78,12 +79,13 @@ def _check(got, ref64, plain, dtype):
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         err = (g.double() - r).abs().max().item()
         torch_err = (p.double() - r).abs().max().item()
+        torch_err = torch_err if math.isfinite(torch_err) else 0.0  # torch's own op failed (fp16 dx of a 1x1 group)
         bound = 2 * torch_err + ATOL[dtype] * max(1.0, r.abs().max().item())
         assert err <= bound, f"{name}: native error {err:.3g} > 2 x torch error {torch_err:.3g} + atol"
 
 
 @needs_lib
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("N,C,spatial,G,act,channels_last", CASES)
 def test_native_matches_float64_reference(N, C, spatial, G, act, channels_last, dtype):
     x, w, b, dy = _inputs(N, C, spatial, dtype, seed=N * 1000 + C * 10 + G, channels_last=channels_last)
