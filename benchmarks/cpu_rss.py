@@ -80,10 +80,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget_mib", type=int, default=1000)
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--K", default="full", help="DRaFT's window: full, or a number of final steps")
-    ap.add_argument("--json", help="default benchmarks/results/cpu_rss-tiny-sd.json (-k<K> added unless K=full)")
+    ap.add_argument("--json", help="default benchmarks/results/cpu_rss-tiny-sd.json (-<R>px added unless 64 px, "
+                                   "-k<K> unless K=full)")
     a = ap.parse_args(argv)
-    a.json = a.json or str(ROOT / "benchmarks" / "results" /
-                           f"cpu_rss-tiny-sd{'' if a.K == 'full' else '-k' + a.K}.json")
+    a.json = a.json or str(ROOT / "benchmarks" / "results" / (
+        f"cpu_rss-tiny-sd{'' if a.resolution == 64 else f'-{a.resolution}px'}{'' if a.K == 'full' else '-k' + a.K}.json"))
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
     env["OMP_NUM_THREADS"] = "1"
     rows = []

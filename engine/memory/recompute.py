@@ -61,7 +61,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError
 from . import measure
 from .measure import component
-from .nested import checkpointed_modules, nested_call, recomputed_call
+from .nested import checkpointed_modules, nested_call, recomputed_call, trimming_blocks
 from .lean import in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
@@ -250,9 +250,10 @@ class MemoryPolicy:
         # Samples per checkpoint of a `full` / `selective` UNet call (0 = the whole batch): the
         # backward of a checkpointed call then rematerialises one chunk at a time (`chunked`).
         self.recompute_chunk = int(recompute_chunk)
-        # Trim glibc's heap (measure.trim_heap) at every call boundary, forward and backward: on a
-        # CPU the resident set then stays near the live tensors (AutoRecompute sets it when a
-        # budget of resident memory needs it).
+        # Trim glibc's heap (measure.trim_heap) at every call boundary, forward and backward, and
+        # inside a checkpointed call's backward (nested.trimming_blocks): on a CPU the resident set
+        # then stays near the live tensors (AutoRecompute sets it when a budget of resident memory
+        # needs it).
         self.trim_heap = False
 
     # [declared size, calls made] while a gradient window is open
@@ -312,11 +313,13 @@ class MemoryPolicy:
 
     def _trimmed(self, run, *args):
         """run(*args), with the heap trimmed before it and, when its output carries gradient, again
-        just before its backward begins (a hook on the output), if `trim_heap`."""
+        just before its backward begins (a hook on the output), and in a checkpointed call's
+        backward after its recompute and around a nested call's blocks, if `trim_heap`."""
         if not self.trim_heap:
             return run(*args)
         measure.trim_heap()
-        out = run(*args)
+        with trimming_blocks(measure.trim_heap):  # and inside a checkpointed call's backward
+            out = run(*args)
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(_trim_before_backward)
         return out

@@ -306,6 +306,23 @@ def test_cpu_budget_bounds_the_resident_memory_of_a_one_call_window():
     assert second["delta"] >= 0.75 * second["planned"], second  # the plan models the step, not a wide margin
 
 
+@pytest.mark.skipif(not measure.has_glibc_malloc() or measure.status_kib("VmHWM") is None
+                    or not measure.reset_peak_rss(), reason="needs glibc's malloc and /proc's peak-RSS counter")
+def test_cpu_budget_bounds_a_recomputed_one_call_window():
+    """K=1 at 70 MiB, where the plan recomputes the call (`nested`, 58 MB planned). A checkpointed
+    call's backward trims the heap after its recompute, and a nested one before each block's
+    forward and recompute: without those trims the second step grew the RSS by 77-82 MiB, with
+    them by 61-62 MiB (at 128 px and 300 MiB: 325-330 MiB, then 239-245 MiB). Only the second step
+    is held to the budget here: the first step's profile runs one sample's call unchecked whatever
+    the budget (~57 MiB of RSS at 64 px) beside the ~24 MiB of torch's code it maps in, which
+    reached 69 MiB of 70."""
+    budget = 70 * 2**20
+    first, second = _rss_step(budget, "1", steps=2)
+    assert second["allocator"] == "trim" and set(second["counts"]) & {"full", "selective", "nested"}, second
+    assert second["delta"] <= budget, second
+    assert second["delta"] >= 0.75 * second["planned"], second
+
+
 @pytest.mark.skipif(measure.status_kib("VmRSS") is None, reason="needs /proc's RSS counter")
 def test_trimmed_plan_counts_the_running_call_at_its_measured_rss_factor(monkeypatch):
     """A trimmed plan counts the running call's peaks (and the decode's and reward's) at the RSS
@@ -354,15 +371,20 @@ def test_cpu_budget_with_room_keeps_the_default_allocator(monkeypatch):
     assert not trims
 
 
-def test_trimmed_policy_trims_at_every_call_boundary(monkeypatch):
+@pytest.mark.parametrize("kind", ["full", "nested"])
+def test_trimmed_policy_trims_at_every_call_boundary(monkeypatch, kind):
     """`trim_heap`: the heap is trimmed before each window call, the decode and the reward, and
-    again before each of their backwards (a hook on the output); the gradients are untouched."""
+    again before each of their backwards (a hook on the output); inside a checkpointed call's
+    backward once more after its recompute, and in a nested call before each checkpointed
+    block's forward and recompute; the gradients are untouched."""
+    from refl_engine.memory.nested import unet_blocks
+
     trims = []
     monkeypatch.setattr(measure, "trim_heap", lambda: trims.append(1) or True)
     models = _tiny()
     grads = {}
     for trim in (False, True):
-        policy = build_policy("full")
+        policy = build_policy(kind)
         policy.trim_heap = trim
         trims.clear()
         _step(policy, models)
@@ -371,7 +393,8 @@ def test_trimmed_policy_trims_at_every_call_boundary(monkeypatch):
             p.grad = None
         calls = len(trims)
     window = N_STEPS  # _step: every step in the window, then one decode and one reward
-    assert calls == 2 * (window + 2), calls
+    per_backward = 1 + (2 * (len(unet_blocks(models[0])) - 1) if kind == "nested" else 0)
+    assert calls == 2 * (window + 2) + window * per_backward, calls
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
