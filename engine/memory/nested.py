@@ -59,7 +59,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-
 def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks of a diffusers UNet in the order its forward runs them."""
     mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
@@ -100,11 +99,11 @@ def checkpointed_modules(modules, mode: Callable | None = None):
 
 
 _into_grad = 0  # > 0 inside param_grads_into_grad(); module-wide: a CUDA backward runs on autograd's device threads
-_trim_with: list = []  # the trim function of each trimming_blocks() entered, innermost last
+_trim_with: list = []  # the trim function of each trimming_backward() entered, innermost last
 
 
 @contextlib.contextmanager
-def trimming_blocks(trim: Callable[[], object]):
+def trimming_backward(trim: Callable[[], object]):
     """Checkpointed calls (`nested_call`, `recomputed_call`) made inside call `trim` (glibc's heap
     trim, measure.trim_heap) in their backward: after the recompute, before the backward through
     it, and in a nested call before each block's forward and recompute too (a CPU budget of

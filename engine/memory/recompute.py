@@ -61,7 +61,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError
 from . import measure
 from .measure import component
-from .nested import checkpointed_modules, nested_call, recomputed_call, trimming_blocks
+from .nested import checkpointed_modules, nested_call, recomputed_call, trimming_backward
 from .lean import in_lean_mode, lean_mode
 from .window import CallProfile, plan_window
 
@@ -251,7 +251,7 @@ class MemoryPolicy:
         # backward of a checkpointed call then rematerialises one chunk at a time (`chunked`).
         self.recompute_chunk = int(recompute_chunk)
         # Trim glibc's heap (measure.trim_heap) at every call boundary, forward and backward, and
-        # inside a checkpointed call's backward (nested.trimming_blocks): on a CPU the resident set
+        # inside a checkpointed call's backward (nested.trimming_backward): on a CPU the resident set
         # then stays near the live tensors (AutoRecompute sets it when a budget of resident memory
         # needs it).
         self.trim_heap = False
@@ -318,7 +318,7 @@ class MemoryPolicy:
         if not self.trim_heap:
             return run(*args)
         measure.trim_heap()
-        with trimming_blocks(measure.trim_heap):  # and inside a checkpointed call's backward
+        with trimming_backward(measure.trim_heap):  # and inside a checkpointed call's backward
             out = run(*args)
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(_trim_before_backward)
