@@ -105,6 +105,7 @@ the same round's TRL: the median, the range, and in how many rounds it was faste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -290,10 +291,12 @@ def trl_truncation(spec: dict) -> dict:
                 truncated_backprop_timestep=0 if spec["K"] == "full" else spec["N"] - int(spec["K"]))
 
 
-def trl_worker(spec: dict) -> dict:
+@contextlib.contextmanager
+def trl_session(spec: dict):
+    """TRL's AlignPropTrainer over the model directory, built as `trl_worker` runs it; yields
+    (step, rewards, info): one trainer step, the reward means so far, what the record names."""
     import torch
 
-    torch.set_num_threads(spec["threads"])
     AlignPropConfig, AlignPropTrainer, DefaultPipeline, version, how = import_trl()
     from refl_engine.data import load_prompts
     from refl_engine.rewards import build_reward
@@ -326,12 +329,74 @@ def trl_worker(spec: dict) -> dict:
             def step():
                 state["global_step"] = trainer.step(0, state["global_step"])  # epoch 0: no save_state
 
-            rec = run_steps(step, spec["steps"])
+            yield step, rewards, dict(trl_version=version, trl_import=how, trl_config=trl_truncation(spec),
+                                      device=str(trainer.accelerator.device))
         finally:
             os.chdir(cwd)
-    rec.update(reward_means=rewards, trl_version=version, trl_import=how, trl_config=trl_truncation(spec),
-               device=str(trainer.accelerator.device))
+
+
+def trl_worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    with trl_session(spec) as (step, rewards, info):
+        rec = run_steps(step, spec["steps"])
+    rec.update(reward_means=rewards, **info)
     return rec
+
+
+def cpu_times() -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of this process so far."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime, u.ru_stime, u.ru_minflt
+
+
+def paired_worker(spec: dict) -> dict:
+    """TRL's trainer and one engine trainer per policy in this one process, their steps alternated
+    (TRL, engines..., then the reverse order in the next pair), each step timed in process CPU
+    time (user and system apart, with its minor page faults). Slow drift of the machine then hits
+    every side of a pair alike. auto@trl's budget is TRL's peak-RSS delta over one step, measured
+    here after TRL's warm-up and before any engine trainer exists (what `run_steps` measures in a
+    TRL-only process). Peak RSS of the sides cannot be told apart in one process: the RSS
+    comparison is the separate-process run's."""
+    import torch
+
+    from refl_engine.memory.measure import reset_peak_rss, status_kib
+
+    torch.set_num_threads(spec["threads"])
+    out = {}
+    with trl_session(spec) as (trl_step, trl_rewards, info), tempfile.TemporaryDirectory() as tmp:
+        trl_step()  # warm-up
+        release_memory()
+        before = status_kib("VmRSS")
+        if not reset_peak_rss():
+            raise RuntimeError("the peak-RSS counter cannot be reset here (/proc/self/clear_refs): auto@trl's "
+                               "budget would include the process's earlier peak")
+        trl_step()
+        trl_delta = (maxrss_kib() - before) * 1024
+        steps = {"trl alignprop": trl_step}
+        for q in spec["policies"]:
+            budget = str(trl_delta) if q == "auto@trl" else ""
+            trainer = make_trainer(spec, os.path.join(tmp, q), q.split("@")[0], budget)
+            trainer.train_step()  # warm-up (auto profiles and plans here)
+            steps[f"engine {q}"] = trainer.train_step
+            pol = trainer.policy
+            if getattr(pol, "last_plan", None) is not None:
+                out[f"engine {q}"] = dict(counts=pol.last_plan.counts, planned_peak_mb=pol.last_plan.peak / MiB,
+                                          allocator=pol.allocator, trim_heap=pol.trim_heap,
+                                          budget_mb=pol.memory_budget / MiB)
+        torch.set_num_threads(spec["threads"])
+        names = list(steps)
+        times = {n: [] for n in names}
+        for i in range(spec["pairs"]):
+            for n in names if i % 2 == 0 else names[::-1]:
+                u0, s0, f0 = cpu_times()
+                steps[n]()
+                u1, s1, f1 = cpu_times()
+                times[n].append(dict(user=u1 - u0, sys=s1 - s0, minflt=f1 - f0))
+            print(f"  pair {i + 1}/{spec['pairs']}: " + ", ".join(
+                f"{n} {times[n][-1]['user'] + times[n][-1]['sys']:.2f} s" for n in names), file=sys.stderr, flush=True)
+    return dict(info, trl_budget_mb=trl_delta / MiB, plans=out, steps=times, threads=torch.get_num_threads())
 
 
 def check_worker(spec: dict) -> dict:
@@ -418,7 +483,7 @@ def check_worker(spec: dict) -> dict:
     return rec
 
 
-WORKERS = {"engine": engine_worker, "trl": trl_worker, "check": check_worker}
+WORKERS = {"engine": engine_worker, "trl": trl_worker, "check": check_worker, "paired": paired_worker}
 
 
 # ------------------------------------------------------------------ the driver
@@ -512,6 +577,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in rounds (TRL "
                    "first in odd rounds, last in even ones), and report each engine row's per-round time ratio to "
                    "that round's TRL: pairs taken minutes apart cancel the machine's slow drift")
+    p.add_argument("--paired", type=int, default=0, help="instead of separate processes: TRL and every engine "
+                   "policy trained in one process, steps alternated, this many pairs; prints each engine policy's "
+                   "per-pair time ratio to TRL (time only: the RSS comparison needs separate processes)")
     p.add_argument("--K", default="full,1", help="comma-separated windows: full and/or integers")
     p.add_argument("--policies", default=",".join(POLICIES) + ",auto@trl",
                    help="engine --recompute values; auto@trl = auto with --memory_budget = TRL's peak delta")
@@ -582,6 +650,12 @@ def main(argv=None):
                   f"{check['images_range'][1]:.3f}]); LoRA gradients' relative difference K=full "
                   f"{check['grad_rel_diff_Kfull']:.2e}, K=1 {check['grad_rel_diff_K1']:.2e} (K=full vs K=1 "
                   f"{check['grad_rel_diff_Kfull_vs_K1']:.2f})", flush=True)
+
+    if args.paired:
+        return run_paired(args, base, Ks, policies, mmap, check, dict(
+            device=f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+            torch=torch.__version__, trl=trl_version, trl_import=trl_how, model=args.model, model_dir=model_dir,
+            load_before=load_before))
 
     rows = []
 
@@ -673,6 +747,72 @@ def main(argv=None):
                   rounds=args.rounds, paired=paired, rows=rows)
     if args.json is None:
         args.json = f"benchmarks/results/trl_compare-{Path(args.model).name}-cpu{'-quick' if args.quick else ''}.json"
+    write_record(args.json, record)
+    return 0
+
+
+def paired_summary(steps: dict) -> list[dict]:
+    """Per engine policy of a paired run: its step time over TRL's in the same pair (user + system
+    CPU time, and user time alone), the median and quartiles, and in how many pairs it was faster;
+    per side the median system seconds and minor page faults of a step."""
+    def total(t):
+        return t["user"] + t["sys"]
+
+    def quartiles(xs):
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        return q[0], q[2]
+
+    trl = steps["trl alignprop"]
+    out = []
+    for name, ts in steps.items():
+        row = dict(config=name, cpu_s_median=statistics.median(map(total, ts)),
+                   sys_s_median=statistics.median(t["sys"] for t in ts),
+                   minflt_median=statistics.median(t["minflt"] for t in ts))
+        if name != "trl alignprop":
+            ratio = [total(a) / total(b) for a, b in zip(ts, trl)]
+            user = [a["user"] / b["user"] for a, b in zip(ts, trl)]
+            row.update(ratios=ratio, ratio_median=statistics.median(ratio), ratio_quartiles=quartiles(ratio),
+                       faster=sum(r < 1 for r in ratio), user_ratio_median=statistics.median(user))
+        out.append(row)
+    return out
+
+
+def run_paired(args, base: dict, Ks: list[str], policies: list[str], mmap: int, check, record: dict) -> int:
+    """`--paired`: one process per K, TRL and the engine policies alternated in it (paired_worker)."""
+    runs = []
+    for K in Ks:
+        spec = dict(base, role="paired", K=K, policies=policies, pairs=args.paired)
+        rec = run_worker(spec, args.timeout, mmap)
+        if "error" in rec:
+            print(f"paired K={K}: failed: {rec['error']}")
+            runs.append(dict(K=K, error=rec["error"]))
+            continue
+        summary = paired_summary(rec["steps"])
+        runs.append(dict(K=K, summary=summary, **rec))
+        print(f"\nK={K}: {args.paired} pairs in one process (TRL first in odd pairs, last in even ones); step CPU "
+              f"time (user + system); auto@trl's budget: TRL's step, {rec['trl_budget_mb']:.0f} MiB of RSS")
+        print(f"{'config':20} {'cpu s':>7} {'sys s':>6} {'minflt':>8}  {'x TRL: median':>13} {'quartiles':>11} "
+              f"{'faster in':>9} {'user x TRL':>10}  plan")
+        for r in summary:
+            plan = rec["plans"].get(r["config"])
+            plan_s = (f"{plan['counts']}, {plan['allocator']} heap, {plan['planned_peak_mb']:.0f} of "
+                      f"{plan['budget_mb']:.0f} MiB" if plan else "")
+            if "ratios" in r:
+                q1, q3 = r["ratio_quartiles"]
+                cmp = (f"{r['ratio_median']:>13.3f} {q1:>5.2f}-{q3:<5.2f} {r['faster']:>4}/{len(r['ratios']):<4} "
+                       f"{r['user_ratio_median']:>10.3f}")
+            else:
+                cmp = f"{'':>13} {'':>11} {'':>9} {'':>10}"
+            print(f"{r['config']:20} {r['cpu_s_median']:>7.2f} {r['sys_s_median']:>6.2f} "
+                  f"{r['minflt_median']:>8.0f}  {cmp}  {plan_s}")
+    record.update(resolution=args.resolution, num_inference_steps=args.num_inference_steps,
+                  guidance_scale=args.guidance_scale, eta=args.eta, batch=args.batch, rank=LORA_RANK, reward=REWARD,
+                  kernels=args.kernels, threads=args.threads, pairs=args.paired, check=check,
+                  malloc_mmap_threshold=mmap or os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                  timing="process CPU time (user + system) per step, TRL and the engine alternated in one process",
+                  load_after=os.getloadavg(), runs=runs)
+    if args.json is None:
+        args.json = f"benchmarks/results/trl_compare-{Path(args.model).name}-cpu-paired.json"
     write_record(args.json, record)
     return 0
 

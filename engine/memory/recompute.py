@@ -228,10 +228,6 @@ def chunked_profile(chunk_profile: CallProfile, batch: int, chunk: int, out_byte
                        chunk_profile.saved)
 
 
-def _trim_before_backward(grad):
-    measure.trim_heap()
-
-
 class MemoryPolicy:
     name = "base"
 
@@ -255,6 +251,12 @@ class MemoryPolicy:
         # then stays near the live tensors (AutoRecompute sets it when a budget of resident memory
         # needs it).
         self.trim_heap = False
+        # With `trim_heap`: the RSS (bytes) the step must stay under, or None to trim at every
+        # boundary. When set (AutoRecompute, from its plan), a boundary trims only if the RSS now plus
+        # what the next stretch may add (`ahead`) would pass it (`_trim`).
+        self.rss_limit: int | None = None
+        self.lazy_trim = True  # False: AutoRecompute leaves rss_limit unset (trim at every boundary)
+        self.trims = [0, 0]  # heap trims [made, skipped as not needed] since the policy was built
 
     # [declared size, calls made] while a gradient window is open
     _open: list[int] | None = None
@@ -309,25 +311,51 @@ class MemoryPolicy:
         kind = self.call_kind(window_pos)
         run = chunked(kind, self.call_chunk()) if kind in CHUNKABLE else CALL_KINDS[kind]
         with component("unet"):
-            return self._trimmed(run, fn, *args)
+            return self._trimmed(run, fn, *args, ahead=self._ahead(kind))
 
-    def _trimmed(self, run, *args):
+    def _ahead(self, kind: str) -> tuple[int | None, int | None]:
+        """(forward, backward): the most resident memory a call of `kind` ("after": the decode or
+        the reward) may add between two trim boundaries; None where unknown (then every boundary
+        trims)."""
+        return None, None
+
+    def _trim(self, ahead: int | None) -> None:
+        """Trim glibc's heap, unless `rss_limit` is set and the RSS now plus `ahead` bytes is
+        within it: the pages freed and not yet reused then stay resident, and the next stretch
+        reuses them instead of faulting new ones in (each trim costs a system call and the page
+        faults of what it gave back)."""
+        if ahead is not None and self.rss_limit is not None:
+            rss = measure.status_kib("VmRSS")
+            if rss is not None and rss * 1024 + ahead <= self.rss_limit:
+                self.trims[1] += 1
+                return
+        measure.trim_heap()
+        self.trims[0] += 1
+
+    def _trimmed(self, run, *args, ahead: tuple[int | None, int | None] = (None, None)):
         """run(*args), with the heap trimmed before it and, when its output carries gradient, again
         just before its backward begins (a hook on the output), and in a checkpointed call's
-        backward after its recompute and around a nested call's blocks, if `trim_heap`."""
+        backward after its recompute and around a nested call's blocks, if `trim_heap`; each of
+        those boundaries skips the trim when `_trim` finds the RSS far enough under `rss_limit`
+        (`ahead`: what the forward and the backward that follow may add)."""
         if not self.trim_heap:
             return run(*args)
-        measure.trim_heap()
-        with trimming_backward(measure.trim_heap):  # and inside a checkpointed call's backward
+        fwd, bwd = ahead
+        self._trim(fwd)
+
+        def trim_in_backward(*_):
+            self._trim(bwd)
+
+        with trimming_backward(trim_in_backward):  # and inside a checkpointed call's backward
             out = run(*args)
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(_trim_before_backward)
+            out.register_hook(trim_in_backward)
         return out
 
     def decode_call(self, fn: Callable, *args):
         """fn(latents, ...) -> images; must treat samples independently (a VAE decode does)."""
         with component("vae"):
-            return self._trimmed(self._decode, fn, *args)
+            return self._trimmed(self._decode, fn, *args, ahead=self._ahead("after"))
 
     def _decode(self, fn: Callable, *args):
         if self.lean_decode:
@@ -349,7 +377,7 @@ class MemoryPolicy:
         only their inputs and are recomputed one at a time in backward (a reward exposing no
         layers is checkpointed as one call); nothing else checkpoints inside a reward."""
         with component("reward"):
-            return self._trimmed(self._reward, reward, images, prompts)
+            return self._trimmed(self._reward, reward, images, prompts, ahead=self._ahead("after"))
 
     def _reward(self, reward, images: torch.Tensor, prompts) -> torch.Tensor:
         if not (self.checkpoint_reward and torch.is_grad_enabled()):
@@ -529,6 +557,8 @@ class AutoRecompute(MemoryPolicy):
         self._profiles: dict = {}
         self._rss_measured: set = set()  # input keys whose `none` profile measured its RSS factor
         self._plans: dict = {}  # (inputs, window size, bytes available) -> the choice made
+        # the chosen plan's {kind or "after": (forward, backward) bytes a call may add}: MemoryPolicy._ahead
+        self._lookahead: dict | None = None
         # Profile backward into scratch .grad buffers (activation peaks as the trainer's backward
         # sees them). The trainer turns it off under DeepSpeed, whose gradient hooks would take the
         # profile's gradients for real ones (ZeRO-1/2 reduce them as they accumulate): there
@@ -569,13 +599,14 @@ class AutoRecompute(MemoryPolicy):
                 self._plans[memo] = self._choose_host(fn, args, key, available)
             else:
                 self._plans[memo] = self._choose(fn, args, key, available)
-            plan, chunk, (dec, rew), _ = self._plans[memo]
+            plan, chunk, (dec, rew), _, _ = self._plans[memo]
             host = ""
             if self.allocator == "heap":
                 host = f"; glibc's default allocator, budget / {HEAP_RSS_FACTOR:g} in tensors"
             elif self.allocator == "trim":
                 f = self._profiles.get(key, {}).get("none")
-                host = (f"; glibc's heap trimmed at call boundaries, budget / {TRIM_RSS_FACTOR:g} in tensors"
+                host = (f"; glibc's heap trimmed at call boundaries where the RSS nears the budget, budget / "
+                        f"{TRIM_RSS_FACTOR:g} in tensors"
                         + (f", the running call at {f.rss_factor:.2f}x" if f is not None and f.rss_factor else ""))
             elif self.allocator == "mmap":
                 host = (f"; glibc's mmap threshold fixed at {measure.malloc_mmap_threshold()} bytes, "
@@ -584,9 +615,24 @@ class AutoRecompute(MemoryPolicy):
                       "available (%s%s)", self.window_size, _counts(plan.kinds), f" at chunk {chunk}" if chunk else "",
                       "checkpointed" if dec else "kept", "checkpointed" if rew else "kept", _size(plan.peak),
                       _size(available), self.budget_source, host)
-        plan, self.chunk, (self.checkpoint_decode, self.checkpoint_reward), self.reserve_bytes = self._plans[memo]
+        plan, self.chunk, (self.checkpoint_decode, self.checkpoint_reward), self.reserve_bytes, self._lookahead = \
+            self._plans[memo]
         self.last_plan = plan
         self.plan = plan.kinds
+        self.rss_limit = None
+        if self.trim_heap and self.lazy_trim:
+            # The step's resident memory is measured from here (the heap trimmed: what the no-grad
+            # sampling steps freed given back): later boundaries trim only when the RSS would pass
+            # what the plan was made to fit (`_trim`), in the plan's own terms.
+            measure.trim_heap()
+            self.trims[0] += 1
+            rss = measure.status_kib("VmRSS")
+            if rss is not None:
+                self.rss_limit = rss * 1024 + int(available / TRIM_RSS_FACTOR)
+
+    def _ahead(self, kind):
+        ahead = self._lookahead.get(kind) if self._lookahead else None
+        return ahead if ahead is not None else (None, None)
 
     def _choose_host(self, fn, args, key, available):
         """`_choose` for a budget of resident memory on a CPU, planning `available` over the
@@ -629,8 +675,10 @@ class AutoRecompute(MemoryPolicy):
                            f"{factor:g}x the tensor bytes the plan counts)")
 
     def _choose(self, fn, args, key, available, in_flight: bool = False):
-        """(WindowPlan, chunk, (checkpoint_decode, checkpoint_reward), reserve): the cheapest plan
-        that fits `available` bytes, counting the decode and reward recompute.
+        """(WindowPlan, chunk, (checkpoint_decode, checkpoint_reward), reserve, ahead): the cheapest
+        plan that fits `available` bytes, counting the decode and reward recompute; `ahead` is what
+        a call of each kind (and the decode or reward, "after") may add to the memory, forward and
+        backward, as the plan counts it (`_trim`).
 
         in_flight: a trimmed heap's resident memory (`_choose_host`). Trimming at the call
         boundaries returns the pages of what a call freed, so what the earlier calls keep is
@@ -679,14 +727,22 @@ class AutoRecompute(MemoryPolicy):
             return {k: dataclasses.replace(v, fwd_peak=int(v.fwd_peak * f), bwd_peak=int(v.bwd_peak * f) + pending)
                     for k, v in profs.items()}
 
+        def lookahead(profs, held_after):
+            # what a call may add from each trim boundary on: its forward from the call's start; its
+            # backward from the start of its backward, where what it keeps is already resident (at
+            # the RSS factor its forward paid), so its backward peak less that
+            f = factor()
+            return {**{k: (v.fwd_peak, max(0, v.bwd_peak - int(f * v.retained))) for k, v in profs.items()},
+                    "after": (held_after, held_after)}
+
         def cheapest(profs):
             best = None
             for after, reserve in self.reserve_options.items():
-                p = plan_window(self.window_size, with_grads(profs), available, after=int(reserve * factor()),
-                                latent_bytes=latent)
+                held, profs_held = int(reserve * factor()), with_grads(profs)
+                p = plan_window(self.window_size, profs_held, available, after=held, latent_bytes=latent)
                 cost = p.recompute_cost + AFTER_RECOMPUTE_COST * sum(after)
                 if p.fits and (best is None or (cost, p.peak) < best[0]):
-                    best = ((cost, p.peak), (p, self.recompute_chunk, after, reserve))
+                    best = ((cost, p.peak), (p, self.recompute_chunk, after, reserve, lookahead(profs_held, held)))
             return best
 
         # With memory to spare everything is kept and nothing else needs profiling.
@@ -724,13 +780,14 @@ class AutoRecompute(MemoryPolicy):
             lo, hi, found = 1, batch - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                p = plan_window(self.window_size, at(mid), available, after=held_after, latent_bytes=latent)
+                profs = at(mid)
+                p = plan_window(self.window_size, profs, available, after=held_after, latent_bytes=latent)
                 if p.fits:
-                    found, lo = (mid, p), mid + 1
+                    found, lo = (mid, p, profs), mid + 1
                 else:
                     hi = mid - 1
             if found:
-                return found[1], found[0], after, reserve
+                return found[1], found[0], after, reserve, lookahead(found[2], held_after)
             chunk, plan = 1, plan_window(self.window_size, at(1), available, after=held_after, latent_bytes=latent)
         raise ConfigError(
             f"--memory_budget: one training step does not fit in {_size(available)} ({self.budget_source}"

@@ -241,13 +241,15 @@ with tempfile.TemporaryDirectory() as out:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         before, file = measure.status_kib("VmRSS"), measure.status_kib("RssFile")
+        trims = trainer.policy.trims[:]
         assert measure.reset_peak_rss()
         trainer.train_step()
         peak = measure.status_kib("VmHWM")
         p = trainer.policy
         rows.append(dict(delta=(peak - before) * 1024, file=(measure.status_kib("RssFile") - file) * 1024,
                          planned=p.last_plan.peak, counts=p.last_plan.counts, allocator=p.allocator,
-                         trim_heap=p.trim_heap, threshold=measure.malloc_mmap_threshold()))
+                         trim_heap=p.trim_heap, threshold=measure.malloc_mmap_threshold(),
+                         trims=[a - b for a, b in zip(p.trims, trims)]))
     print(json.dumps(rows))
 """
 
@@ -262,11 +264,14 @@ def test_cpu_budget_bounds_the_resident_memory_of_a_step(tmp_path):
     by ~1009 MB. auto now trims the heap at every call boundary, after which the RSS follows the
     tensors, and plans at budget / 1.15 (at budget / 1.1: 944 MB planned, 1040 MB measured, 1% under
     the budget); with the running call counted at its measured RSS factor, 897 MB planned, 968 MB
-    measured (the first step, 25 MB of it torch's code mapped in)."""
+    measured (the first step, 25 MB of it torch's code mapped in). Trimmed lazily (a boundary trims
+    only when the RSS would pass the plan's limit): 10 of 47 boundaries trimmed, 898 MB planned,
+    970 MB measured."""
     budget = 1000 * 2**20
     r, = _rss_step(budget, "full")
     assert r["allocator"] == "trim" and r["trim_heap"] and r["threshold"] is None, r
     assert r["planned"] <= budget / recompute.TRIM_RSS_FACTOR and set(r["counts"]) != {"none"}, r
+    assert r["trims"][1] > 0, r  # the budget held with trims skipped
     assert r["delta"] <= budget, r
 
 
@@ -295,12 +300,14 @@ def test_cpu_budget_bounds_the_resident_memory_of_a_one_call_window():
     ~105 MiB a step. auto now counts the running call's peaks (and the decode's and reward's) at the
     RSS factor its `none` profile measures (~1.48 here) and plans `lean`: 83 MiB planned, 82-88 MiB
     measured a step. The first step also maps in ~22 MiB of torch's code the first backward runs
-    (file-backed pages, the `file` column): its anonymous memory is what the budget bounds."""
+    (file-backed pages, the `file` column): its anonymous memory is what the budget bounds. Trimmed
+    lazily, 3 of the step's 7 boundaries trim, and the second step grew the RSS by 86 MiB."""
     budget = 100 * 2**20
     first, second = _rss_step(budget, "1", steps=2)
     for r in (first, second):
         assert r["allocator"] == "trim" and r["trim_heap"], r
         assert r["planned"] <= budget / recompute.TRIM_RSS_FACTOR, r
+        assert r["trims"][1] > 0, r
     assert first["delta"] - first["file"] <= budget, first
     assert second["delta"] <= budget, second
     assert second["delta"] >= 0.75 * second["planned"], second  # the plan models the step, not a wide margin
@@ -356,6 +363,47 @@ def test_trimmed_plan_counts_the_running_call_at_its_measured_rss_factor(monkeyp
         plan = policy.last_plan
         assert plan.fits and plan.peak <= 1.5 * keep_all / recompute.TRIM_RSS_FACTOR, plan
         assert (plan.recompute_cost > 0) == recomputes, (factor, plan)
+
+
+@pytest.mark.skipif(measure.status_kib("VmRSS") is None, reason="needs /proc's RSS counter")
+def test_trimmed_plan_trims_lazily_within_its_limit(monkeypatch):
+    """A trimmed auto plan trims once as its window opens and measures the step's RSS from there
+    (`rss_limit` = that RSS + the budget it planned in); every later boundary trims only when the
+    RSS now plus what the next call may add (its forward or backward peak as the plan counts it,
+    the decode's and reward's reserve) would pass that limit. The RSS is stubbed: held where the
+    window opened, no boundary trims; past the limit, every one does, as with `lazy_trim` off."""
+    monkeypatch.setattr(measure, "malloc_mmap_threshold", lambda: None)
+    trims, rss = [], {"kib": 1 << 20}
+    monkeypatch.setattr(measure, "trim_heap", lambda: trims.append(1) or True)
+    status_kib = measure.status_kib
+    monkeypatch.setattr(measure, "status_kib", lambda f: rss["kib"] if f == "VmRSS" else status_kib(f))
+    models = _tiny()
+    _step(build_policy("none"), models)
+    roomy = build_policy("auto", budget_bytes=64 * GiB, reserve_bytes=_reserves())
+    _step(roomy, models)
+    budget = int(1.5 * roomy.last_plan.peak)
+    boundaries = 2 * (N_STEPS + 2)  # each window call, the decode and the reward: forward and backward
+    for lazy, grown, made in ((True, 0, 1), (True, budget, 1 + boundaries), (False, 0, boundaries)):
+        policy = build_policy("auto", budget_bytes=budget, reserve_bytes=_reserves(), host_rss=True)
+        policy.lazy_trim = lazy
+        _step(policy, models)  # plans (its profile trims too)
+        assert policy.allocator == "trim" and set(policy.last_plan.kinds) == {"none"}, policy.last_plan
+        ahead = policy._lookahead
+        assert set(ahead) == {"none", "after"} and 0 < max(max(v) for v in ahead.values()) <= policy.last_plan.peak
+        assert policy.rss_limit == ((1 << 30) + int(budget / recompute.TRIM_RSS_FACTOR) if lazy else None)
+        trims.clear()
+        done = policy.trims[:]
+        rss["kib"] = 1 << 20
+        real = policy._make_plan
+
+        def grow(*a):  # the window opens at 1 GiB of RSS, then the RSS is `grown` above it
+            real(*a)
+            rss["kib"] += grown // 1024
+
+        policy._make_plan = grow
+        _step(policy, models)
+        assert len(trims) == made, (lazy, grown, len(trims))
+        assert policy.trims == [done[0] + made, done[1] + lazy + boundaries - made], policy.trims
 
 
 def test_cpu_budget_with_room_keeps_the_default_allocator(monkeypatch):
