@@ -10,8 +10,10 @@ host_rss off: glibc's default allocator untouched); `auto` with MALLOC_MMAP_THRE
 the environment (every block of 128 KiB or more mapped on allocation and unmapped when freed;
 planned at MMAP_RSS_FACTOR); and `auto` as the trainer runs it on a CPU (host_rss: the fast plan
 under the default allocator when it fits at HEAP_RSS_FACTOR its tensors, any other plan with the
-heap trimmed at every call boundary, planned at TRIM_RSS_FACTOR, the running call's peaks at the
-RSS factor its profile measured). Each row: tiny-sd, DRaFT K=full (or `--K 1`), N = 20, batch 2,
+heap trimmed, planned at TRIM_RSS_FACTOR, the running call's peaks at the RSS factor its profile
+measured), the heap trimmed lazily (once as the window opens, then at a call boundary only when the
+RSS plus what the next call may add would pass the plan's limit) and, in the row before, at every
+call boundary (`lazy_trim` off, as before lazy trimming). Each row: tiny-sd, DRaFT K=full (or `--K 1`), N = 20, batch 2,
 CFG 5, LoRA r=4, one thread; two steps, each measured: the RSS growth over the RSS before it (VmHWM
 after the peak counter is reset) and the file-backed pages it mapped in (RssFile: torch's code the
 first backward runs), the planned peak and the step's CPU time. The first step is the warm-up
@@ -29,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [("none", "none", ""), ("auto, budget in tensor bytes", "auto", "tensor"),
-        ("auto, RSS, mmap threshold fixed", "auto", "mmap"), ("auto (CPU default: RSS, trim)", "auto", "rss")]
+        ("auto, RSS, mmap threshold fixed", "auto", "mmap"), ("auto, RSS, trim at every boundary", "auto", "eager"),
+        ("auto (CPU default: RSS, lazy trim)", "auto", "rss")]
 
 WORKER = r"""
 import ctypes, gc, json, sys, tempfile, time
@@ -56,17 +59,20 @@ with tempfile.TemporaryDirectory() as out:
         set_field(cfg, name, v)
     validate(cfg)
     trainer = ReFLTrainer(cfg).setup()
+    trainer.policy.lazy_trim = mode != "eager"
     steps = []
     for _ in range(2):
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         before, file = measure.status_kib("VmRSS"), measure.status_kib("RssFile")
         measure.reset_peak_rss()
+        trims = trainer.policy.trims[:]
         t0 = time.process_time()
         trainer.train_step()
         cpu = time.process_time() - t0
         steps.append(dict(rss_growth_mib=(measure.status_kib("VmHWM") - before) / 1024,
-                          file_mib=(measure.status_kib("RssFile") - file) / 1024, cpu_s=cpu))
+                          file_mib=(measure.status_kib("RssFile") - file) / 1024, cpu_s=cpu,
+                          trims=[a - b for a, b in zip(trainer.policy.trims, trims)]))
     p = trainer.policy
     plan = getattr(p, "last_plan", None)
     print("RESULT " + json.dumps(dict(steps[1], first_step=steps[0], planned_mib=plan.peak / 2**20 if plan else None,
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"budget {a.budget_mib} MiB, tiny-sd at {a.resolution} px, DRaFT K={a.K}, N=20, batch 2; the second step "
           "(first step's growth, of it file-backed)")
-    print(f"{'row':33s} {'RSS growth MiB':>15s} {'planned MiB':>12s} {'/ budget':>9s} {'CPU s':>7s} "
+    print(f"{'row':35s} {'RSS growth MiB':>15s} {'planned MiB':>12s} {'/ budget':>9s} {'CPU s':>7s} "
           f"{'first step MiB':>16s}  plan")
     for name, policy, mode in ROWS:
         row_env = dict(env, MALLOC_MMAP_THRESHOLD_=str(128 << 10)) if mode == "mmap" else env
@@ -103,8 +109,9 @@ def main(argv=None) -> int:
         rows.append(r)
         planned = f"{r['planned_mib']:.0f}" if r["planned_mib"] is not None else "-"
         first = f"{r['first_step']['rss_growth_mib']:.0f} ({r['first_step']['file_mib']:.0f})"
-        print(f"{name:33s} {r['rss_growth_mib']:15.0f} {planned:>12s} {r['rss_growth_mib'] / a.budget_mib:9.2f} "
-              f"{r['cpu_s']:7.2f} {first:>16s}  {r['plan'] or ''} {r['allocator'] or ''}", flush=True)
+        print(f"{name:35s} {r['rss_growth_mib']:15.0f} {planned:>12s} {r['rss_growth_mib'] / a.budget_mib:9.2f} "
+              f"{r['cpu_s']:7.2f} {first:>16s}  {r['plan'] or ''} {r['allocator'] or ''}"
+              + (f", {r['trims'][0]} of {sum(r['trims'])} boundaries trimmed" if sum(r["trims"]) else ""), flush=True)
     record = dict(device=f"cpu ({platform.machine()}), 1 thread", budget_mib=a.budget_mib, resolution=a.resolution, K=a.K,
                   load_average=os.getloadavg(), rows=rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

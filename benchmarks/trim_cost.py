@@ -7,8 +7,8 @@ in again when the heap reuses them. Since its plan knows what each call may add,
 lazily: once when the window opens (the step's RSS is measured from there) and then only at a
 boundary where the RSS now plus what the next call may add would pass what the plan was made to
 fit. This benchmark measures what the trims cost on one trainer in one process: after a warm-up
-step it alternates steps in the given modes (off, on, off, on, ...), so the machine's slow drift
-hits all alike, and reports per mode the median CPU time per step, the minor page faults per step
+step it alternates steps in the given modes, in rounds (off, on, then on, off, ...), so the
+machine's slow drift hits all alike, and reports per mode the median CPU time per step, the minor page faults per step
 (getrusage) and the trims made. Modes: off (no trims: the RSS is not held to the budget), on (every
 boundary trims), lazy (auto's default under a budget that trims). Peak RSS is not compared here (one
 process holds one peak); `benchmarks/trl_compare.py` and `benchmarks/cpu_rss.py` measure it in
@@ -88,8 +88,10 @@ def main(argv=None) -> int:
         if "lazy" in modes and policy.rss_limit is None:
             sys.exit(f"trim_cost: --recompute {args.recompute} {args.memory_budget} did not plan a trimmed heap "
                      "with a limit, so `lazy` would be `on`; use --recompute auto with a --memory_budget that trims")
-        for i in range(len(modes) * -(-args.steps // len(modes))):
-            mode = modes[i % len(modes)]
+        n = len(modes)
+        for i in range(n * -(-args.steps // n)):
+            rnd = i // n  # the modes in order in even rounds, reversed in odd ones: a steady drift cancels
+            mode = modes[i % n] if rnd % 2 == 0 else modes[n - 1 - i % n]
             policy.trim_heap, policy.lazy_trim = mode != "off", mode == "lazy"
             trims[0] = 0
             done = policy.trims[:]
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
             trainer.train_step()
             cpu = time.process_time() - c0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            rows.append(dict(mode=mode, cpu_s=cpu, user_s=r1.ru_utime - r0.ru_utime, sys_s=r1.ru_stime - r0.ru_stime,
+            rows.append(dict(mode=mode, round=rnd + 1, cpu_s=cpu, user_s=r1.ru_utime - r0.ru_utime, sys_s=r1.ru_stime - r0.ru_stime,
                              minor_faults=r1.ru_minflt - r0.ru_minflt, trims=trims[0],
                              skipped=policy.trims[1] - done[1]))
             r = rows[-1]
@@ -114,9 +116,8 @@ def main(argv=None) -> int:
                              minor_faults=statistics.median(r["minor_faults"] for r in mine),
                              trims=statistics.median(r["trims"] for r in mine))
     # each mode's step over the first mode's step of the same round
-    n = len(modes)
-    ratios = {m: [rows[i + j]["cpu_s"] / rows[i]["cpu_s"] for i in range(0, len(rows) - n + 1, n)]
-              for j, m in enumerate(modes) if j}
+    rounds = [{r["mode"]: r["cpu_s"] for r in rows[i:i + n]} for i in range(0, len(rows), n)]
+    ratios = {m: [r[m] / r[modes[0]] for r in rounds] for m in modes[1:]}
     ref = summary[modes[0]]
     print(f"\n{args.model} {args.resolution} px, K = {args.K}, --recompute {args.recompute} {args.memory_budget}, "
           f"{args.threads} thread(s); per mode the median per step, and the step's CPU time over the "
