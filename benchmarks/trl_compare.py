@@ -101,6 +101,19 @@ here (at K = 1 the engine saves TRL's one re-run forward, ~1 call in 22). `--rou
 configuration R times, TRL first in odd rounds and last in even ones (auto@trl keeps the first
 round's TRL peak as its budget), and prints, per engine configuration, its time and peak RSS over
 the same round's TRL: the median, the range, and in how many rounds it was faster.
+
+Paired in one process. `--paired P` builds TRL's trainer and one engine trainer per policy in one
+process and alternates their steps, P pairs (TRL first in odd pairs, last in even ones; the engine
+policies in order, then reversed), each step's process CPU time (user and system apart) and minor
+page faults read with getrusage. Steps minutes apart in separate processes carry the machine's
+drift; a pair's steps are seconds apart. It prints per engine policy its step time over the same
+pair's TRL: the median, the quartiles and in how many pairs it was faster. auto@trl's budget is
+TRL's peak-RSS delta over one step, measured in that process after TRL's warm-up and before any
+engine trainer is built. Peak RSS is per process, so `--paired` compares time only; the RSS
+comparison is the separate processes'.
+
+    PYTHONPATH=/tmp/trl-pkgs OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trl_compare.py \
+        --resolution 128 --paired 24 --K 1 --policies auto@trl,auto --no_check
 """
 from __future__ import annotations
 
