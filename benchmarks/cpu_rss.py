@@ -13,11 +13,11 @@ under the default allocator when it fits at HEAP_RSS_FACTOR its tensors, any oth
 heap trimmed, planned at TRIM_RSS_FACTOR, the running call's peaks at the RSS factor its profile
 measured), the heap trimmed lazily (once as the window opens, then at a call boundary only when the
 RSS plus what the next call may add would pass the plan's limit) and, in the row before, at every
-call boundary (`lazy_trim` off, as before lazy trimming). Each row: tiny-sd, DRaFT K=full (or `--K 1`), N = 20, batch 2,
-CFG 5, LoRA r=4, one thread; two steps, each measured: the RSS growth over the RSS before it (VmHWM
-after the peak counter is reset) and the file-backed pages it mapped in (RssFile: torch's code the
-first backward runs), the planned peak and the step's CPU time. The first step is the warm-up
-(auto profiles in it); the table shows the second, the JSON both.
+call boundary (`lazy_trim` off, as before lazy trimming). Each row: tiny-sd, DRaFT K=full (or
+`--K 1`), N = 20, batch 2, CFG 5, LoRA r=4, one thread; two steps, each measured: the RSS growth
+over the RSS before it (VmHWM after the peak counter is reset) and the file-backed pages it mapped
+in (RssFile: torch's code the first backward runs), the planned peak and the step's CPU time. The
+first step is the warm-up (auto profiles in it); the table shows the second, the JSON both.
 """
 from __future__ import annotations
 

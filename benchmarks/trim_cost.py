@@ -100,7 +100,8 @@ def main(argv=None) -> int:
             trainer.train_step()
             cpu = time.process_time() - c0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
-            rows.append(dict(mode=mode, round=rnd + 1, cpu_s=cpu, user_s=r1.ru_utime - r0.ru_utime, sys_s=r1.ru_stime - r0.ru_stime,
+            rows.append(dict(mode=mode, round=rnd + 1, cpu_s=cpu, user_s=r1.ru_utime - r0.ru_utime,
+                             sys_s=r1.ru_stime - r0.ru_stime,
                              minor_faults=r1.ru_minflt - r0.ru_minflt, trims=trims[0],
                              skipped=policy.trims[1] - done[1]))
             r = rows[-1]

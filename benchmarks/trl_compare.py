@@ -271,11 +271,16 @@ def engine_worker(spec: dict) -> dict:
         pol = trainer.policy
         rec.update(window_sizes=windows, reward_means=rewards, policy=getattr(pol, "name", type(pol).__name__))
         if getattr(pol, "last_plan", None) is not None:
-            p = pol.last_plan
-            rec["auto_plan"] = dict(counts=p.counts, planned_peak_mb=p.peak / MiB, chunk=pol.chunk,
-                                    checkpoint_decode=pol.checkpoint_decode, checkpoint_reward=pol.checkpoint_reward,
-                                    budget_mb=pol.memory_budget / MiB, budget_source=pol.budget_source)
+            rec["auto_plan"] = plan_record(pol)
     return rec
+
+
+def plan_record(pol) -> dict:
+    """What an `auto` policy's latest plan was, for the JSON and the tables."""
+    p = pol.last_plan
+    return dict(counts=p.counts, planned_peak_mb=p.peak / MiB, chunk=pol.chunk, checkpoint_decode=pol.checkpoint_decode,
+                checkpoint_reward=pol.checkpoint_reward, allocator=pol.allocator, trim_heap=pol.trim_heap,
+                budget_mb=pol.memory_budget / MiB, budget_source=pol.budget_source)
 
 
 def trl_pipeline(spec: dict, DefaultPipeline):
@@ -393,11 +398,8 @@ def paired_worker(spec: dict) -> dict:
             trainer = make_trainer(spec, os.path.join(tmp, q), q.split("@")[0], budget)
             trainer.train_step()  # warm-up (auto profiles and plans here)
             steps[f"engine {q}"] = trainer.train_step
-            pol = trainer.policy
-            if getattr(pol, "last_plan", None) is not None:
-                out[f"engine {q}"] = dict(counts=pol.last_plan.counts, planned_peak_mb=pol.last_plan.peak / MiB,
-                                          allocator=pol.allocator, trim_heap=pol.trim_heap,
-                                          budget_mb=pol.memory_budget / MiB)
+            if getattr(trainer.policy, "last_plan", None) is not None:
+                out[f"engine {q}"] = plan_record(trainer.policy)
         torch.set_num_threads(spec["threads"])
         names = list(steps)
         times = {n: [] for n in names}

@@ -104,12 +104,12 @@ _trim_with: list = []  # the trim function of each trimming_backward() entered, 
 
 @contextlib.contextmanager
 def trimming_backward(trim: Callable[[], object]):
-    """Checkpointed calls (`nested_call`, `recomputed_call`) made inside call `trim` (glibc's heap
-    trim, measure.trim_heap) in their backward: after the recompute, before the backward through
-    it, and in a nested call before each block's forward and recompute too (a CPU budget of
-    resident memory, MemoryPolicy.trim_heap). Without it the freed activations stay resident
-    through the whole backward: measured on tiny-sd at 128 px, K=1, a nested call's backward grew
-    the RSS by ~2.1x its tensor peak."""
+    """Checkpointed calls (`nested_call`, `recomputed_call`) made inside call `trim` (the policy's
+    heap trim, MemoryPolicy._trim, which trims glibc's heap where the RSS needs it) in their backward:
+    after the recompute, before the backward through it, and in a nested call before each block's
+    forward and recompute too (a CPU budget of resident memory, MemoryPolicy.trim_heap). Without it
+    the freed activations stay resident through the whole backward: measured on tiny-sd at 128 px,
+    K=1, a nested call's backward grew the RSS by ~2.1x its tensor peak."""
     _trim_with.append(trim)
     try:
         yield

@@ -246,10 +246,10 @@ class MemoryPolicy:
         # Samples per checkpoint of a `full` / `selective` UNet call (0 = the whole batch): the
         # backward of a checkpointed call then rematerialises one chunk at a time (`chunked`).
         self.recompute_chunk = int(recompute_chunk)
-        # Trim glibc's heap (measure.trim_heap) at every call boundary, forward and backward, and
+        # Trim glibc's heap (measure.trim_heap) at the call boundaries, forward and backward, and
         # inside a checkpointed call's backward (nested.trimming_backward): on a CPU the resident set
         # then stays near the live tensors (AutoRecompute sets it when a budget of resident memory
-        # needs it).
+        # needs it, and then trims only where the RSS would pass its plan's limit: `_trim`).
         self.trim_heap = False
         # With `trim_heap`: the RSS (bytes) the step must stay under, or None to trim at every
         # boundary. When set (AutoRecompute, from its plan), a boundary trims only if the RSS now plus
