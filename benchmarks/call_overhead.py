@@ -15,7 +15,11 @@ share of `none`, and floor = 1 + fwd / none for `full` and `selective` (`nested`
 block but the last once more; its floor is not printed). `lean` has `none`'s operator work.
 
     python benchmarks/call_overhead.py [--resolution 0 (the preset's)] [--rank 4 (0: full FT)]
-        [--rounds 41] [--kinds none,lean,full,selective,nested] [--json FILE]
+        [--rounds 41] [--kinds none,lean,full,selective,nested] [--python_functions] [--json FILE]
+
+lean.py's Functions run as the native library's C++ ops when it is built (csrc/lean.cpp);
+`--python_functions` adds a row per lean-mode kind run with the Python Functions, in the same
+rounds, for the difference the C++ ones make.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+LEAN_KINDS = ("lean", "selective", "nested")  # the kinds that run lean mode's Functions
 
 
 def first_window_call(model: str, resolution: int, rank: int, guidance_scale: float, batch: int):
@@ -69,10 +76,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=41)
     p.add_argument("--kinds", default="none,lean,full,selective,nested")
+    p.add_argument("--python_functions", action="store_true",
+                   help="also time each lean-mode kind with lean.py's Python Functions instead of the C++ ones "
+                        "(rows '<kind>/py', in the same rounds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="default: benchmarks/results/call_overhead-<model>-cpu.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from refl_engine.memory import lean
     from refl_engine.memory.recompute import CALL_KINDS
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -91,7 +102,17 @@ def main(argv=None) -> int:
             out.float().square().mean().backward()
         return run
 
+    def python_functions(run):
+        def py():
+            with lean.use_native_functions(False):
+                run()
+        return py
+
     runs = {"fwd": forward_only, **{k: one(k) for k in kinds}}
+    if args.python_functions:
+        if not lean.native_functions():
+            p.error("--python_functions: the native library's lean ops are not loaded (make install)")
+        runs.update({f"{k}/py": python_functions(one(k)) for k in kinds if k in LEAN_KINDS})
     for run in runs.values():  # warm-up: allocator, lazy patches, first-call paths
         run()
         run()
@@ -107,16 +128,20 @@ def main(argv=None) -> int:
     none = med["none"]
     floor = 1 + med["fwd"] / none
     rows = []
-    print(f"{args.model}, resolution {args.resolution or 'preset'}, {'LoRA r=%d' % args.rank if args.rank else 'full FT'}, "
+    tuning = f"LoRA r={args.rank}" if args.rank else "full FT"
+    print(f"{args.model}, resolution {args.resolution or 'preset'}, {tuning}, "
           f"batch {args.batch}, CFG {args.guidance_scale:g}, {args.rounds} rounds, {args.threads} thread(s)")
-    print(f"{'kind':10s} {'ms/call':>9s} {'x none':>7s} {'floor':>6s}")
+    print(f"lean.py's Functions: {'C++ (csrc/lean.cpp)' if lean.native_functions() else 'Python'}")
+    print(f"{'kind':13s} {'ms/call':>9s} {'x none':>7s} {'floor':>6s}")
     for k in runs:
         ratio = med[k] / none
-        f = floor if k in ("full", "selective") else (1.0 if k in ("none", "lean") else None)
+        base = k.split("/")[0]
+        f = floor if base in ("full", "selective") else (1.0 if base in ("none", "lean") else None)
         rows.append(dict(kind=k, cpu_ms=med[k] * 1e3, ratio=ratio, floor=f, cpu_times=times[k]))
-        print(f"{k:10s} {med[k] * 1e3:9.2f} {ratio:7.3f} {'' if f is None else f'{f:6.2f}'}")
+        print(f"{k:13s} {med[k] * 1e3:9.2f} {ratio:7.3f} {'' if f is None else f'{f:6.2f}'}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     result = dict(device=f"cpu ({platform.machine()}, {args.threads} threads)", torch=torch.__version__,
+                  lean_functions="C++" if lean.native_functions() else "Python",
                   python=sys.version.split()[0], model=args.model, resolution=args.resolution, rank=args.rank,
                   guidance_scale=args.guidance_scale, batch=args.batch, rounds=args.rounds,
                   timing="process CPU time of one call's forward + backward, median over rounds",

@@ -52,9 +52,9 @@ def library_candidates() -> list[Path]:
     return [_PACKAGE_DIR.parent / "build" / "native" / LIB_NAME, _PACKAGE_DIR / LIB_NAME]
 
 
-def _has_kernel(dispatch_key: str) -> bool:
+def _has_kernel(dispatch_key: str, op: str = "refl::group_norm_silu") -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("refl::group_norm_silu", dispatch_key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
     except RuntimeError:  # the op is not registered in this process
         return False
 
@@ -126,6 +126,21 @@ def unavailable_reason(device: torch.device | str = "cpu") -> str | None:
 
 def available(device: torch.device | str = "cpu") -> bool:
     return unavailable_reason(device) is None
+
+
+_lean_ops: bool | None = None
+
+
+def lean_ops_available() -> bool:
+    """Whether the library's lean recompute Functions (csrc/lean.cpp: refl::norm_act_project,
+    refl::frozen_conv, refl::geglu_gate) are loaded; a library built before them says so once."""
+    global _lean_ops
+    if _lean_ops is None:
+        _lean_ops = load() and _has_kernel("Autograd", "refl::norm_act_project")
+        if load() and not _lean_ops:
+            log.warning("the native library predates its lean recompute ops; lean mode uses its Python "
+                        "Functions (rebuild it with `make install`)")
+    return _lean_ops
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,

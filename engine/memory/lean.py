@@ -38,6 +38,13 @@ module fits the pattern (`*_eligible`), and otherwise run their kernel or stock 
 the pattern: a LoRA-wrapped conv, dropout > 0, scale-shift time norm, an up/down-sampling resnet,
 DeepSpeed ZeRO-3 partitioned parameters.
 
+The three Functions run as the native library's C++ ops when it is built (csrc/lean.cpp,
+`native_functions()`): the same aten ops in the same order, so bit-identical results and the same
+saved tensors, without a Python autograd.Function's per-call cost (0.2 ms per norm -> projection
+pair on the tiny UNet's shapes, about a third of the pair's time). They take the plain case
+(autocast off, one dtype, x contiguous); autocast, other layouts and the Triton backend keep the
+Python Functions below.
+
 The same applies to a VAE: its ResnetBlock2Ds and its frozen convolutions. A frozen convolution's
 backward needs only its weight, yet torch's convolution saves its input regardless; `_FrozenConv`
 saves nothing (the 2x-upsampled input of every upsampler conv is the largest such tensor).
@@ -45,6 +52,7 @@ saves nothing (the 2x-upsampled input of every upsampler conv is the largest suc
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 
@@ -91,6 +99,46 @@ def _autocast_state(device: torch.device):
 def _autocast(state):
     kind, enabled, dtype = state
     return torch.autocast(kind, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------- the Functions in C++
+
+_native: bool | None = None  # None: ask the native library once
+
+
+def native_functions() -> bool:
+    """Whether the Functions below run as the native library's C++ ops (csrc/lean.cpp): the same
+    computations, the same saved tensors, without a Python autograd.Function's per-call cost (on
+    the tiny UNet at 32 px that cost was most of `lean`'s time over `none`). On when the library
+    is loaded with them; $REFL_LEAN_NATIVE=0 or `use_native_functions(False)` keeps the Python
+    Functions. Either way only the plain case goes native (`_native_takes`)."""
+    global _native
+    if _native is None:
+        _native = os.environ.get("REFL_LEAN_NATIVE", "1") != "0" and refl_kernels.native.lean_ops_available()
+    return _native
+
+
+@contextlib.contextmanager
+def use_native_functions(enabled: bool):
+    """Inside: the C++ Functions where they take the call (`enabled`, and the library has them),
+    else the Python ones (A/B benchmarks, tests)."""
+    global _native
+    prev = native_functions()
+    _native = enabled and refl_kernels.native.lean_ops_available()
+    try:
+        yield
+    finally:
+        _native = prev
+
+
+def _native_takes(x: torch.Tensor, *others) -> bool:
+    """The C++ Functions take the plain case: autocast off (its casts only the Python Functions'
+    graph path reproduces), one floating dtype throughout, x contiguous."""
+    if not native_functions():
+        return False
+    kind = x.device.type if x.device.type in ("cuda", "xpu") else "cpu"
+    return (not torch.is_autocast_enabled(kind) and x.is_floating_point() and x.is_contiguous()
+            and all(t is None or t.dtype == x.dtype for t in others))
 
 
 # ---------------------------------------------------------------------- norm -> act -> projection
@@ -227,6 +275,14 @@ def norm_act_project(x: torch.Tensor, norm: nn.GroupNorm, act: str | None, proj:
     """proj(act(norm(x))) for a GroupNorm `norm` and a plain nn.Conv2d or nn.Linear `proj` (a
     linear sees the (B, H*W, C) tokens), saving only x (and, with the GroupNorm `backend`
     "triton" or "native", its statistics) for backward."""
+    if backend != "triton" and x.dim() == 4 and _native_takes(x, norm.weight, norm.bias, proj.weight, proj.bias):
+        fused = backend == "native" and refl_kernels.group_norm_runs("native", x)
+        if isinstance(proj, nn.Conv2d):
+            return torch.ops.refl.norm_act_project(x, norm.weight, norm.bias, proj.weight, proj.bias, norm.num_groups,
+                                                   norm.eps, act == "silu", False, proj.stride, proj.padding,
+                                                   proj.dilation, proj.groups, fused)
+        return torch.ops.refl.norm_act_project(x, norm.weight, norm.bias, proj.weight, proj.bias, norm.num_groups,
+                                               norm.eps, act == "silu", True, (1, 1), (0, 0), (1, 1), 1, fused)
     if isinstance(proj, nn.Conv2d):
         spec = _conv_spec(proj, act, "conv", norm.num_groups, norm.eps, backend)
     else:
@@ -260,6 +316,8 @@ class _GegluGate(torch.autograd.Function):
 
 
 def geglu_gate(h: torch.Tensor) -> torch.Tensor:
+    if _native_takes(h):
+        return torch.ops.refl.geglu_gate(h)
     return _GegluGate.apply(h)
 
 
@@ -297,6 +355,9 @@ def frozen_conv_eligible(conv: nn.Conv2d) -> bool:
 
 
 def frozen_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if _native_takes(x, conv.weight, conv.bias):
+        return torch.ops.refl.frozen_conv(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                          conv.groups)
     return _FrozenConv.apply(x, conv.weight, conv.bias, _conv_spec(conv))
 
 

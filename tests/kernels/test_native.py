@@ -346,10 +346,23 @@ def _policy_step(unet, policy_name, seed=0):
 
 
 @needs_lib
+@pytest.mark.parametrize("functions", ["C++", "Python"])
 @pytest.mark.parametrize("policy", ["none", "lean", "full", "selective"])
-def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
+def test_tiny_unet_with_native_op_matches_stock(policy, functions, monkeypatch):
     """--kernels native (every GroupNorm(+SiLU) fused) and, in the recompute modes, the native op
-    inside lean.py's GroupNorm->SiLU->projection: the stock model's outputs and gradients."""
+    inside lean.py's GroupNorm->SiLU->projection, whether that Function is lean.py's Python one or
+    its C++ op (csrc/lean.cpp): the stock model's outputs and gradients."""
+    from refl_engine.memory import lean
+
+    if functions == "C++" and not native.lean_ops_available():
+        pytest.skip("the native library predates its lean ops (make install)")
+    with lean.use_native_functions(functions == "C++"):
+        _native_op_matches_stock(policy, functions, monkeypatch)
+
+
+def _native_op_matches_stock(policy, functions, monkeypatch):
+    from torch.profiler import ProfilerActivity, profile
+
     from refl_engine.models.patch import FusedGroupNorm, FusedGroupNormSiLU, ReflResnetBlock2D, patch
 
     stock_out, stock_grads = _policy_step(_unet(), "none")
@@ -374,10 +387,16 @@ def test_tiny_unet_with_native_op_matches_stock(policy, monkeypatch):
     in_resnets = {id(n) for b in unet.modules() if isinstance(b, ReflResnetBlock2D) for n in (b.norm1, b.norm2)}
     others = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm) and id(m) not in in_resnets]
     assert {type(m) for m in others} == {FusedGroupNorm, FusedGroupNormSiLU}
-    out, grads = _policy_step(unet, policy)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, grads = _policy_step(unet, policy)
+    ran = {e.key: e.count for e in prof.key_averages()}
     assert calls["patch"] > 0
     if policy in ("lean", "selective"):  # these run the ResNet blocks' norms through lean.py
-        assert calls["selective"] > 0
+        if functions == "C++":  # the C++ Function, which calls the op from C++ (fused=True)
+            assert ran.get("refl::norm_act_project", 0) > 0 and calls["selective"] == 0
+            assert ran.get("refl::group_norm_silu", 0) > calls["patch"]
+        else:
+            assert calls["selective"] > 0 and "refl::norm_act_project" not in ran
     torch.testing.assert_close(out, stock_out, rtol=1e-4, atol=1e-5)
     assert grads.keys() == stock_grads.keys()
     for name, ref in stock_grads.items():

@@ -1,6 +1,8 @@
 """Lean recomputation: the same values and gradients as the stock diffusers modules (float64,
 autograd as the reference), with only the declared tensors saved; with a kernel GroupNorm backend
-(native here; Triton in tests/test_patch.py) as accurate as the stock float32 path."""
+(native here; Triton in tests/test_patch.py) as accurate as the stock float32 path. Every test runs
+twice: with lean.py's Functions as the native library's C++ ops (csrc/lean.cpp) and as its Python
+autograd.Functions (tests/memory/test_lean_native.py checks the routing between them)."""
 import copy
 
 import pytest
@@ -9,10 +11,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import numerics
+from refl_engine.memory import lean as lean_functions
 from refl_engine.memory import measure
 from refl_engine.memory.lean import geglu_gate, lean_mode, norm_act_project
 from refl_engine.models.patch import ReflGEGLU, ReflResnetBlock2D, ReflTransformer2DModel, patch
 from refl_kernels import native
+
+
+@pytest.fixture(autouse=True, params=["C++", "Python"])
+def functions(request):
+    if request.param == "C++" and not native.lean_ops_available():
+        pytest.skip("the native library's lean ops are not built (make install)")
+    with lean_functions.use_native_functions(request.param == "C++"):
+        yield request.param
 
 
 def _assert_exact(got, ref, what):
