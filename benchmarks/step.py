@@ -24,6 +24,7 @@ FLOPs (lean recomputes elementwise work only): floor 1. The printed `unet fwd` i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -84,11 +85,28 @@ def profile_step(trainer) -> dict:
                 top=[(e.key, e.self_cpu_time_total / 1e3, e.count) for e in top])
 
 
+def functions_of(policy: str):
+    """The step's context: "<policy>/py" runs lean.py's Python Functions instead of its C++ ones."""
+    from refl_engine.memory import lean
+
+    return lean.use_native_functions(False) if policy.endswith("/py") else contextlib.nullcontext()
+
+
 def measure_case(args, method, K, policies) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        trainers = {p: make_trainer(args.model, method, K, args.num_inference_steps, args.batch, p,
-                                    args.guidance_scale, os.path.join(out, p), args.rank, args.kernels, args.resolution)
-                    for p in policies}
+        trainers = {}
+        for p in policies:
+            t = make_trainer(args.model, method, K, args.num_inference_steps, args.batch, p.split("/")[0],
+                             args.guidance_scale, os.path.join(out, p.replace("/", "-")), args.rank, args.kernels,
+                             args.resolution)
+            step = t.train_step
+
+            def train_step(step=step, p=p):
+                with functions_of(p):
+                    return step()
+
+            t.train_step = train_step
+            trainers[p] = t
         for t in trainers.values():  # warm-up: first calls initialise kernels, caches, lazy installs
             for _ in range(2):
                 t.train_step()
@@ -125,7 +143,9 @@ def main(argv=None):
     p.add_argument("--guidance_scale", type=float, default=1.0, help="> 1 runs CFG (doubles the UNet batch)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each policy per round)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--policies", default="none,lean,full,selective", help="comma-separated --recompute values")
+    p.add_argument("--policies", default="none,lean,full,selective",
+                   help="comma-separated --recompute values; '<policy>/py' runs lean.py's Python Functions instead "
+                        "of the C++ ones (csrc/lean.cpp), for an A/B in the same rounds")
     p.add_argument("--cases", default="", help="comma-separated method:K (default: all five)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rank", type=int, default=4, help="LoRA rank; 0 = full fine-tuning (floor nearer 4/3)")
