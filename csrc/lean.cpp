@@ -1,8 +1,7 @@
 // The lean recompute's autograd Functions (engine/memory/lean.py) in C++: the same computations and
-// the same saved tensors as its Python Functions, without their per-call cost. On the tiny UNet at
-// 32 px a Python autograd.Function pair (forward + backward) cost 0.1-0.3 ms a call over the aten
-// ops it runs, about as much as the ops themselves at those shapes, and a lean UNet call runs 37 of
-// them.
+// the same saved tensors as its Python Functions, without their per-call cost: on the tiny UNet at
+// 32 px a lean UNet call runs 37 of them, and their Python glue was most of `lean`'s time over
+// `none` (benchmarks/call_overhead.py --python_functions).
 //
 //   refl::norm_act_project(x, norm_w, norm_b, proj_w, proj_b?, groups, eps, silu, linear, stride,
 //                          padding, dilation, conv_groups, fused) -> out
