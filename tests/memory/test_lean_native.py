@@ -152,3 +152,23 @@ def test_python_functions_when_the_library_is_stale_or_switched_off(monkeypatch,
     monkeypatch.setattr(lean, "_native", None)
     monkeypatch.delenv("REFL_LEAN_NATIVE")
     assert lean.native_functions() == native.lean_ops_available()
+
+
+@needs_ops
+def test_torch_compile_traces_the_functions():
+    """torch.compile (aot_eager: FakeTensor through the ops' composite forward, AOT autograd through
+    the C++ backward): the eager gradients."""
+    norm, proj = _norm_proj()
+    frozen = nn.Conv2d(6, 6, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+
+    def f(x):
+        y = lean.frozen_conv(frozen, lean.norm_act_project(x, norm, "silu", proj))
+        return lean.geglu_gate(y.flatten(2)).square().sum()
+
+    with lean.use_native_functions(True):
+        eager = torch.autograd.grad(f(x), [x, norm.weight, proj.weight])
+        compiled = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x),
+                                       [x, norm.weight, proj.weight])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
