@@ -42,9 +42,9 @@ The three Functions run as the native library's C++ ops when it is built (csrc/l
 `native_functions()`): the same aten ops in the same order, so bit-identical results and the same
 saved tensors, without a Python autograd.Function's per-call cost (on the tiny UNet at 32 px, LoRA,
 a `lean` call took 1.16x `none`'s with the Python Functions and 1.09x with the C++ ones, and a
-`selective` call 1.65x against 1.57x: benchmarks/call_overhead.py --python_functions). They take the plain case
-(autocast off, one dtype, x contiguous); autocast, other layouts and the Triton backend keep the
-Python Functions below.
+`selective` call 1.65x against 1.57x: benchmarks/call_overhead.py --python_functions). They take
+the plain case (autocast off, one dtype, x contiguous); autocast, other layouts and the Triton
+backend keep the Python Functions below.
 
 The same applies to a VAE: its ResnetBlock2Ds and its frozen convolutions. A frozen convolution's
 backward needs only its weight, yet torch's convolution saves its input regardless; `_FrozenConv`
@@ -110,7 +110,7 @@ _native: bool | None = None  # None: ask the native library once
 def native_functions() -> bool:
     """Whether the Functions below run as the native library's C++ ops (csrc/lean.cpp): the same
     computations, the same saved tensors, without a Python autograd.Function's per-call cost (on
-    the tiny UNet at 32 px that cost was most of `lean`'s time over `none`). On when the library
+    the tiny UNet at 32 px a large share of `lean`'s time over `none`). On when the library
     is loaded with them; $REFL_LEAN_NATIVE=0 or `use_native_functions(False)` keeps the Python
     Functions. Either way only the plain case goes native (`_native_takes`)."""
     global _native
