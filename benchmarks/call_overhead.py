@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from refl_engine.memory import lean
     from refl_engine.memory.recompute import CALL_KINDS
+    from step import functions_of  # benchmarks/ is first on the path when this runs as a script
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in CALL_KINDS]
@@ -102,9 +103,11 @@ def main(argv=None) -> int:
             out.float().square().mean().backward()
         return run
 
-    def python_functions(run):
+    def python_functions(kind):
+        run = one(kind)
+
         def py():
-            with lean.use_native_functions(False):
+            with functions_of(f"{kind}/py"):
                 run()
         return py
 
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
     if args.python_functions:
         if not lean.native_functions():
             p.error("--python_functions: the native library's lean ops are not loaded (make install)")
-        runs.update({f"{k}/py": python_functions(one(k)) for k in kinds if k in LEAN_KINDS})
+        runs.update({f"{k}/py": python_functions(k) for k in kinds if k in LEAN_KINDS})
     for run in runs.values():  # warm-up: allocator, lazy patches, first-call paths
         run()
         run()

@@ -278,12 +278,10 @@ def norm_act_project(x: torch.Tensor, norm: nn.GroupNorm, act: str | None, proj:
     "triton" or "native", its statistics) for backward."""
     if backend != "triton" and x.dim() == 4 and _native_takes(x, norm.weight, norm.bias, proj.weight, proj.bias):
         fused = backend == "native" and refl_kernels.group_norm_runs("native", x)
-        if isinstance(proj, nn.Conv2d):
-            return torch.ops.refl.norm_act_project(x, norm.weight, norm.bias, proj.weight, proj.bias, norm.num_groups,
-                                                   norm.eps, act == "silu", False, proj.stride, proj.padding,
-                                                   proj.dilation, proj.groups, fused)
+        conv = isinstance(proj, nn.Conv2d)
+        geometry = (proj.stride, proj.padding, proj.dilation, proj.groups) if conv else ((1, 1), (0, 0), (1, 1), 1)
         return torch.ops.refl.norm_act_project(x, norm.weight, norm.bias, proj.weight, proj.bias, norm.num_groups,
-                                               norm.eps, act == "silu", True, (1, 1), (0, 0), (1, 1), 1, fused)
+                                               norm.eps, act == "silu", not conv, *geometry, fused)
     if isinstance(proj, nn.Conv2d):
         spec = _conv_spec(proj, act, "conv", norm.num_groups, norm.eps, backend)
     else:
